@@ -1,0 +1,5 @@
+"""User-facing errors of the PyTorch side: one line naming the file and the problem (exit status 2)."""
+
+
+class ModelError(Exception):
+    """A bad checkpoint, tokenizer, dataset or argument; its message is shown to the user as is."""
