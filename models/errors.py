@@ -1,4 +1,4 @@
-"""User-facing errors of the PyTorch side: one line naming the file and the problem (exit status 2)."""
+"""User-facing errors of the PyTorch side: one line naming the file and the problem."""
 
 
 class ModelError(Exception):

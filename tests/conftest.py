@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints of each family, built with transformers (an independent reference)."""
+"""Shared fixtures: tiny random checkpoints of each family, built with transformers."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def make_tiny_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
-    """A random-weight HF folder of family `kind`: llama (GQA), qwen2 (qkv bias), llama-untied, gpt2."""
+    """A random-weight HF folder: llama (GQA), qwen2 (qkv bias), llama-untied or gpt2."""
     import torch
     import transformers as tf
 
@@ -64,16 +64,28 @@ def make_tiny_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind in ("llama", "llama-untied"):
         cfg = tf.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
-            tie_word_embeddings=(kind == "llama"), **common,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rope_theta=10000.0,
+            tie_word_embeddings=(kind == "llama"),
+            **common,
         )
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "qwen2":
         cfg = tf.Qwen2Config(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000000.0,
-            tie_word_embeddings=False, **common,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            **common,
         )
         model = tf.Qwen2ForCausalLM(cfg)
     elif kind == "gpt2":
@@ -95,9 +107,29 @@ def make_tiny_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One tiny HF folder per family variant, keyed by kind."""
     root = tmp_path_factory.mktemp("tiny-checkpoints")
-    return {k: make_tiny_checkpoint(root / k, k) for k in ("llama", "llama-untied", "qwen2", "gpt2")}
+    return {
+        k: make_tiny_checkpoint(root / k, k) for k in ("llama", "llama-untied", "qwen2", "gpt2")
+    }
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_checkpoints) -> Path:
     return tiny_checkpoints["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny_checkpoints, tmp_path_factory):
+    """A Registry in a tmp dir whose active version is the tiny llama, named `tiny`.
+
+    Fused flavour (fp32, max_context 256) when export.graph_fused exists, else the reference one;
+    `tiny_registry.active().path` is the version folder. Shared by the session: do not modify it.
+    """
+    from export.pipeline import ExportRequest, export_checkpoint, fused_available
+    from export.registry import Registry
+
+    registry = Registry(tmp_path_factory.mktemp("tiny-registry"))
+    flavour = "fused" if fused_available() else "reference"
+    request = ExportRequest(tiny_checkpoints["llama"], "tiny", flavour=flavour, progress=False)
+    info, _ = export_checkpoint(request, registry)
+    registry.use(info.ref)
+    return registry

@@ -1,0 +1,117 @@
+"""Bot settings (pydantic-settings): environment, `.env`, and an optional TOML file (BOT_CONFIG)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "BOT_CONFIG"  # path of an optional TOML file with the same keys (lower case)
+
+IdList = Annotated[list[int], NoDecode]  # read "1,2,3" from the environment, not JSON
+
+
+class ConfigError(Exception):
+    """Settings that cannot be loaded: one line for the user (exit status 2)."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the bot; environment names are the field names in capitals."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    discord_token: SecretStr | None = None
+    data_dir: Path = Path("data")
+    database_url: str = ""  # "" -> sqlite+aiosqlite:///{data_dir}/bot.db
+    model_registry: Path | None = None  # None -> {data_dir}/registry
+    model: str | None = None  # NAME, NAME@N or a version folder; None: the active version
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    engine_slots: int = Field(8, ge=1, le=256)
+    engine_max_queue: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    admin_user_ids: IdList = Field(default_factory=list)
+    command_guild_ids: IdList = Field(default_factory=list)
+    discord_api_base: str = "https://discord.com/api/v10"
+    discord_gateway_url: str | None = None  # None: ask the API (GET /gateway/bot)
+    reply_in_dms: bool = True
+    export_allowed_dir: Path | None = None  # None -> {data_dir}/checkpoints
+    user_rate_per_min: int = Field(6, ge=0)
+    channel_rate_per_min: int = Field(20, ge=0)
+    edit_interval_s: float = Field(1.0, ge=0)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: arguments, environment, .env, then the TOML file named by BOT_CONFIG."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        toml_path = os.environ.get(CONFIG_ENV)
+        if toml_path:
+            if not Path(toml_path).is_file():
+                raise ConfigError(f"{CONFIG_ENV}={toml_path}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @field_validator("admin_user_ids", "command_guild_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        """Accept "1, 2,3" (environment) as well as a list (TOML, arguments)."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, int):
+            return [value]
+        return value
+
+    @field_validator("discord_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> Settings:
+        """Paths that default to places under data_dir."""
+        if not self.database_url:
+            self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'bot.db'}"
+        if self.model_registry is None:
+            self.model_registry = self.data_dir / "registry"
+        if self.export_allowed_dir is None:
+            self.export_allowed_dir = self.data_dir / "checkpoints"
+        return self
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from every source; ConfigError (one line) when a value is invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"invalid setting {where.upper()}: {first['msg']}{more}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once (tests call get_settings.cache_clear())."""
+    return load_settings()

@@ -1,0 +1,221 @@
+"""`python -m bot chat`: the conversation logic, engine and database in a terminal (or a pipe)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import logging
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+from bot.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from bot.conversation import ChatService
+
+CONSOLE_CHANNEL_ID = 1  # the console's own "channel" in the database (Discord ids are far larger)
+CONSOLE_USER_ID = 1
+CONSOLE_BOT_ID = 0
+
+HELP = """\
+Type a message and press Enter to chat. Commands:
+  /help                      this list
+  /settings show             the generation settings of this conversation
+  /settings set KEY VALUE    change one: temperature 0-2, top_p 0-1, top_k 0-1000,
+                             max_tokens 1-1024, repetition_penalty 1-2, no_repeat_ngram 0-10,
+                             seed N|none
+  /settings reset            back to the model's defaults
+  /persona set TEXT          the system prompt of this conversation
+  /persona show | clear
+  /forget                    start over: earlier turns leave the conversation memory
+  /quit                      leave (so does end of input)"""
+
+NO_MODEL = (
+    "no model version in the registry {registry}: create one with `make model` "
+    "(or `python -m export ensure-default CHECKPOINT --name NAME`), or set MODEL to a version"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="version: NAME, NAME@N or a folder (MODEL)")
+    parser.add_argument("--registry", default=None, help="registry folder (MODEL_REGISTRY)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help="DEVICE")
+    parser.add_argument("--database-url", default=None, help="database URL (DATABASE_URL)")
+    parser.add_argument(
+        "--channel", type=int, default=CONSOLE_CHANNEL_ID, help="conversation id (default 1)"
+    )
+
+
+class Console:
+    """Reads lines, runs `/` commands, streams replies; output goes to `out`."""
+
+    def __init__(self, service: ChatService, out: TextIO, *, channel_id: int, user_name: str):
+        from bot.conversation import Speaker
+
+        self.service = service
+        self.out = out
+        self.channel_id = channel_id
+        self.user = Speaker(CONSOLE_USER_ID, user_name)
+        self.bot = Speaker(CONSOLE_BOT_ID, "bot", is_bot=True)
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def handle(self, line: str) -> bool:
+        """One input line; False when the user asked to quit."""
+        from bot.conversation import ReplyError, SettingsError
+
+        text = line.strip()
+        if not text:
+            return True
+        try:
+            if text.startswith("/"):
+                return await self.command(text)
+            await self.chat(text)
+        except SettingsError as exc:
+            self.say(f"error: {exc}")
+        except ReplyError as exc:
+            self.say(f"[{exc.user_message}]")
+        return True
+
+    async def chat(self, text: str) -> None:
+        from bot.conversation import IncomingMessage
+
+        msg = IncomingMessage(self.channel_id, None, self.user, text, is_dm=True)
+        async with self.service.reply(msg, bot=self.bot) as reply:
+            async for piece in reply:
+                self.out.write(piece)
+                self.out.flush()
+        self.say("")
+
+    async def command(self, text: str) -> bool:
+        name, _, rest = text[1:].partition(" ")
+        sub, _, arg = rest.strip().partition(" ")
+        name, sub, arg = name.lower(), sub.lower(), arg.strip()
+        channel, actor = self.channel_id, self.user.id
+        if name in ("quit", "exit", "q"):
+            return False
+        if name == "help":
+            self.say(HELP)
+        elif name == "settings" and sub in ("", "show"):
+            self.say("\n".join((await self.service.get_settings(channel)).describe()))
+        elif name == "settings" and sub == "set":
+            key, _, value = arg.partition(" ")
+            if not key or not value.strip():
+                self.say("usage: /settings set KEY VALUE (e.g. /settings set temperature 0.5)")
+            else:
+                updated = await self.service.update_settings(channel, actor, **{key: value})
+                self.say(f"{key.lower()} = {updated.values()[key.lower()]}")
+        elif name == "settings" and sub == "reset":
+            await self.service.reset_settings(channel, actor)
+            self.say("settings reset to the model's defaults")
+        elif name == "persona" and sub == "set":
+            if not arg:
+                self.say("usage: /persona set TEXT")
+            else:
+                await self.service.set_persona(channel, arg, actor)
+                self.say("persona set")
+        elif name == "persona" and sub in ("", "show"):
+            persona = await self.service.get_persona(channel)
+            self.say(persona or "no persona: the model's default system prompt applies")
+        elif name == "persona" and sub == "clear":
+            await self.service.clear_persona(channel, actor)
+            self.say("persona cleared")
+        elif name == "forget":
+            count = await self.service.forget(channel, actor)
+            self.say(f"forgot {count} turn(s)")
+        else:
+            self.say(f"unknown command {text.split()[0]!r}; /help lists the commands")
+        return True
+
+    async def run(self, stdin: TextIO) -> None:
+        """Line by line until /quit or end of input (works with a pipe as with a terminal)."""
+        loop = asyncio.get_running_loop()
+        interactive = stdin.isatty()
+        if interactive:
+            self.say("Chatting with the model; /help for commands, /quit to leave.")
+        while True:
+            if interactive:
+                self.out.write("> ")
+                self.out.flush()
+            line = await loop.run_in_executor(None, stdin.readline)
+            if not line or not await self.handle(line):
+                return
+
+
+def resolve_model(settings: Settings) -> str:
+    """The version reference to start the engine with; ConfigError naming the fix if none."""
+    from export.registry import Registry, RegistryError
+
+    registry = Registry(settings.model_registry)
+    try:
+        info = registry.resolve(settings.model) if settings.model else registry.active()
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+    if info is None:
+        raise ConfigError(NO_MODEL.format(registry=settings.model_registry))
+    return str(info.path)
+
+
+async def chat(settings: Settings, model_ref: str, channel_id: int) -> None:
+    from bot.conversation import ChatService
+    from bot.engine import Engine
+    from bot.storage.db import Database
+
+    db = await Database.open(settings.database_url)
+    engine = None
+    try:
+        engine = await Engine.start(
+            model_ref,
+            registry=settings.model_registry,
+            device=settings.device,
+            slots=settings.engine_slots,
+            max_queue=settings.engine_max_queue,
+        )
+        service = ChatService(db, engine, settings)
+        console = Console(service, sys.stdout, channel_id=channel_id, user_name=_user_name())
+        await console.run(sys.stdin)
+    finally:
+        if engine is not None:
+            await engine.close()
+        await db.close()
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment
+        return "you"
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {
+        key: value
+        for key, value in (
+            ("model", args.model),
+            ("model_registry", args.registry),
+            ("device", args.device),
+            ("database_url", args.database_url),
+        )
+        if value is not None
+    }
+    try:
+        settings = load_settings(**overrides)
+        model_ref = resolve_model(settings)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from bot.engine import EngineError
+    from bot.storage.db import DatabaseError
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: leave quietly
+            asyncio.run(chat(settings, model_ref, args.channel))
+    except (EngineError, DatabaseError) as exc:  # a model that does not load, a bad database
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

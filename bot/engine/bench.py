@@ -1,0 +1,122 @@
+"""`python -m bot bench`: time to first token and tokens/s of the engine, median of repeats."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from bot.engine.cli import add_model_arguments
+from bot.engine.engine import Engine
+from bot.engine.types import EngineError, SamplingParams
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=1, help="streams at once")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+
+
+def _prompts(vocab: int, length: int, count: int) -> list[list[int]]:
+    """Distinct fixed random prompts (the values do not change the speed)."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab, length).tolist() for _ in range(count)]
+
+
+async def _one_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+    params = SamplingParams(greedy=True, max_new_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    results = await asyncio.gather(*(engine.submit(p, params).collect() for p in prompts))
+    wall = time.perf_counter() - start
+    bad = [r for r in results if r.completion_tokens != new_tokens]
+    if bad:
+        raise EngineError(f"a stream ended early: {bad[0].finish_reason} {bad[0].error or ''}")
+    return {
+        "ttft_ms": statistics.median(r.ttft_ms for r in results),
+        "decode_tok_s": statistics.median(r.tokens_per_s for r in results),
+        "aggregate_tok_s": len(prompts) * new_tokens / wall,
+        "wall_s": wall,
+    }
+
+
+async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    if min(args.prompt_tokens, args.new_tokens, args.concurrency, args.repeats) < 1:
+        raise ValueError("--prompt-tokens, --new-tokens, --concurrency and --repeats must be >= 1")
+    engine = await Engine.start(
+        args.model,
+        registry=args.registry,
+        device=args.device,
+        slots=args.concurrency,
+        max_queue=args.concurrency,
+        threads=args.threads,
+        spin=args.spin,
+        prefill_chunk=args.prefill_chunk,
+    )
+    try:
+        model = engine.model
+        if args.prompt_tokens + args.new_tokens > model.max_context:
+            raise ValueError(
+                f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} "
+                f"exceeds the model's max context {model.max_context}"
+            )
+        vocab = model.manifest.architecture.vocab_size
+        prompts = _prompts(vocab, args.prompt_tokens, args.concurrency)
+        for _ in range(args.warmup):
+            await _one_run(engine, prompts, min(args.new_tokens, 16))
+        runs = []
+        for i in range(args.repeats):
+            run = await _one_run(engine, prompts, args.new_tokens)
+            runs.append(run)
+            print(
+                f"run {i + 1}/{args.repeats}: ttft {run['ttft_ms']:.1f} ms, "
+                f"{run['decode_tok_s']:.1f} tok/s per stream, "
+                f"{run['aggregate_tok_s']:.1f} tok/s aggregate",
+                file=sys.stderr,
+            )
+        info = engine.session_info
+        return {
+            "model": model.ref,
+            "provider": info.provider,
+            "threads": info.threads,
+            "spin": args.spin,
+            "precision": engine.precision,
+            "concurrency": args.concurrency,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            **{k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+    finally:
+        await engine.close()
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    try:
+        report = asyncio.run(_bench(args))
+    except (EngineError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"{report['model']} {report['precision']} on {report['provider']}: "
+            f"ttft {report['ttft_ms']} ms, {report['decode_tok_s']} tok/s per stream, "
+            f"{report['aggregate_tok_s']} tok/s aggregate at concurrency {report['concurrency']} "
+            f"(prompt {report['prompt_tokens']}, new {report['new_tokens']}), "
+            f"peak RSS {report['peak_rss_mb']} MB"
+        )
+    return 0

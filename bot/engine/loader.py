@@ -1,0 +1,112 @@
+"""Load a registry version: manifest, tokenizer, chat template, stop tokens, generation defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from bot.chat_template import render_chat
+from bot.engine.types import ModelLoadError
+from export.manifest import Manifest, ManifestError
+from export.registry import Registry, RegistryError
+
+DEFAULT_REGISTRY = Path("data/registry")
+
+
+def default_registry() -> Path:
+    """$MODEL_REGISTRY, else data/registry."""
+    env = os.environ.get("MODEL_REGISTRY")
+    return Path(env).expanduser() if env else DEFAULT_REGISTRY
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine and the bot need from one version folder (no ONNX session)."""
+
+    path: Path
+    manifest: Manifest
+    tokenizer: Tokenizer
+
+    @property
+    def ref(self) -> str:
+        return f"{self.manifest.name}@{self.manifest.version}"
+
+    @property
+    def max_context(self) -> int:
+        return self.manifest.graph.max_context
+
+    @property
+    def graph_path(self) -> Path:
+        return self.path / self.manifest.graph.file
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        ids = list(self.manifest.tokenizer.stop_token_ids)
+        eos = self.manifest.tokenizer.eos_token_id
+        if eos is not None and eos not in ids:
+            ids.append(eos)
+        return tuple(ids)
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        return dict(self.manifest.generation)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, through the version's chat template."""
+        info = self.manifest.tokenizer
+        if not info.chat_template:
+            raise ModelLoadError(f"{self.ref} has no chat template; use a plain prompt")
+        return render_chat(
+            info.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+        )
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_chat(self, user_text: str) -> list[int]:
+        """Token ids of one user turn rendered with the chat template (the template adds BOS)."""
+        return self.encode(self.render_chat([{"role": "user", "content": user_text}]))
+
+
+def resolve_version(ref: str | Path | None, registry: str | Path | None = None) -> Path:
+    """The version folder of `ref` (NAME, NAME@N, a folder; None: the active version)."""
+    reg = Registry(registry if registry is not None else default_registry())
+    try:
+        if ref is None or str(ref) == "":
+            info = reg.active()
+            if info is None:
+                raise ModelLoadError(
+                    f"no active model in the registry {reg.root}; pass --model NAME or run "
+                    "`python -m export use NAME@N`"
+                )
+            return info.path
+        return reg.resolve(ref).path
+    except RegistryError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def load_model(ref: str | Path | None, registry: str | Path | None = None) -> LoadedModel:
+    """Resolve and read a version; ModelLoadError (one line) on anything missing or invalid."""
+    path = resolve_version(ref, registry)
+    try:
+        manifest = Manifest.load(path)
+    except ManifestError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if manifest.flavour != "fused" or manifest.graph.kv_layout != "shared-buffer":
+        raise ModelLoadError(
+            f"{path}: the engine runs the fused flavour (this version is {manifest.flavour}); "
+            "re-export with --flavour fused"
+        )
+    try:
+        tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer.file))
+    except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+        raise ModelLoadError(f"{path}: cannot read the tokenizer ({exc})") from None
+    return LoadedModel(path=path, manifest=manifest, tokenizer=tokenizer)

@@ -1,0 +1,269 @@
+"""Continuous batching: one engine thread admits, prefills and decodes every active request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bot.engine.detokenize import IncrementalDetokenizer, StopStrings
+from bot.engine.loader import LoadedModel
+from bot.engine.sampling import Sampler
+from bot.engine.session import GraphRunner
+from bot.engine.stream import Stream
+from bot.engine.types import GenerationResult, QueueFullError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation, from submit to its final result (mutated by the engine thread only,
+    except `cancelled`)."""
+
+    prompt: np.ndarray  # int64 token ids
+    params: SamplingParams
+    stream: Stream
+    worker: Worker
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    stop_ids: frozenset[int]
+    submitted: float
+    deadline: float | None
+    slot: int | None = None
+    cached: int = 0  # tokens in the KV cache
+    next_token: int | None = None  # sampled, to be fed by the next decode step
+    admitted: float | None = None
+    first: float | None = None
+    last: float | None = None
+    cancelled: bool = False
+    done: bool = False
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+
+class Worker:
+    """One loaded version: its graph runner and the requests in its KV slots."""
+
+    def __init__(self, model: LoadedModel, runner: GraphRunner) -> None:
+        self.model, self.runner = model, runner
+        self.slots: list[Request | None] = [None] * runner.slots
+        self.tokens = np.zeros(runner.slots, np.int64)
+        self.lengths = np.zeros(runner.slots, np.int64)
+        self.order: deque[Request] = deque()  # admitted requests still prefilling, oldest first
+
+    def free_slot(self) -> int | None:
+        for i, r in enumerate(self.slots):
+            if r is None:
+                return i
+        return None
+
+    def active(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+
+class Scheduler:
+    """Owns the engine thread. `submit`, `cancel`, `add_worker` and `stop` are thread-safe."""
+
+    def __init__(self, worker: Worker, max_queue: int = 64, prefill_chunk: int = 256) -> None:
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.pending: deque[Request] = deque()
+        self.workers: list[Worker] = [worker]
+        self.current = worker
+        self.cond = threading.Condition()
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.thread.start()
+
+    # ---- called from other threads ------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self.cond:
+            if self._stopping:
+                raise RuntimeError("the engine is closed")
+            if len(self.pending) >= self.max_queue:
+                raise QueueFullError(
+                    f"the engine is busy: {len(self.pending)} requests are already waiting "
+                    "(try again shortly)"
+                )
+            self.pending.append(request)
+            self.cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        with self.cond:
+            request.cancelled = True
+            self.cond.notify()
+
+    def add_worker(self, worker: Worker) -> Worker:
+        """Make `worker` current; returns the previous one, which drains and is released."""
+        with self.cond:
+            old, self.current = self.current, worker
+            self.workers.append(worker)
+            self.cond.notify()
+            return old
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stopping = True
+            self.cond.notify()
+        self.thread.join()
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self._stopping and not self._has_work():
+                    self.cond.wait(timeout=self._next_deadline())
+                    self._expire_pending(time.perf_counter())
+                if self._stopping:
+                    break
+                self._expire_pending(time.perf_counter())
+                self._admit()
+                workers = list(self.workers)
+            for worker in workers:
+                try:
+                    self._step(worker)
+                except Exception as exc:  # a failed run ends its requests, not the engine
+                    log.exception("engine step failed")
+                    for r in worker.active():
+                        self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
+            self._release_drained()
+        for worker in self.workers:  # closing: end everything still running or queued
+            for r in worker.active():
+                self._finish(r, "cancelled")
+        while self.pending:
+            self._finish(self.pending.popleft(), "cancelled")
+
+    def _has_work(self) -> bool:
+        if any(w.active() for w in self.workers) or len(self.workers) > 1:
+            return True
+        return any(r.cancelled for r in self.pending) or any(
+            r.worker.free_slot() is not None for r in self.pending
+        )
+
+    def _next_deadline(self) -> float | None:
+        deadlines = [r.deadline for r in self.pending if r.deadline is not None]
+        return max(0.0, min(deadlines) - time.perf_counter()) if deadlines else None
+
+    def _expire_pending(self, now: float) -> None:
+        for r in [r for r in self.pending if r.cancelled or (r.deadline and now >= r.deadline)]:
+            self.pending.remove(r)
+            self._finish(r, "cancelled" if r.cancelled else "timeout")
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots of their version, in order of arrival."""
+        for r in list(self.pending):
+            slot = r.worker.free_slot()
+            if slot is None:
+                continue
+            self.pending.remove(r)
+            r.slot, r.admitted = slot, time.perf_counter()
+            r.worker.slots[slot] = r
+            r.worker.order.append(r)
+
+    def _release_drained(self) -> None:
+        with self.cond:
+            for w in [w for w in self.workers if w is not self.current]:
+                if not w.active() and not any(r.worker is w for r in self.pending):
+                    self.workers.remove(w)
+                    w.runner.release()
+                    log.info("engine: released %s after the swap", w.model.ref)
+
+    def _step(self, w: Worker) -> None:
+        now = time.perf_counter()
+        for r in w.active():
+            if r.cancelled:
+                self._finish(r, "cancelled")
+            elif r.deadline is not None and now >= r.deadline:
+                self._finish(r, "timeout")
+        self._prefill(w)
+        decoding = [r for r in w.slots if r is not None and r.next_token is not None]
+        if not decoding:
+            return
+        n = max(r.slot for r in decoding) + 1  # rows 0..n-1; free rows ride along
+        w.tokens[:n] = 0
+        for i in range(n):
+            r = w.slots[i]
+            w.lengths[i] = 0 if r is None else r.cached
+        for r in decoding:
+            w.tokens[r.slot] = r.next_token
+        logits = w.runner.decode(w.tokens[:n], w.lengths[:n])
+        for r in decoding:
+            r.cached += 1
+            r.next_token = None
+            self._emit(r, r.sampler.choose(logits[r.slot]))
+
+    def _prefill(self, w: Worker) -> None:
+        """Up to `prefill_chunk` prompt tokens, oldest admitted request first, one slot at a time
+        (long prompts take several steps, so running streams keep going in between)."""
+        budget = self.prefill_chunk
+        while w.order and budget > 0:
+            r = w.order[0]
+            if r.done:
+                w.order.popleft()
+                continue
+            take = min(budget, len(r.prompt) - r.cached)
+            logits = w.runner.prefill(r.slot, r.prompt[r.cached : r.cached + take], r.cached)
+            r.cached += take
+            budget -= take
+            if r.cached == len(r.prompt):
+                w.order.popleft()
+                self._emit(r, r.sampler.choose(logits))
+
+    def _emit(self, r: Request, token: int) -> None:
+        """Record a sampled token, stream its text, and end the request if it is done."""
+        r.last = time.perf_counter()
+        if r.first is None:
+            r.first = r.last
+        r.tokens.append(token)
+        if token in r.stop_ids and not r.params.ignore_eos:
+            self._finish(r, "stop")
+            return
+        r.sampler.accept(token)
+        self._send(r, r.stops.feed(r.detok.add(token)))
+        if r.stops.stopped:
+            self._finish(r, "stop", flush=False)
+        elif len(r.tokens) >= r.params.max_new_tokens:
+            self._finish(r, "length")
+        else:
+            r.next_token = token
+
+    def _send(self, r: Request, piece: str) -> None:
+        if piece:
+            r.text.append(piece)
+            r.stream.push_threadsafe(piece)
+
+    def _finish(
+        self, r: Request, reason: str, error: str | None = None, flush: bool | None = None
+    ) -> None:
+        """End a request: free its slot at once and hand the result to its stream."""
+        if r.done:
+            return
+        r.done = True
+        if flush if flush is not None else reason in ("stop", "length"):
+            self._send(r, r.stops.feed(r.detok.flush()))
+            if not r.stops.stopped:
+                self._send(r, r.stops.flush())
+        if r.slot is not None and r.worker.slots[r.slot] is r:
+            r.worker.slots[r.slot] = None
+        r.next_token = None
+        now = time.perf_counter()
+        n = len(r.tokens)
+        span = (r.last - r.first) if r.first is not None and r.last is not None else 0.0
+        result = GenerationResult(
+            token_ids=list(r.tokens),
+            text="".join(r.text),
+            finish_reason=reason,
+            prompt_tokens=len(r.prompt),
+            completion_tokens=n,
+            queue_ms=((r.admitted or now) - r.submitted) * 1000,
+            ttft_ms=((r.first - r.submitted) * 1000) if r.first is not None else 0.0,
+            tokens_per_s=(n - 1) / span if n > 1 and span > 0 else 0.0,
+            error=error,
+            model=r.worker.model.ref,
+        )
+        r.stream.finish_threadsafe(result)

@@ -1,0 +1,73 @@
+"""The asyncio side of a request: an async iterator of text pieces fed from the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from bot.engine.types import GenerationResult
+
+_END = object()
+
+
+class Stream:
+    """Text pieces of one request as they are generated; `result` once it has ended.
+
+    The engine thread calls `push`/`finish` through `loop.call_soon_threadsafe`; consumers
+    `async for piece in stream`. `cancel()` asks the engine to stop and free the slot.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._on_cancel = on_cancel
+        self._done = asyncio.Event()
+        self.result: GenerationResult | None = None
+
+    # ---- engine thread side (via the loop) --------------------------------------------------
+    def push_threadsafe(self, piece: str) -> None:
+        self._call(self._queue.put_nowait, piece)
+
+    def finish_threadsafe(self, result: GenerationResult) -> None:
+        self._call(self._finish, result)
+
+    def _call(self, fn: Callable, arg: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the consumer's loop closed: nobody listens
+            self._loop.call_soon_threadsafe(fn, arg)
+
+    def _finish(self, result: GenerationResult) -> None:
+        self.result = result
+        self._queue.put_nowait(_END)
+        self._done.set()
+
+    # ---- asyncio side ------------------------------------------------------------------------
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> str:
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)  # iterating again ends at once
+            raise StopAsyncIteration
+        return item
+
+    def cancel(self) -> None:
+        """Stop generating; the result's finish_reason becomes "cancelled" (unless done)."""
+        self._on_cancel()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> GenerationResult:
+        """Wait for the end without reading the pieces; the final result."""
+        await self._done.wait()
+        assert self.result is not None
+        return self.result
+
+    async def collect(self) -> GenerationResult:
+        """Read every piece, then return the result."""
+        async for _ in self:
+            pass
+        return await self.wait()

@@ -1,0 +1,61 @@
+"""`python -m bot db upgrade [REV] | current | downgrade [REV] | history`: Alembic migrations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from alembic.util import CommandError
+
+from bot.config import ConfigError, load_settings
+from bot.storage.db import Database, DatabaseError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = sub.add_parser("upgrade", help="migrate to a revision (default: head)")
+    up.add_argument("revision", nargs="?", default="head")
+    sub.add_parser("current", help="show the database's revision")
+    down = sub.add_parser("downgrade", help="migrate back (default: one revision, -1)")
+    down.add_argument("revision", nargs="?", default="-1", help="-1, a revision id, or base")
+    sub.add_parser("history", help="list the revisions")
+    parser.add_argument(
+        "--database-url", default=None, help="database URL (default: DATABASE_URL / settings)"
+    )
+
+
+async def _run(url: str, action: str, revision: str | None) -> None:
+    from bot.storage.migrate import run_command
+
+    db = Database(url)
+    try:
+        if action in ("upgrade", "downgrade"):
+            await run_command(db, action, revision)
+        elif action == "current":
+            await run_command(db, "current", verbose=False)
+        else:
+            await run_command(db, "history")
+    finally:
+        await db.close()
+
+
+class _StepsOnly(logging.Filter):
+    """Alembic's 'Running upgrade A -> B' lines, without its chatter about the dialect."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage().startswith("Running ")
+
+
+def main(args: argparse.Namespace) -> int:
+    handler = logging.StreamHandler()
+    handler.addFilter(_StepsOnly())
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    try:
+        url = args.database_url or load_settings().database_url
+        asyncio.run(_run(url, args.action, getattr(args, "revision", None)))
+    except (ConfigError, DatabaseError, CommandError) as exc:  # e.g. an unknown revision
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

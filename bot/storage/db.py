@@ -1,0 +1,105 @@
+"""The async database: engine, session factory, SQLite pragmas, start-up migration and recovery."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from bot.storage.models import Message, Status
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseError(Exception):
+    """A database URL or file that cannot be used; one line for the user."""
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Each new SQLite connection: WAL journal, foreign keys, waiting instead of 'locked'."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+class Database:
+    """One async engine and its session factory. Use one unit of work per event:
+
+    async with db.session() as s, s.begin():
+        ...
+    """
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise DatabaseError(f"invalid database URL {url!r}") from None
+        self.url = url
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite" and parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine: AsyncEngine = create_async_engine(url, echo=echo, pool_pre_ping=True)
+        except Exception as exc:  # missing driver, async-incapable driver, ...
+            raise DatabaseError(f"cannot use database {parsed!r}: {exc}") from None
+        if self.dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Database({make_url(self.url)!r})"  # URL repr hides the password
+
+    @classmethod
+    async def open(cls, url: str, *, upgrade: bool = True) -> Database:
+        """Start-up: connect, migrate to head, mark replies left in progress as interrupted."""
+        db = cls(url)
+        try:
+            if upgrade:
+                await db.upgrade()
+            await db.mark_interrupted()
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    def session(self) -> AsyncSession:
+        return self._sessions()
+
+    async def upgrade(self, revision: str = "head") -> None:
+        """Alembic upgrade on this engine (the same code as `python -m bot db upgrade`)."""
+        from bot.storage.migrate import run_command
+
+        await run_command(self, "upgrade", revision)
+
+    async def mark_interrupted(self) -> int:
+        """Replies still in progress from an earlier run become `interrupted`; returns how many."""
+        async with self.session() as s, s.begin():
+            result = await s.execute(
+                update(Message)
+                .where(Message.status == Status.IN_PROGRESS)
+                .values(status=Status.INTERRUPTED)
+            )
+        count = result.rowcount or 0
+        if count:
+            log.warning(
+                "marked %d reply(ies) left in progress by an earlier run as interrupted", count
+            )
+        return count
+
+    async def close(self) -> None:
+        await self.engine.dispose()

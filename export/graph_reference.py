@@ -1,0 +1,320 @@
+"""The reference graph: standard ONNX ops, Hugging Face/optimum I/O names, fp32, concat KV."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8  # what opset 17 needs; any onnxruntime >= 1.13 reads it
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+NEG_INF = float(np.finfo(np.float32).min)  # added to masked scores, as transformers does
+
+
+class _Builder:
+    """Collects nodes and initializers; every op gets a unique, readable output name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def ints(self, name: str, values: list[int]) -> str:
+        return self.const(name, np.array(values, dtype=np.int64))
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, **attrs) -> Any:
+        """Add a node; returns its output name (or a list of names when outputs > 1)."""
+        outs = [name if i == 0 else f"{name}:{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+        """x @ weight (+ bias) for a weight already laid out [in, out]."""
+        y = self.op("MatMul", [x, self.const(f"{name}.weight", weight)], f"{name}/matmul")
+        if bias is not None:
+            y = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{name}/bias")
+        return y
+
+
+# -----------------------------------------------------------------------------
+# shared pieces
+
+
+def _attention_mask(b: _Builder) -> str:
+    """Additive mask [batch, 1, seq, past+seq]: 0 where a query may attend, NEG_INF elsewhere.
+
+    Causal over absolute columns (query t sits at column past+t), and padding columns (mask 0)
+    are hidden; a padding query still sees itself so its softmax stays finite, as models/ does.
+    """
+    total = b.op("Shape", ["attention_mask"], "mask/shape", start=1, end=2)
+    seq = b.op("Shape", ["input_ids"], "mask/seq", start=1, end=2)
+    zero, one = b.ints("mask/zero", [0]), b.ints("mask/one", [1])
+    total_s = b.op("Squeeze", [total, zero], "mask/total_s")
+    past_s = b.op("Squeeze", [b.op("Sub", [total, seq], "mask/past"), zero], "mask/past_s")
+    one_s = b.const("mask/one_s", np.array(1, np.int64))
+    cols = b.op(
+        "Range", [b.const("mask/zero_s", np.array(0, np.int64)), total_s, one_s], "mask/cols"
+    )
+    rows = b.op("Range", [past_s, total_s, one_s], "mask/rows")
+    rows = b.op("Unsqueeze", [rows, one], "mask/rows2d")  # [seq, 1]
+    causal = b.op("LessOrEqual", [cols, rows], "mask/causal")  # [seq, total]
+    diagonal = b.op("Equal", [cols, rows], "mask/diagonal")
+    real = b.op("Cast", ["attention_mask"], "mask/real", to=TensorProto.BOOL)
+    real = b.op("Unsqueeze", [real, b.ints("mask/axes12", [1, 2])], "mask/real4d")  # [B,1,1,S]
+    allowed = b.op("And", [causal, real], "mask/allowed")
+    allowed = b.op("Or", [allowed, diagonal], "mask/allowed_self")
+    return b.op(
+        "Where",
+        [
+            allowed,
+            b.const("mask/open", np.array(0.0, np.float32)),
+            b.const("mask/shut", np.array(NEG_INF, np.float32)),
+        ],
+        "mask/additive",
+    )
+
+
+def _heads(b: _Builder, x: str, heads: int, head_dim: int, name: str) -> str:
+    """[B, T, heads*head_dim] -> [B, heads, T, head_dim]."""
+    shape = b.ints(f"{name}/shape", [0, 0, heads, head_dim])
+    return b.op(
+        "Transpose", [b.op("Reshape", [x, shape], f"{name}/split")], name, perm=[0, 2, 1, 3]
+    )
+
+
+def _repeat_kv(b: _Builder, cfg: Any, x: str, rep: int, name: str) -> str:
+    """[B, KV, S, D] -> [B, KV*rep, S, D]: each kv head serves `rep` query heads, in order."""
+    x = b.op("Unsqueeze", [x, b.ints(f"{name}/axis", [2])], f"{name}/5d")
+    x = b.op("Expand", [x, b.ints(f"{name}/rep", [1, 1, rep, 1, 1])], f"{name}/expanded")
+    return b.op(
+        "Reshape",
+        [x, b.ints(f"{name}/merged", [0, cfg.num_heads, -1, cfg.head_dim])],
+        f"{name}/heads",
+    )
+
+
+def _attend(b: _Builder, cfg: Any, i: int, q: str, k: str, v: str, mask: str) -> str:
+    """Concatenate the cache, attend over it (GQA by repeating kv heads); returns [B, T, H*D]."""
+    p = f"layers.{i}.attn"
+    k = b.op("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
+    v = b.op("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)
+    rep = cfg.num_heads // cfg.num_kv_heads
+    if rep > 1:
+        k, v = _repeat_kv(b, cfg, k, rep, f"{p}/k"), _repeat_kv(b, cfg, v, rep, f"{p}/v")
+    kt = b.op("Transpose", [k], f"{p}/kt", perm=[0, 1, 3, 2])
+    scores = b.op("MatMul", [q, kt], f"{p}/scores")
+    scale = b.const(f"{p}/scale", np.array(1.0 / math.sqrt(cfg.head_dim), np.float32))
+    scores = b.op("Mul", [scores, scale], f"{p}/scaled")
+    scores = b.op("Add", [scores, mask], f"{p}/masked")
+    probs = b.op("Softmax", [scores], f"{p}/probs", axis=-1)
+    y = b.op("MatMul", [probs, v], f"{p}/context")
+    y = b.op("Transpose", [y], f"{p}/context_t", perm=[0, 2, 1, 3])
+    return b.op("Reshape", [y, b.ints(f"{p}/flat", [0, 0, -1])], f"{p}/out")
+
+
+# -----------------------------------------------------------------------------
+# Llama family
+
+
+def _rms_norm(b: _Builder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    sq = b.op("Mul", [x, x], f"{name}/sq")
+    mean = b.op("ReduceMean", [sq], f"{name}/mean", axes=[-1], keepdims=1)
+    var = b.op("Add", [mean, b.const(f"{name}/eps", np.array(eps, np.float32))], f"{name}/var")
+    inv = b.op("Reciprocal", [b.op("Sqrt", [var], f"{name}/std")], f"{name}/inv")
+    y = b.op("Mul", [x, inv], f"{name}/normed")
+    return b.op("Mul", [y, b.const(f"{name}.weight", weight)], name)
+
+
+def _rotary(b: _Builder, cfg: Any) -> tuple[str, str]:
+    """cos, sin [B, 1, T, head_dim] from position_ids and the checkpoint's rope theta."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    pos = b.op("Cast", ["position_ids"], "rope/pos", to=TensorProto.FLOAT)
+    pos = b.op("Unsqueeze", [pos, b.ints("rope/axis", [-1])], "rope/pos3d")
+    freqs = b.op("Mul", [pos, b.const("rope/inv_freq", inv_freq)], "rope/freqs")
+    emb = b.op("Concat", [freqs, freqs], "rope/emb", axis=-1)
+    axis1 = b.ints("rope/axis1", [1])
+    cos = b.op("Unsqueeze", [b.op("Cos", [emb], "rope/cos3d"), axis1], "rope/cos")
+    sin = b.op("Unsqueeze", [b.op("Sin", [emb], "rope/sin3d"), axis1], "rope/sin")
+    return cos, sin
+
+
+def _apply_rotary(b: _Builder, x: str, cos: str, sin: str, name: str) -> str:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1)."""
+    x1, x2 = b.op("Split", [x], f"{name}/halves", outputs=2, axis=-1)
+    rotated = b.op("Concat", [b.op("Neg", [x2], f"{name}/neg"), x1], f"{name}/rotated", axis=-1)
+    a = b.op("Mul", [x, cos], f"{name}/cos")
+    c = b.op("Mul", [rotated, sin], f"{name}/sin")
+    return b.op("Add", [a, c], name)
+
+
+def _llama(b: _Builder, cfg: Any, t: dict[str, np.ndarray]) -> str:
+    embed = b.const("model.embed_tokens.weight", t["model.embed_tokens.weight"])
+    x = b.op("Gather", [embed, "input_ids"], "embed")
+    mask = _attention_mask(b)
+    cos, sin = _rotary(b, cfg)
+    eps = float(cfg.norm_eps)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        h = _rms_norm(b, x, t[p + "input_layernorm.weight"], eps, p + "input_layernorm")
+        a = p + "self_attn."
+        q = b.linear(h, t[a + "q_proj.weight"].T, a + "q_proj", t.get(a + "q_proj.bias"))
+        k = b.linear(h, t[a + "k_proj.weight"].T, a + "k_proj", t.get(a + "k_proj.bias"))
+        v = b.linear(h, t[a + "v_proj.weight"].T, a + "v_proj", t.get(a + "v_proj.bias"))
+        q = _apply_rotary(
+            b, _heads(b, q, cfg.num_heads, cfg.head_dim, a + "q"), cos, sin, a + "q_rot"
+        )
+        k = _apply_rotary(
+            b, _heads(b, k, cfg.num_kv_heads, cfg.head_dim, a + "k"), cos, sin, a + "k_rot"
+        )
+        v = _heads(b, v, cfg.num_kv_heads, cfg.head_dim, a + "v")
+        y = _attend(b, cfg, i, q, k, v, mask)
+        y = b.linear(y, t[a + "o_proj.weight"].T, a + "o_proj", t.get(a + "o_proj.bias"))
+        x = b.op("Add", [x, y], f"{p}attn_residual")
+        h = _rms_norm(
+            b, x, t[p + "post_attention_layernorm.weight"], eps, p + "post_attention_layernorm"
+        )
+        m = p + "mlp."
+        gate = b.linear(h, t[m + "gate_proj.weight"].T, m + "gate_proj")
+        up = b.linear(h, t[m + "up_proj.weight"].T, m + "up_proj")
+        silu = b.op("Mul", [gate, b.op("Sigmoid", [gate], m + "sigmoid")], m + "silu")
+        h = b.linear(
+            b.op("Mul", [silu, up], m + "act"), t[m + "down_proj.weight"].T, m + "down_proj"
+        )
+        x = b.op("Add", [x, h], f"{p}mlp_residual")
+    x = _rms_norm(b, x, t["model.norm.weight"], eps, "model.norm")
+    if cfg.tie_word_embeddings:
+        head = b.op("Transpose", [embed], "lm_head.weight_t", perm=[1, 0])
+        return b.op("MatMul", [x, head], "lm_head")
+    return b.linear(x, t["lm_head.weight"].T, "lm_head")
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 family
+
+
+def _layer_norm(b: _Builder, x: str, t: dict[str, np.ndarray], prefix: str, eps: float) -> str:
+    w, bias = (
+        b.const(prefix + ".weight", t[prefix + ".weight"]),
+        b.const(prefix + ".bias", t[prefix + ".bias"]),
+    )
+    return b.op("LayerNormalization", [x, w, bias], prefix, axis=-1, epsilon=eps)
+
+
+def _gelu_new(b: _Builder, x: str, name: str) -> str:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's activation."""
+    cube = b.op("Mul", [b.op("Mul", [x, x], f"{name}/sq"), x], f"{name}/cube")
+    inner = b.op("Mul", [cube, b.const(f"{name}/c", np.array(0.044715, np.float32))], f"{name}/c3")
+    inner = b.op("Add", [x, inner], f"{name}/inner")
+    scale = np.array(math.sqrt(2.0 / math.pi), np.float32)
+    th = b.op(
+        "Tanh",
+        [b.op("Mul", [inner, b.const(f"{name}/k", scale)], f"{name}/scaled")],
+        f"{name}/tanh",
+    )
+    one = b.op("Add", [th, b.const(f"{name}/one", np.array(1.0, np.float32))], f"{name}/one_plus")
+    half = b.op("Mul", [x, b.const(f"{name}/half", np.array(0.5, np.float32))], f"{name}/half_x")
+    return b.op("Mul", [half, one], name)
+
+
+def _gpt2(b: _Builder, cfg: Any, t: dict[str, np.ndarray]) -> str:
+    wte = b.const("transformer.wte.weight", t["transformer.wte.weight"])
+    wpe = b.const("transformer.wpe.weight", t["transformer.wpe.weight"])
+    tok = b.op("Gather", [wte, "input_ids"], "wte")
+    x = b.op("Add", [tok, b.op("Gather", [wpe, "position_ids"], "wpe")], "embed")
+    mask = _attention_mask(b)
+    eps, d = float(cfg.norm_eps), cfg.hidden_size
+    for i in range(cfg.num_layers):
+        p = f"transformer.h.{i}."
+        h = _layer_norm(b, x, t, p + "ln_1", eps)
+        qkv = b.linear(h, t[p + "attn.c_attn.weight"], p + "attn.c_attn", t[p + "attn.c_attn.bias"])
+        split = b.ints(p + "attn/split", [d, d, d])
+        q, k, v = b.op("Split", [qkv, split], p + "attn/qkv", outputs=3, axis=-1)
+        q, k, v = (
+            _heads(b, n, cfg.num_heads, cfg.head_dim, f"{p}attn.{c}")
+            for n, c in zip((q, k, v), "qkv", strict=True)
+        )
+        y = _attend(b, cfg, i, q, k, v, mask)
+        y = b.linear(y, t[p + "attn.c_proj.weight"], p + "attn.c_proj", t[p + "attn.c_proj.bias"])
+        x = b.op("Add", [x, y], f"{p}attn_residual")
+        h = _layer_norm(b, x, t, p + "ln_2", eps)
+        h = b.linear(h, t[p + "mlp.c_fc.weight"], p + "mlp.c_fc", t[p + "mlp.c_fc.bias"])
+        h = _gelu_new(b, h, p + "mlp.gelu")
+        h = b.linear(h, t[p + "mlp.c_proj.weight"], p + "mlp.c_proj", t[p + "mlp.c_proj.bias"])
+        x = b.op("Add", [x, h], f"{p}mlp_residual")
+    x = _layer_norm(b, x, t, "transformer.ln_f", eps)
+    head = b.op("Transpose", [wte], "lm_head.weight_t", perm=[1, 0])
+    return b.op("MatMul", [x, head], "lm_head")
+
+
+# -----------------------------------------------------------------------------
+# the graph
+
+
+def io_spec(cfg: Any) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """Inputs and outputs with the names and dynamic axes optimum's ORTModelForCausalLM uses."""
+    kv = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
+    present = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
+    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(
+            "attention_mask", i64, ["batch_size", "total_sequence_length"]
+        ),
+        helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(
+            "logits", f32, ["batch_size", "sequence_length", cfg.vocab_size]
+        )
+    ]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, present))
+    return inputs, outputs
+
+
+def build_reference_graph(src: Any) -> onnx.ModelProto:
+    """The fp32 standard-ops graph for an ExportSource (config + float32 HF-named tensors)."""
+    cfg = src.config
+    if cfg.family not in ("llama", "gpt2"):
+        raise ValueError(f"unsupported family {cfg.family!r} (supported: llama, gpt2)")
+    b = _Builder()
+    logits = (_llama if cfg.family == "llama" else _gpt2)(b, cfg, src.tensors)
+    b.op("Identity", [logits], "logits")
+    inputs, outputs = io_spec(cfg)
+    graph = helper.make_graph(
+        b.nodes, f"{cfg.model_type}-reference", inputs, outputs, b.initializers
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        ir_version=IR_VERSION,
+        producer_name="discord-llm export",
+    )
+    model.doc_string = "reference fp32 graph (standard ONNX ops, concatenating KV cache)"
+    return model
+
+
+def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
+    """Write out_dir/model.onnx plus one external data file, model.onnx.data; returns the graph."""
+    path = Path(out_dir) / GRAPH_FILE
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,  # small constants (shapes, axes) stay inline for shape inference
+    )
+    return path

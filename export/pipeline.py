@@ -1,0 +1,310 @@
+"""One export: load a checkpoint, build and save the graph, verify it, publish it as a version."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.manifest import (
+    Architecture,
+    FileEntry,
+    GraphInfo,
+    Manifest,
+    Parity,
+    SourceInfo,
+    TensorSpec,
+    TokenizerInfo,
+    file_entries,
+)
+from export.registry import Registry, VersionInfo, validate_name
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+FLAVOURS = ("fused", "reference")
+DEFAULT_FLAVOUR = "fused"
+DEFAULT_PRECISION = "fp32"
+DEFAULT_MAX_CONTEXT = 2048  # capped at the model's max_position_embeddings
+REGISTRY_ENV = "MODEL_REGISTRY"
+DEFAULT_REGISTRY = Path("data/registry")
+# end-of-turn tokens that stop generation when the chat template writes them
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
+GENERATION_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_new_tokens",
+    "max_length",
+)
+
+
+class ExportError(Exception):
+    """A bad export request (option combination, unavailable flavour); one line for users."""
+
+
+class ParityError(Exception):
+    """The graph failed verification and --force was not given; carries the figures."""
+
+    def __init__(self, message: str, figures: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.figures = figures
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    checkpoint: Path
+    name: str
+    precision: str = DEFAULT_PRECISION
+    flavour: str = DEFAULT_FLAVOUR
+    max_context: int | None = None
+    force: bool = False
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+
+
+def default_registry() -> Path:
+    """$MODEL_REGISTRY, else $DATA_DIR/registry, else data/registry: where bot.config looks."""
+    if os.environ.get(REGISTRY_ENV):
+        return Path(os.environ[REGISTRY_ENV]).expanduser()
+    if os.environ.get("DATA_DIR"):
+        return Path(os.environ["DATA_DIR"]).expanduser() / "registry"
+    return DEFAULT_REGISTRY
+
+
+def fused_available() -> bool:
+    """Whether export.graph_fused (the engine's graph) can be imported."""
+    try:
+        import export.graph_fused  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_request(req: ExportRequest) -> None:
+    """Refuse bad requests before any work is done."""
+    validate_name(req.name)
+    if req.precision not in PRECISIONS:
+        raise ExportError(
+            f"unknown precision {req.precision!r} (choose from {', '.join(PRECISIONS)})"
+        )
+    if req.flavour not in FLAVOURS:
+        raise ExportError(f"unknown flavour {req.flavour!r} (choose from {', '.join(FLAVOURS)})")
+    if req.flavour == "reference" and req.precision != "fp32":
+        raise ExportError(
+            "the reference flavour is fp32 only; use --flavour fused for other precisions"
+        )
+    if req.flavour == "fused" and not fused_available():
+        raise ExportError("the fused flavour is not available yet; use --flavour reference")
+    if req.max_context is not None and req.max_context < 1:
+        raise ExportError(f"--max-context must be positive, got {req.max_context}")
+    if not Path(req.checkpoint).expanduser().exists():
+        raise ExportError(f"{req.checkpoint}: no such checkpoint folder or file")
+
+
+class _Stages:
+    """A tqdm bar over the export stages, and the seconds each one took."""
+
+    NAMES = ("load", "build", "save", "verify")
+
+    def __init__(self, enabled: bool | None) -> None:
+        from tqdm import tqdm
+
+        disable = None if enabled is None else not enabled  # None: only on a terminal
+        self.bar = tqdm(
+            total=len(self.NAMES), desc="export", unit="stage", disable=disable, file=sys.stderr
+        )
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.bar.set_postfix_str(name)
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 3)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionInfo, Manifest]:
+    """Export req.checkpoint and publish it as the next version of req.name."""
+    from export.weights import load_export_source
+
+    check_request(req)
+    stages = _Stages(req.progress)
+    stage = stages.stage
+    try:
+        with stage("load"):
+            src = load_export_source(req.checkpoint)
+        max_context = _max_context(req, src.config)
+
+        def build(folder: Path) -> None:
+            with stage("build"):
+                model = _build_graph(src, req, max_context)
+                graph_info = _graph_info(model, req, max_context)
+            with stage("save"):
+                from export.graph_reference import save_model
+
+                save_model(model, folder)
+                del model
+                src.tokenizer.save(folder)
+            with stage("verify"):
+                figures = _verify(folder, src, req)
+            forced = not figures["passed"]
+            if forced and not req.force:
+                from export.verify import describe_failure
+
+                raise ParityError(
+                    describe_failure(figures) + "; not published (--force publishes anyway)",
+                    figures,
+                )
+            manifest = _manifest(src, req, folder, graph_info, figures, max_context, forced)
+            manifest.timings = dict(stages.timings)
+            manifest.write(folder)
+
+        info = registry.publish(build, req.name)
+    finally:
+        stages.close()
+    return info, info.manifest()
+
+
+def _max_context(req: ExportRequest, cfg: Any) -> int:
+    limit = cfg.max_position_embeddings
+    if req.max_context is None:
+        return min(DEFAULT_MAX_CONTEXT, limit)
+    if req.max_context > limit:
+        raise ExportError(f"--max-context {req.max_context} exceeds the model's {limit} positions")
+    return req.max_context
+
+
+def _build_graph(src: Any, req: ExportRequest, max_context: int) -> Any:
+    if req.flavour == "reference":
+        from export.graph_reference import build_reference_graph
+
+        return build_reference_graph(src)
+    from export.graph_fused import build_fused_graph
+
+    try:
+        return build_fused_graph(src, precision=req.precision, max_context=max_context)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _verify(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any]:
+    from export.verify import verify
+
+    return verify(folder / "model.onnx", src, flavour=req.flavour, precision=req.precision)
+
+
+# ---- the manifest ------------------------------------------------------------------------------
+
+
+def _tensor_specs(values: Any) -> list[TensorSpec]:
+    from onnx import helper
+
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        specs.append(TensorSpec(name=v.name, dtype=dtype, shape=dims))
+    return specs
+
+
+def _graph_info(model: Any, req: ExportRequest, max_context: int) -> GraphInfo:
+    inputs = _tensor_specs(model.graph.input)
+    kv = next(s for s in inputs if s.name.startswith("past_key_values."))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return GraphInfo(
+        flavour=req.flavour,
+        opset=opset,
+        domains=sorted(o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx")),
+        inputs=inputs,
+        outputs=_tensor_specs(model.graph.output),
+        kv_dtype=kv.dtype,
+        kv_layout="shared-buffer" if req.flavour == "fused" else "concat",
+        max_context=max_context,
+        logits="last" if req.flavour == "fused" else "all",
+    )
+
+
+def _tokenizer_info(src: Any) -> TokenizerInfo:
+    bundle, cfg = src.tokenizer, src.config
+    template = bundle.chat_template
+    specials = {tok: bundle.token_id(tok) for tok in bundle.special_tokens}
+    stops: list[str] = [bundle.eos_token] if bundle.eos_token else []
+    stops += [t for t in END_OF_TURN_TOKENS if template and t in template and t in specials]
+    for ids in (cfg.eos_token_id, src.generation_config.get("eos_token_id")):
+        for i in ids if isinstance(ids, list) else [ids]:
+            if isinstance(i, int) and (text := bundle.tokenizer.id_to_token(i)) is not None:
+                stops.append(text)
+    stops = list(dict.fromkeys(stops))
+    stop_ids = sorted({i for t in stops if (i := bundle.token_id(t)) is not None})
+    return TokenizerInfo(
+        chat_template_file="chat_template.jinja" if template is not None else None,
+        chat_template=template,
+        bos_token=bundle.bos_token,
+        eos_token=bundle.eos_token,
+        pad_token=bundle.pad_token,
+        unk_token=bundle.unk_token,
+        bos_token_id=bundle.token_id(bundle.bos_token),
+        eos_token_id=bundle.token_id(bundle.eos_token),
+        pad_token_id=bundle.token_id(bundle.pad_token),
+        special_tokens={k: v for k, v in specials.items() if v is not None},
+        stop_tokens=stops,
+        stop_token_ids=stop_ids,
+    )
+
+
+def _source_info(src: Any) -> SourceInfo:
+    base = src.source if src.kind == "hf" else src.source.parent
+    files = [
+        FileEntry(name=Path(os.path.relpath(f.path, base)).as_posix(), size=f.size, sha256=f.sha256)
+        for f in src.source_files
+    ]
+    return SourceInfo(path=str(src.source.resolve()), kind=src.kind, files=files)
+
+
+def _manifest(
+    src: Any,
+    req: ExportRequest,
+    folder: Path,
+    graph: GraphInfo,
+    figures: dict[str, Any],
+    max_context: int,
+    forced: bool,
+) -> Manifest:
+    import dataclasses
+
+    import onnxruntime
+
+    arch = {
+        k: v for k, v in dataclasses.asdict(src.config).items() if k in Architecture.model_fields
+    }
+    generation = {
+        k: src.generation_config[k] for k in GENERATION_KEYS if k in src.generation_config
+    }
+    return Manifest(
+        name=req.name,
+        version=0,  # the registry sets the number when it renames the folder into place
+        source=_source_info(src),
+        architecture=Architecture(**arch),
+        precision=req.precision,
+        flavour=req.flavour,
+        max_context=max_context,
+        opset=graph.opset,
+        onnxruntime_version=onnxruntime.__version__,
+        graph=graph,
+        tokenizer=_tokenizer_info(src),
+        generation=generation,
+        parity=Parity(**figures),
+        forced=forced,
+        files=file_entries(folder),
+    )

@@ -1,0 +1,229 @@
+"""Parity of an exported graph against the PyTorch model: a prefill, then cached single steps."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Threshold:
+    max_rel_error: float  # max |graph - torch| / max |torch| over the logits of any step
+    min_top1_agreement: float  # share of compared positions whose argmax token agrees
+
+
+# One table for every precision. fp32 is issue 3's bar; the others are set from measurement with
+# headroom, on the verification below (4 random-token prompts, prefill 16 + 16 cached steps, seed 0)
+# through `python -m export CKPT --precision P` (ORT 1.31 CPU provider). Measured max_rel_error /
+# top-1 agreement, tiny random checkpoints (tests/conftest.py) | SmolLM2-135M-Instruct:
+#   fp32 (reference and fused):  6.1e-7 / 1.000  | 3.5e-6 / 1.000
+#   fp16 (fused):                7.9e-4 / 1.000  | 3.6e-3 / 1.000
+#   int8 (fused, MatMulNBits):   1.1e-2 / 1.000  | 6.9e-2..7.7e-2 / 0.868..0.882
+#   int4 (fused, MatMulNBits):   1.1e-1 / 1.000  | 4.9e-1..5.7e-1 / 0.32..0.40 -> refused
+# (ranges: two graph_fused revisions of the same day; int8 with accuracy_level 0: 3.5e-2 / 0.971)
+# Random-token prompts give flat next-token distributions (median top-1/top-2 gap 0.43 logits on
+# SmolLM2, logit scale 33), so quantized top-1 flips between near-ties: int8's 9 flips of 68 lie
+# within 0.29 logits of the PyTorch top-1 (median 0.13). int4's 46 flips lie up to 5.5 logits away
+# (median 1.3): real changes of prediction. int4 on SmolLM2 re-rounds weights that were Q4_1 in
+# the GGUF file (integer zero points cannot reproduce Q4_1's float block minimum) and quantizes
+# the tied head too, which is why it misses the bar.
+THRESHOLDS: dict[str, Threshold] = {
+    "fp32": Threshold(max_rel_error=1e-4, min_top1_agreement=1.0),
+    "fp16": Threshold(max_rel_error=1e-2, min_top1_agreement=0.98),
+    "int8": Threshold(max_rel_error=1.2e-1, min_top1_agreement=0.8),
+    "int4": Threshold(max_rel_error=3e-1, min_top1_agreement=0.6),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    prompts: int = 4
+    prompt_length: int = 16
+    steps: int = 16
+    seed: int = 0
+
+
+def _session(graph: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
+class _ReferenceRunner:
+    """A plain ORT loop over the reference graph: present = Concat(past, new), fed back as past."""
+
+    def __init__(self, session: Any, cfg: Any) -> None:
+        self.session, self.cfg = session, cfg
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def start(self, batch: int) -> None:
+        shape = (batch, self.cfg.num_kv_heads, 0, self.cfg.head_dim)
+        self.past = {
+            f"past_key_values.{i}.{kind}": np.zeros(shape, np.float32)
+            for i in range(self.cfg.num_layers)
+            for kind in ("key", "value")
+        }
+        self.length = 0
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Feed ids [B, T]; returns logits [B, T, vocab]."""
+        batch, t = ids.shape
+        positions = np.arange(self.length, self.length + t, dtype=np.int64)
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, self.length + t), np.int64),
+            "position_ids": np.broadcast_to(positions, (batch, t)).copy(),
+            **self.past,
+        }
+        results = self.session.run(self.outputs, feeds)
+        for name, value in zip(self.outputs[1:], results[1:], strict=True):
+            self.past[name.replace("present.", "past_key_values.")] = value
+        self.length += t
+        return results[0]
+
+
+class _FusedRunner:
+    """Drives the fused graph as the engine does: one KV buffer per layer, as past and present."""
+
+    def __init__(self, session: Any, cfg: Any) -> None:
+        import onnxruntime as ort
+
+        self.ort, self.session, self.cfg = ort, session, cfg
+        inputs = {i.name: i for i in session.get_inputs()}
+        first = inputs["past_key_values.0.key"]
+        self.kv_dtype = np.float16 if "float16" in first.type else np.float32
+        self.max_context = int(first.shape[2])
+        self.has_positions = "position_ids" in inputs
+        self.kv_names = [n for n in inputs if n.startswith("past_key_values.")]
+
+    def start(self, batch: int) -> None:
+        shape = (batch, self.cfg.num_kv_heads, self.max_context, self.cfg.head_dim)
+        self.binding = self.session.io_binding()
+        self.logits = np.zeros((batch, self.cfg.vocab_size), np.float32)
+        self.buffers = [self.ort.OrtValue.ortvalue_from_numpy(self.logits)]
+        self.binding.bind_ortvalue_output("logits", self.buffers[0])
+        for name in self.kv_names:
+            value = self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype))
+            self.buffers.append(value)  # keep alive while bound
+            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        self.length = 0
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Feed ids [B, T] (rows of equal length); returns the last logits [B, 1, vocab]."""
+        batch, t = ids.shape
+        total = self.length + t
+        if total > self.max_context:
+            raise ValueError(
+                f"verification needs {total} positions but max_context is {self.max_context}"
+            )
+        small = {
+            "input_ids": ids,
+            "seqlens_k": np.full(batch, total - 1, np.int32),
+            "total_sequence_length": np.array(total, np.int32),
+        }
+        if self.has_positions:
+            positions = np.arange(self.length, total, dtype=np.int64)
+            small["position_ids"] = np.broadcast_to(positions, (batch, t)).copy()
+        for name, array in small.items():
+            self.binding.bind_cpu_input(name, array)
+        self.session.run_with_iobinding(self.binding)
+        self.length = total
+        return self.logits[:, None].copy()
+
+
+def _figures(step: int, got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    """Error figures of logits [..., vocab]; relative error is scaled by the largest |logit|."""
+    got, want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    scale = max(float(np.abs(want).max()), 1e-12)
+    return {
+        "step": step,
+        "max_abs_error": float(diff.max()),
+        "max_rel_error": float(diff.max() / scale),
+        "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+        "_agree": int(np.sum(got.argmax(-1) == want.argmax(-1))),
+        "_count": int(got.shape[0]),
+    }
+
+
+def verify(
+    graph: str | Path,
+    src: Any,
+    *,
+    flavour: str,
+    precision: str = "fp32",
+    settings: Settings = Settings(),
+    model: Any = None,
+) -> dict[str, Any]:
+    """Run the graph (ORT, CPU) and the source's CausalLM on the same random prompts.
+
+    The prompts are random tokens run as one batch. The graph gets a prefill of `prompt_length`
+    tokens, then `steps` single-token steps through its cache; the PyTorch model computes the
+    logits of all those positions in one causal pass, so the graph's cache handling is checked
+    against a cache-free computation. Returns the parity figures (export.manifest.Parity
+    fields); `passed` applies THRESHOLDS.
+    """
+    import torch
+
+    from export.weights import reference_model
+
+    started = time.perf_counter()
+    if precision not in THRESHOLDS:
+        raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(THRESHOLDS)})")
+    cfg = src.config
+    model = model if model is not None else reference_model(src)
+    session = _session(Path(graph))
+    runner = (_FusedRunner if flavour == "fused" else _ReferenceRunner)(session, cfg)
+    rng = np.random.default_rng(settings.seed)
+    vocab = min(cfg.vocab_size, src.tokenizer.vocab_size) if src.tokenizer else cfg.vocab_size
+    length, steps = settings.prompt_length, settings.steps
+    tokens = rng.integers(0, vocab, (settings.prompts, length + steps), dtype=np.int64)
+    with torch.no_grad():  # one causal pass gives the logits of every position the graph sees
+        want = model(torch.from_numpy(tokens))[0].numpy()
+    runner.start(settings.prompts)
+    per_step = []
+    for step in range(steps + 1):
+        start, stop = (0, length) if step == 0 else (length + step - 1, length + step)
+        got = runner.step(tokens[:, start:stop])
+        expected = want[:, stop - 1 : stop] if flavour == "fused" else want[:, start:stop]
+        per_step.append(_figures(step, got, expected))
+    threshold = THRESHOLDS[precision]
+    agree, count = sum(f.pop("_agree") for f in per_step), sum(f.pop("_count") for f in per_step)
+    summary = {
+        "max_abs_error": max(f["max_abs_error"] for f in per_step),
+        "max_rel_error": max(f["max_rel_error"] for f in per_step),
+        "top1_agreement": agree / count,
+    }
+    passed = (
+        summary["max_rel_error"] < threshold.max_rel_error
+        and summary["top1_agreement"] >= threshold.min_top1_agreement
+    )
+    return {
+        "passed": bool(passed),
+        "thresholds": asdict(threshold),
+        "prompts": settings.prompts,
+        "prompt_length": settings.prompt_length,
+        "steps": settings.steps,
+        **summary,
+        "per_step": per_step,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def describe_failure(figures: dict[str, Any]) -> str:
+    """One line saying which threshold the figures miss."""
+    t = figures["thresholds"]
+    return (
+        f"parity check failed: max relative logit error {figures['max_rel_error']:.3g} "
+        f"(limit {t['max_rel_error']:.3g}), top-1 agreement {figures['top1_agreement']:.3f} "
+        f"(needs {t['min_top1_agreement']:.3f})"
+    )

@@ -1,0 +1,289 @@
+"""Checkpoints: read a Hugging Face folder (safetensors, sharded) or GGUF file; write HF folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from models.errors import ModelError
+from models.model import ModelConfig, hf_tensor_shapes
+
+if TYPE_CHECKING:
+    from models.tokenizer import TokenizerBundle
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+GENERATION_NAME = "generation_config.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB", as transformers counts it
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # HF names, float32 (or the stored float dtype)
+    tokenizer: TokenizerBundle
+    generation_config: dict[str, Any]  # generation_config.json contents ({} when absent)
+    source: Path  # the folder or .gguf file
+    source_files: list[Path]  # weight files, for sha256 in manifests
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """An HF folder or a .gguf file as a Checkpoint; one-line ModelError naming the file if bad."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"{path}: no such checkpoint folder or file")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            from models.gguf import load_gguf
+
+            return load_gguf(path)
+        raise ModelError(
+            f"{path}: not a checkpoint (expected a Hugging Face folder or a .gguf file)"
+        )
+    config = read_config(path)
+    tensors, files = read_weights(path, config)
+    tokenizer = read_tokenizer(path, config)
+    generation_file = path / GENERATION_NAME
+    generation = _read_json(generation_file) if generation_file.is_file() else {}
+    return Checkpoint(config, tensors, tokenizer, generation, source=path, source_files=files)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The folder's config.json as a ModelConfig."""
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise ModelError(f"{folder}: not a checkpoint folder (no {CONFIG_NAME})")
+    try:
+        return ModelConfig.from_hf(_read_json(config_file))
+    except ModelError as exc:
+        if str(exc).startswith(str(config_file)):
+            raise
+        raise ModelError(f"{config_file}: {exc}") from None
+
+
+def weight_files(folder: Path) -> tuple[list[Path], Path]:
+    """The safetensors files holding the weights, and the file to name in errors about them."""
+    single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
+    if single.is_file():
+        return [single], single
+    if not index.is_file():
+        legacy = any(folder.glob("pytorch_model*.bin"))
+        hint = " (pytorch_model.bin is not supported: re-save with safetensors)" if legacy else ""
+        raise ModelError(f"{folder}: no model weights ({WEIGHTS_NAME} or {INDEX_NAME}){hint}")
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError(f"{index}: no valid weight_map")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if Path(name).name != name:
+            raise ModelError(f"{index}: shard name {name!r} is not a plain file name")
+        if not (folder / name).is_file():
+            raise ModelError(f"{folder / name}: shard listed in {INDEX_NAME} is missing")
+        files.append(folder / name)
+    return files, index
+
+
+# tensors some checkpoints carry that are not parameters (GPT-2 causal-mask buffers, rotary caches)
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def _hf_name(name: str, config: ModelConfig) -> str:
+    """Old GPT-2 checkpoints name their tensors without the `transformer.` prefix."""
+    if config.family == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+        return "transformer." + name
+    return name
+
+
+def read_weights(folder: Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """Every tensor the config needs, checked against its expected shape."""
+    files, label = weight_files(folder)
+    expected = hf_tensor_shapes(config)
+    tensors: dict[str, torch.Tensor] = {}
+    unused: list[str] = []
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for stored in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    name = _hf_name(stored, config)
+                    if name not in expected:
+                        tied_head = name == "lm_head.weight" and config.tie_word_embeddings
+                        if not tied_head and not name.endswith(_BUFFER_SUFFIXES):
+                            unused.append(stored)
+                        continue
+                    shape = tuple(f.get_slice(stored).get_shape())
+                    if shape != expected[name]:
+                        raise ModelError(
+                            f"{file}: tensor {stored} has shape {list(shape)}, but the config "
+                            f"needs {list(expected[name])}"
+                        )
+                    tensors[name] = f.get_tensor(stored)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{file}: corrupt safetensors file ({_first_line(exc)})") from None
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise ModelError(
+            f"{label}: missing tensors for the {config.model_type} config: {_listing(missing)}"
+        )
+    if unused:
+        raise ModelError(
+            f"{label}: tensors the {config.model_type} config does not use: {_listing(unused)}"
+        )
+    return tensors, files
+
+
+def read_tokenizer(folder: Path, config: ModelConfig) -> TokenizerBundle:
+    """The folder's tokenizer, checked to fit the model's vocabulary."""
+    from models.tokenizer import TokenizerBundle
+
+    tokenizer = TokenizerBundle.from_hf_folder(folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelError(
+            f"{folder / 'tokenizer.json'}: tokenizer has {tokenizer.vocab_size} tokens but the "
+            f"model's vocab_size is {config.vocab_size}"
+        )
+    return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# -----------------------------------------------------------------------------
+# saving
+
+
+def save_hf_folder(
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    tokenizer: TokenizerBundle | None,
+    out_dir: str | Path,
+    generation_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write an HF folder transformers loads; built in a temp folder beside out_dir, then renamed.
+
+    A tied lm_head is saved once (as the embedding); weights larger than max_shard_bytes are split
+    into shards with a model.safetensors.index.json. An existing out_dir is replaced only once the
+    new folder is complete.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: exists and is not a folder")
+    state = _checked_state(config, tensors, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        hf_config = config.to_hf() | {"torch_dtype": _dtype_name(state)}
+        _write_json(staging / CONFIG_NAME, hf_config)
+        _write_weights(staging, state, max_shard_bytes)
+        ids = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        generation = {k: v for k, v in ids.items() if v is not None} | (generation_config or {})
+        _write_json(staging / GENERATION_NAME, generation)
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _checked_state(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], out: Path
+) -> dict[str, torch.Tensor]:
+    """The tensors to save, in model order, contiguous on the CPU, none sharing memory."""
+    expected = hf_tensor_shapes(config)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise ModelError(f"{out}: cannot save, missing tensors: {_listing(missing)}")
+    state: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, shape in expected.items():
+        t = tensors[name].detach().to("cpu").contiguous()
+        if tuple(t.shape) != shape:
+            raise ModelError(
+                f"{out}: cannot save {name} of shape {list(t.shape)}, expected {list(shape)}"
+            )
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:  # safetensors refuses tensors that share memory
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        state[name] = t
+    return state
+
+
+def _dtype_name(state: dict[str, torch.Tensor]) -> str:
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    return str(floats[0] if floats else torch.float32).removeprefix("torch.")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_weights(folder: Path, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata=metadata)
+        weight_map |= dict.fromkeys(shard, file)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    _write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move the finished folder `new` to `target`, removing the old target only afterwards."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Tests of the bot core: config, storage, migrations, conversation logic, console chat."""

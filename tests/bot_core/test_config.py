@@ -1,0 +1,91 @@
+"""Settings: environment, .env, TOML file, derived paths, secrets, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, Settings, get_settings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path: Path):
+    """No stray configuration from the machine: empty cwd, no BOT_* or known variables."""
+    monkeypatch.chdir(tmp_path)
+    for name in [*Settings.model_fields, "BOT_CONFIG"]:
+        monkeypatch.delenv(name.upper(), raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_defaults_derive_from_data_dir(monkeypatch):
+    monkeypatch.setenv("DATA_DIR", "/srv/bot")
+    s = load_settings()
+    assert s.database_url == "sqlite+aiosqlite:////srv/bot/bot.db"
+    assert s.model_registry == Path("/srv/bot/registry")
+    assert s.export_allowed_dir == Path("/srv/bot/checkpoints")
+    assert s.discord_token is None and s.model is None and s.device == "auto"
+
+
+def test_environment_lists_and_case(monkeypatch):
+    monkeypatch.setenv("ADMIN_USER_IDS", "12, 34,56")
+    monkeypatch.setenv("command_guild_ids", "7")
+    monkeypatch.setenv("DEVICE", "cpu")
+    s = load_settings()
+    assert s.admin_user_ids == [12, 34, 56]
+    assert s.command_guild_ids == [7]
+    assert s.device == "cpu"
+
+
+def test_token_never_shown_in_clear(monkeypatch):
+    monkeypatch.setenv("DISCORD_TOKEN", "very-secret-token")
+    s = load_settings()
+    assert s.discord_token is not None
+    assert s.discord_token.get_secret_value() == "very-secret-token"
+    assert "very-secret-token" not in repr(s) and "very-secret-token" not in str(s)
+
+
+def test_dotenv_and_toml_with_environment_winning(monkeypatch, tmp_path: Path):
+    (tmp_path / ".env").write_text("ENGINE_SLOTS=3\nMODEL=from-dotenv\n")
+    toml = tmp_path / "bot.toml"
+    toml.write_text(
+        'engine_slots = 5\nmodel = "from-toml"\nuser_rate_per_min = 2\nadmin_user_ids = [9]\n'
+    )
+    monkeypatch.setenv("BOT_CONFIG", str(toml))
+    monkeypatch.setenv("MODEL", "from-env")
+    s = load_settings()
+    assert s.model == "from-env"  # environment over .env over TOML
+    assert s.engine_slots == 3  # .env over TOML
+    assert s.user_rate_per_min == 2 and s.admin_user_ids == [9]  # TOML only
+
+
+def test_missing_toml_file_is_one_line_error(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("BOT_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such file"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("ENGINE_SLOTS", "many", "ENGINE_SLOTS"),
+        ("DEVICE", "tpu", "DEVICE"),
+        ("ADMIN_USER_IDS", "1,x", "ADMIN_USER_IDS"),
+    ],
+)
+def test_invalid_values_name_the_variable(monkeypatch, name, value, fragment):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_get_settings_is_cached(monkeypatch):
+    monkeypatch.setenv("ENGINE_SLOTS", "2")
+    first = get_settings()
+    monkeypatch.setenv("ENGINE_SLOTS", "4")
+    assert get_settings() is first and first.engine_slots == 2
+    get_settings.cache_clear()
+    assert get_settings().engine_slots == 4

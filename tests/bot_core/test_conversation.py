@@ -1,0 +1,273 @@
+"""ChatService with a scripted engine: turns stored, ordering, concurrency, errors, settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import select
+
+from bot.conversation import (
+    BusyError,
+    ChatService,
+    GenerationFailedError,
+    IncomingMessage,
+    MessageTooLongError,
+    SettingsError,
+    Speaker,
+)
+from bot.storage import repo
+from bot.storage.db import Database
+from bot.storage.models import Message
+from tests.bot_core.fakes import FakeEngine
+
+BOT = Speaker(900, "Bot", is_bot=True)
+ALICE = Speaker(1, "alice")
+BOB = Speaker(2, "bob")
+
+
+def message(text: str, channel: int = 10, author: Speaker = ALICE, message_id: int | None = None):
+    return IncomingMessage(channel, 5, author, text, message_id=message_id)
+
+
+async def converse(
+    service: ChatService, msg: IncomingMessage, posted: list[int] | None = None
+) -> str:
+    async with service.reply(msg, bot=BOT) as reply:
+        pieces = [piece async for piece in reply]
+        reply.message_ids.extend(posted or [])
+    return "".join(pieces)
+
+
+async def test_a_reply_streams_and_both_turns_are_stored(service: ChatService, engine: FakeEngine):
+    text = await converse(service, message("hello", message_id=111), posted=[222, 223])
+    assert text == engine.reply_text
+    user, bot = await service.recent_messages(10, 10)
+    assert (user.role, user.content, user.author_id, user.author_name) == (
+        "user",
+        "hello",
+        1,
+        "alice",
+    )
+    assert user.discord_message_ids == [111] and user.token_count == len(b"hello")
+    assert (bot.role, bot.content, bot.author_id, bot.status) == (
+        "assistant",
+        text,
+        900,
+        "complete",
+    )
+    assert bot.discord_message_ids == [222, 223] and bot.discord_message_id == 222
+    assert bot.model_version == "fake@1" and bot.finish_reason == "stop"
+    assert bot.token_count == len(text.encode()) and bot.prompt_tokens == len(
+        engine.submitted[0][0]
+    )
+    assert bot.ttft_ms == 1.0 and bot.duration_ms is not None and bot.duration_ms >= 0
+
+
+async def test_history_and_names_reach_the_next_prompt(service: ChatService, engine: FakeEngine):
+    await converse(service, message("first from alice"))
+    await converse(service, message("then bob", author=BOB))
+    prompt = engine.prompt_text(1)
+    assert "<|im_start|>user\nalice: first from alice<|im_end|>" in prompt
+    assert f"<|im_start|>assistant\n{engine.reply_text}<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>user\nbob: then bob<|im_end|>\n<|im_start|>assistant\n")
+
+
+async def test_history_is_trimmed_to_the_budget(db: Database, settings):
+    engine = FakeEngine(max_context=400, reply_text="ok")
+    service = ChatService(db, engine, settings)
+    await service.update_settings(10, 1, max_tokens=100)
+    for i in range(12):
+        await converse(service, message(f"message number {i:02d}"))
+    last = engine.prompt_text(11)
+    assert len(engine.submitted[11][0]) <= 300
+    assert "message number 11" in last and "message number 00" not in last
+    assert len(await service.recent_messages(10, 100)) == 24  # older turns stay in the database
+
+
+async def test_persona_comes_first_and_forget_empties_the_memory(
+    service: ChatService, engine: FakeEngine
+):
+    await service.set_persona(10, "You are a pirate.", actor_id=7)
+    assert await service.get_persona(10) == "You are a pirate."
+    await converse(service, message("ahoy"))
+    assert engine.prompt_text(0).startswith("<|im_start|>system\nYou are a pirate.<|im_end|>")
+    assert await service.forget(10, actor_id=7) == 2
+    await converse(service, message("who am I?"))
+    assert "ahoy" not in engine.prompt_text(1)
+    await service.clear_persona(10, actor_id=7)
+    await converse(service, message("plain"))
+    assert not engine.prompt_text(2).startswith("<|im_start|>system")
+    with pytest.raises(SettingsError, match="empty"):
+        await service.set_persona(10, "   ", actor_id=7)
+    async with service.db.session() as s:
+        actions = [a.action for a in reversed(await repo.audit_entries(s))]
+    assert actions == ["persona.set", "forget", "persona.clear"]
+
+
+async def test_settings_are_stored_validated_and_used(service: ChatService, engine: FakeEngine):
+    default = await service.get_settings(10)
+    updated = await service.update_settings(10, 3, temperature=0.2, max_tokens="5", seed=42)
+    assert (updated.temperature, updated.max_tokens, updated.seed) == (0.2, 5, 42)
+    assert updated.top_p == default.top_p
+    with pytest.raises(SettingsError, match="temperature must be between 0 and 2"):
+        await service.update_settings(10, 3, temperature=2.5)
+    assert (await service.get_settings(10)).temperature == 0.2  # the bad change stored nothing
+    text = await converse(service, message("hi"))
+    params = engine.submitted[0][1]
+    assert (params.temperature, params.max_new_tokens, params.seed) == (0.2, 5, 42)
+    assert text == engine.reply_text[:5]  # the fake stops at max_new_tokens
+    reset = await service.reset_settings(10, 3)
+    assert reset == default
+
+
+async def test_model_defaults_come_from_the_manifest(db: Database, settings):
+    engine = FakeEngine(generation={"temperature": 0.33, "max_new_tokens": 2000})
+    service = ChatService(db, engine, settings)
+    s = await service.get_settings(10)
+    assert s.temperature == 0.33 and s.max_tokens == 1024
+
+
+async def test_replies_in_one_channel_run_in_arrival_order(db: Database, settings):
+    engine = FakeEngine(delay_s=0.005, reply_text="a b c")
+    service = ChatService(db, engine, settings)
+    texts = [f"msg {i}" for i in range(6)]
+    await asyncio.gather(*(converse(service, message(t)) for t in texts))
+    assert engine.max_active == 1
+    stored = await service.recent_messages(10, 100)
+    assert [m.content for m in stored if m.role == "user"] == texts
+    assert [m.role for m in stored] == ["user", "assistant"] * 6
+    for i, prompt in enumerate(engine.submitted):  # each prompt saw every earlier exchange
+        assert bytes(prompt[0]).decode().count("<|im_start|>assistant\na b c") == i
+
+
+async def test_channels_are_answered_concurrently(db: Database, settings):
+    """Eight channels' replies are all streaming at once: the streams wait on a gate opened only
+    when all eight are active, which never happens if channels were answered one at a time."""
+    engine = FakeEngine(gate=asyncio.Event(), reply_text="one two three four")
+    service = ChatService(db, engine, settings)
+    channels = range(100, 108)
+    replies = asyncio.gather(*(converse(service, message("hi", channel=c)) for c in channels))
+    async with asyncio.timeout(20):
+        while engine.active < len(channels):
+            await asyncio.sleep(0.01)
+    engine.gate.set()
+    assert await replies == [engine.reply_text] * len(channels)
+    for c in channels:
+        assert [m.role for m in await service.recent_messages(c, 10)] == ["user", "assistant"]
+    assert service._queues._locks == {}  # idle channels keep no lock
+
+
+async def test_consumer_failure_leaves_the_partial_reply_interrupted(service: ChatService):
+    class Gone(Exception):
+        pass
+
+    with pytest.raises(Gone):
+        async with service.reply(message("tell me"), bot=BOT) as reply:
+            async for piece in reply:
+                reply.message_ids.append(5)
+                if piece.strip() == "there,":
+                    raise Gone
+    bot = (await service.recent_messages(10, 10))[-1]
+    assert (bot.status, bot.content, bot.finish_reason) == ("interrupted", "Hi there,", "cancelled")
+    assert bot.discord_message_ids == [5, 5]
+
+
+async def test_a_crash_mid_reply_is_marked_interrupted_at_the_next_start(
+    db_url, settings, monkeypatch
+):
+    monkeypatch.setattr("bot.conversation.PARTIAL_FLUSH_S", 0.0)  # store after every piece
+    db = await Database.open(db_url)
+    service = ChatService(db, FakeEngine(), settings)
+    reply = service.reply(message("hello"), bot=BOT)
+    await reply.__aenter__()
+    pieces = aiter(reply)
+    assert [await anext(pieces), await anext(pieces)] == ["Hi", " there,"]
+    await db.close()  # the process dies: __aexit__ never runs
+
+    db2 = await Database.open(db_url)
+    async with db2.session() as s:
+        rows = (await s.scalars(select(Message).order_by(Message.id))).all()
+    await db2.close()
+    assert [(r.role, r.status) for r in rows] == [
+        ("user", "complete"),
+        ("assistant", "interrupted"),
+    ]
+    assert rows[1].content == "Hi"  # stored by the flush after the first piece
+
+
+async def test_engine_errors_become_friendly_reply_errors(db: Database, settings):
+    busy = ChatService(db, FakeEngine(max_queue=0), settings)
+    with pytest.raises(BusyError) as info:
+        await converse(busy, message("hi"))
+    assert "try again" in info.value.user_message
+
+    failing = ChatService(db, FakeEngine(fail_after=2), settings)
+    with pytest.raises(GenerationFailedError) as info:
+        await converse(failing, message("hi", channel=11))
+    assert info.value.user_message.startswith("Sorry")
+    bot = (await failing.recent_messages(11, 10))[-1]
+    assert (bot.status, bot.content, bot.finish_reason) == ("interrupted", "Hi there,", "error")
+
+    tiny = ChatService(db, FakeEngine(max_context=300), settings)
+    with pytest.raises(MessageTooLongError):
+        await converse(tiny, message("x" * 200, channel=12))
+
+
+async def test_ask_uses_no_history_and_stores_nothing(service: ChatService, engine: FakeEngine):
+    await service.set_persona(10, "You are a pirate.", actor_id=1)
+    await converse(service, message("remember this"))
+    async with service.ask("write a haiku", channel_id=10, author=BOB) as reply:
+        text = "".join([piece async for piece in reply])
+    assert text == engine.reply_text and reply.result.finish_reason == "stop"
+    assert (
+        engine.prompt_text(1)
+        == "<|im_start|>user\nwrite a haiku<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert len(await service.recent_messages(10, 10)) == 2
+
+
+async def test_autoreply_and_audit(service: ChatService):
+    assert not await service.is_autoreply(10)
+    await service.set_autoreply(10, True, actor_id=4)
+    assert await service.is_autoreply(10)
+    await service.set_autoreply(10, False, actor_id=4)
+    await service.audit(4, "model.use", "tiny@2")
+    async with service.db.session() as s:
+        entries = [(a.actor_id, a.action, a.detail) for a in reversed(await repo.audit_entries(s))]
+    assert entries == [
+        (4, "autoreply.on", "channel 10"),
+        (4, "autoreply.off", "channel 10"),
+        (4, "model.use", "tiny@2"),
+    ]
+    assert not await service.is_autoreply(10)
+
+
+async def test_the_reply_budget_never_takes_over_half_the_context(db: Database, settings):
+    engine = FakeEngine(max_context=300)
+    service = ChatService(db, engine, settings)
+    assert (await service.get_settings(10)).max_tokens == 256  # the channel's own value
+    await converse(service, message("hi"))
+    assert engine.submitted[0][1].max_new_tokens == 150
+    await service.update_settings(10, 1, max_tokens=20, top_p=0)
+    await converse(service, message("again"))
+    params = engine.submitted[1][1]
+    assert params.max_new_tokens == 20
+    assert (params.top_p, params.top_k) == (1.0, 1)  # top_p 0: only the likeliest token
+
+
+async def test_a_model_without_chat_template_gets_a_plain_transcript(db: Database, settings):
+    engine = FakeEngine(chat_template=None)
+    service = ChatService(db, engine, settings)
+    await service.set_persona(10, "Be kind.", actor_id=1)
+    await converse(service, message("hi"))
+    await converse(service, message("more", author=BOB))
+    assert engine.prompt_text(1) == (
+        f"System: Be kind.\nUser: alice: hi\nAssistant: {engine.reply_text}\nUser: bob: more\n"
+        "Assistant:"
+    )
+    assert engine.submitted[1][1].stop == ("\nUser:", "\nSystem:")
+    await service.clear_persona(10, actor_id=1)
+    async with service.ask("a poem", channel_id=10, author=BOB) as reply:
+        assert "".join([p async for p in reply]) == engine.reply_text
+    assert engine.prompt_text(2) == "User: a poem\nAssistant:"

@@ -1,0 +1,88 @@
+"""Prompt building inside the token budget: newest turns kept, persona first, speakers named."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.conversation import MessageTooLongError, Turn, build_prompt, chat_messages
+from tests.bot_core.fakes import FakeModel
+
+MODEL = FakeModel(max_context=4096, generation={}, name="m", version=1)
+
+
+def encode(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def render(messages: list[dict]) -> str:
+    return MODEL.render_chat(messages, add_generation_prompt=True)
+
+
+def alice(text: str) -> Turn:
+    return Turn("user", text, 1, "alice")
+
+
+def bot(text: str) -> Turn:
+    return Turn("assistant", text, 99, "bot")
+
+
+CONVERSATION = [alice(f"question {i}") if i % 2 == 0 else bot(f"answer {i}") for i in range(20)]
+
+
+def size(system: str | None, turns: list[Turn]) -> int:
+    return len(encode(render(chat_messages(system, turns, named=False))))
+
+
+def test_everything_fits_when_the_budget_is_large():
+    prompt = build_prompt(
+        CONVERSATION, system="Be brief.", render=render, encode=encode, budget=10_000
+    )
+    assert prompt.turns_kept == 20 and prompt.turns_dropped == 0
+    assert prompt.text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert prompt.text.endswith("<|im_start|>assistant\n")
+    assert prompt.ids == encode(prompt.text)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 5, 11])
+def test_newest_turns_kept_oldest_dropped_at_the_exact_budget(keep):
+    turns = CONVERSATION[:-1]  # ends with a user turn, as when a message arrives
+    budget = size("Be brief.", turns[-keep:])
+    prompt = build_prompt(turns, system="Be brief.", render=render, encode=encode, budget=budget)
+    assert len(prompt.ids) <= budget
+    kept = prompt.turns_kept
+    assert (
+        kept >= keep
+    )  # a leading assistant turn costs nothing (it is dropped), so kept may be keep+1
+    assert kept < len(turns) and size("Be brief.", turns[-(kept + 1) :]) > budget
+    assert turns[-1].content in prompt.text
+    for dropped in turns[: len(turns) - kept]:
+        assert f"\n{dropped.content}<|im_end|>" not in prompt.text
+    assert prompt.text.startswith("<|im_start|>system\nBe brief.")
+
+
+def test_without_persona_there_is_no_system_turn():
+    prompt = build_prompt([alice("hi")], system=None, render=render, encode=encode, budget=1000)
+    assert prompt.text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert not prompt.named
+
+
+def test_speakers_named_in_multi_user_channels_and_bot_is_assistant():
+    turns = [alice("hello"), bot("hi alice"), Turn("user", "and me?", 2, "Bob: the\nbuilder")]
+    prompt = build_prompt(turns, system=None, render=render, encode=encode, budget=1000)
+    assert prompt.named
+    assert "<|im_start|>user\nalice: hello<|im_end|>" in prompt.text
+    assert "<|im_start|>assistant\nhi alice<|im_end|>" in prompt.text
+    assert "<|im_start|>user\nBob the builder: and me?<|im_end|>" in prompt.text
+
+
+def test_consecutive_turns_of_one_role_are_merged_and_a_leading_reply_dropped():
+    turns = [bot("orphan reply"), alice("one"), Turn("user", "two", 2, "bob"), bot("ok")]
+    messages = chat_messages("sys", turns, named=True)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[1]["content"] == "alice: one\nbob: two"
+
+
+def test_a_message_too_long_for_the_budget_is_refused_with_a_friendly_line():
+    with pytest.raises(MessageTooLongError) as info:
+        build_prompt([alice("x" * 500)], system="sys", render=render, encode=encode, budget=100)
+    assert "too long" in info.value.user_message and "\n" not in info.value.user_message

@@ -1,0 +1,135 @@
+"""The conversation logic and the console on the real engine with the tiny exported model."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from bot.conversation import ChatService, IncomingMessage, Speaker
+from bot.engine import Engine
+from bot.storage.db import Database
+from bot.storage.models import Message
+
+ROOT = Path(__file__).resolve().parents[2]
+BOT = Speaker(900, "Bot", is_bot=True)
+
+
+@pytest.fixture
+async def engine(tiny_registry):
+    eng = await Engine.start(None, registry=tiny_registry.root, device="cpu", slots=4, max_queue=16)
+    yield eng
+    await eng.close()
+
+
+@pytest.fixture
+def service(db: Database, engine: Engine, settings) -> ChatService:
+    return ChatService(db, engine, settings)
+
+
+async def converse(service: ChatService, channel: int, text: str, author: Speaker, log: list):
+    msg = IncomingMessage(channel, 5, author, text)
+    async with service.reply(msg, bot=BOT) as reply:
+        pieces = []
+        async for piece in reply:
+            log.append((time.monotonic(), channel))
+            pieces.append(piece)
+    return reply, "".join(pieces)
+
+
+async def test_a_reply_on_the_real_engine_is_stored_with_its_figures(service: ChatService, engine):
+    await service.update_settings(10, 1, max_tokens=24, seed=7)
+    alice = Speaker(1, "alice")
+    reply, text = await converse(service, 10, "Hello there! How are you doing today?", alice, [])
+    result = reply.result
+    assert result is not None and result.finish_reason in ("stop", "length")
+    assert text == result.text and result.completion_tokens <= 24
+    expected = engine.model.render_chat(
+        [{"role": "user", "content": "Hello there! How are you doing today?"}]
+    )
+    assert reply.prompt.ids == engine.model.encode(expected)
+    user, bot = await service.recent_messages(10, 10)
+    assert user.token_count == len(engine.model.encode(user.content))
+    assert (bot.status, bot.content, bot.model_version) == ("complete", result.text, "tiny@1")
+    assert bot.token_count == result.completion_tokens and bot.prompt_tokens == len(
+        reply.prompt.ids
+    )
+    assert (
+        bot.ttft_ms == pytest.approx(result.ttft_ms) and bot.finish_reason == result.finish_reason
+    )
+
+
+async def test_channels_run_together_and_each_channel_in_order(service: ChatService):
+    channels = [20, 21, 22]
+    for c in channels:
+        await service.update_settings(c, 1, max_tokens=32, seed=c, temperature=1.0)
+    log: list[tuple[float, int]] = []
+    speakers = [Speaker(1, "alice"), Speaker(2, "bob")]
+    jobs = [
+        converse(service, c, f"message {i} in {c}", speakers[i], log)
+        for i in range(2)
+        for c in channels
+    ]
+    await asyncio.gather(*jobs)
+    for c in channels:
+        rows: list[Message] = await service.recent_messages(c, 10)
+        assert [r.role for r in rows] == ["user", "assistant"] * 2
+        assert [r.content for r in rows if r.role == "user"] == [
+            f"message {i} in {c}" for i in range(2)
+        ]
+        assert all(r.status == "complete" for r in rows)
+    # continuous batching: pieces of different channels interleave in time
+    order = [c for _, c in sorted(log)]
+    switches = sum(1 for a, b in itertools.pairwise(order) if a != b)
+    assert switches > len(channels)
+
+
+def test_console_chat_piped_through_stdin(tiny_registry, tmp_path: Path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DATA_DIR": str(tmp_path),
+        "MODEL_REGISTRY": str(tiny_registry.root),
+        "DEVICE": "cpu",
+        "BOT_CONFIG": "",
+    }
+    env.pop("MODEL", None)
+    env.pop("DATABASE_URL", None)
+    lines_in = ["/settings set max_tokens 16", "/settings set seed 3", "hello", "/settings show"]
+    script = "\n".join([*lines_in, "hi again", "/quit", ""])
+    done = subprocess.run(
+        [sys.executable, "-m", "bot", "chat"],
+        cwd=tmp_path,
+        env=env,
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["max_tokens = 16", "seed = 3"]
+    assert "max_tokens = 16 (set here)" in lines
+    assert (tmp_path / "bot.db").is_file()
+
+    async def stored() -> list[tuple[str, str, str]]:
+        db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+        async with db.session() as s:
+            rows = (await s.scalars(select(Message).order_by(Message.id))).all()
+        await db.close()
+        return [(r.role, r.content, r.status) for r in rows]
+
+    rows = asyncio.run(stored())
+    assert [(role, status) for role, _, status in rows] == [
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ] * 2
+    assert rows[0][1] == "hello" and rows[2][1] == "hi again"
+    assert rows[1][1] in done.stdout and rows[3][1] in done.stdout

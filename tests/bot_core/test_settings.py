@@ -1,0 +1,101 @@
+"""Channel settings: the ranges Discord also enforces, edges, friendly one-line errors, defaults."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bot.storage.settings import (
+    LIMITS,
+    SettingsError,
+    effective_settings,
+    model_defaults,
+    validate_changes,
+    validate_setting,
+)
+
+RANGES = {
+    "temperature": (0, 2),
+    "top_p": (0, 1),
+    "top_k": (0, 1000),
+    "max_tokens": (1, 1024),
+    "repetition_penalty": (1, 2),
+    "no_repeat_ngram": (0, 10),
+}
+
+
+@pytest.mark.parametrize(("key", "bounds"), RANGES.items())
+def test_bounds_are_inclusive_and_just_outside_is_refused(key, bounds):
+    low, high = bounds
+    assert validate_setting(key, low) == low
+    assert validate_setting(key, high) == high
+    step = 1 if LIMITS[key].kind is int else 0.001
+    for bad in (low - step, high + step):
+        with pytest.raises(SettingsError) as info:
+            validate_setting(key, bad)
+        message = str(info.value)
+        assert message.startswith(f"{key} must be between {low:g} and {high:g}")
+        assert "\n" not in message
+
+
+def test_strings_from_a_console_are_converted():
+    assert validate_setting("temperature", " 0.25 ") == 0.25
+    assert validate_setting("TOP_K", "40") == 40
+    assert validate_setting("max_tokens", "1e3") == 1000
+    assert validate_setting("seed", "none") is None
+    assert validate_setting("seed", "123") == 123
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("top_k", 2.5, "must be a whole number"),
+        ("max_tokens", "12.5", "must be a whole number"),
+        ("temperature", "warm", "must be a number"),
+        ("temperature", True, "must be a number"),
+        ("temperature", math.nan, "must be between"),
+        ("top_p", "inf", "must be between"),
+        ("max_tokens", 0, "must be between 1 and 1024"),
+        ("colour", 1, "unknown setting 'colour'"),
+    ],
+)
+def test_bad_values_give_one_clear_line(key, value, fragment):
+    with pytest.raises(SettingsError) as info:
+        validate_setting(key, value)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_validate_changes_checks_every_value_and_refuses_an_empty_change():
+    assert validate_changes({"temperature": 1, "top_k": "3"}) == {"temperature": 1.0, "top_k": 3}
+    with pytest.raises(SettingsError, match="top_p must be between"):
+        validate_changes({"temperature": 1, "top_p": 2})
+    with pytest.raises(SettingsError, match="nothing to change"):
+        validate_changes({})
+
+
+def test_model_defaults_come_from_the_manifest_and_are_clamped():
+    values = model_defaults(
+        {
+            "temperature": 0.3,
+            "top_p": 0.95,
+            "max_new_tokens": 4096,
+            "repetition_penalty": 0.9,
+            "top_k": "bad",
+            "no_repeat_ngram_size": 3,
+        }
+    )
+    assert values["temperature"] == 0.3 and values["top_p"] == 0.95
+    assert values["max_tokens"] == 1024  # clamped to the channel range
+    assert values["repetition_penalty"] == 1.0
+    assert values["top_k"] == LIMITS["top_k"].default  # unusable value ignored
+    assert values["no_repeat_ngram"] == 3
+    assert model_defaults(None)["temperature"] == LIMITS["temperature"].default
+
+
+def test_effective_settings_layer_overrides_on_defaults():
+    s = effective_settings({"temperature": 0.3}, {"temperature": None, "top_k": 7, "bogus": 1})
+    assert s.temperature == 0.3 and s.top_k == 7
+    assert s.overridden == frozenset({"top_k"})
+    lines = s.describe()
+    assert "top_k = 7 (set here)" in lines and "temperature = 0.3" in lines

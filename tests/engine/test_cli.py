@@ -1,0 +1,58 @@
+"""`python -m bot generate` and `python -m bot bench` end to end (in-process, tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+from bot.__main__ import main
+from tests.engine.conftest import torch_greedy
+
+
+def test_generate_prompt_ids_json_equals_pytorch(engine_registry, torch_models, capsys):
+    argv = ["generate", "--registry", str(engine_registry.root), "--model", "gpt2"]
+    argv += ["--prompt-ids", "1,20,30,40", "--greedy", "--max-new-tokens", "7", "--ignore-eos"]
+    assert main([*argv, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["index"] == 0 and record["finish_reason"] == "length"
+    assert record["token_ids"] == torch_greedy(torch_models["gpt2"], [1, 20, 30, 40], 7)
+    assert {"ttft_ms", "queue_ms", "tokens_per_s", "text"} <= set(record)
+
+
+def test_generate_jsonl_batch_and_chat(engine_registry, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt_ids": [1, 2, 3]}\n{"prompt": "hello there"}\n\n{"prompt_ids": [1]}\n'
+    )
+    base = ["generate", "--registry", str(engine_registry.root), "--max-new-tokens", "4"]
+    assert main([*base, "--prompt-ids-file", str(prompts), "--greedy", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert all(r["model"] == "llama@1" and 1 <= r["completion_tokens"] <= 4 for r in records)
+    assert main([*base, "--chat", "hi", "--seed", "1", "--temperature", "0.7"]) == 0
+    assert "[" in capsys.readouterr().err
+
+
+def test_generate_bad_input_is_one_line(engine_registry, tmp_path, capsys):
+    base = ["generate", "--registry", str(engine_registry.root)]
+    assert main([*base, "--prompt-ids", "1,x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --prompt-ids")
+    assert main([*base, "--model", "missing", "--prompt", "x"]) == 2
+    assert "no model named" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    assert main([*base, "--prompt-ids-file", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert main([*base, "--prompt-ids", "1", "--max-new-tokens", "500"]) == 2
+    assert "context" in capsys.readouterr().err
+
+
+def test_bench_json_last_line(engine_registry, capsys):
+    argv = ["bench", "--registry", str(engine_registry.root), "--model", "llama", "--json"]
+    argv += ["--prompt-tokens", "16", "--new-tokens", "8", "--concurrency", "2", "--repeats", "2"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = {"provider", "precision", "ttft_ms", "decode_tok_s", "aggregate_tok_s", "concurrency"}
+    assert keys | {"prompt_tokens", "new_tokens", "peak_rss_mb"} <= set(report)
+    assert (report["concurrency"], report["prompt_tokens"], report["new_tokens"]) == (2, 16, 8)
+    assert report["provider"] == "cpu" and report["precision"] == "fp32"
+    assert report["decode_tok_s"] > 0 and report["aggregate_tok_s"] > 0

@@ -1,0 +1,1 @@
+"""Tests of the PyTorch model code and Hugging Face checkpoint folders."""
