@@ -1,0 +1,32 @@
+"""Unit tests of the server-side permission checks (bot/cogs/checks.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import discord
+
+from bot.cogs.checks import can_manage, is_admin
+
+
+@dataclass
+class _User:
+    id: int
+    guild_permissions: discord.Permissions = field(default_factory=discord.Permissions.none)
+
+
+def test_plain_member_is_not_admin() -> None:
+    assert not is_admin(_User(1), [])  # type: ignore[arg-type]
+    assert not can_manage(_User(1), [])  # type: ignore[arg-type]
+
+
+def test_admin_permission_or_listed_id() -> None:
+    assert is_admin(_User(1, discord.Permissions(administrator=True)), [])  # type: ignore[arg-type]
+    assert is_admin(_User(7), [7])  # type: ignore[arg-type]
+    assert not is_admin(_User(8), [7])  # type: ignore[arg-type]
+
+
+def test_manage_messages_can_manage_but_is_not_admin() -> None:
+    mod = _User(2, discord.Permissions(manage_messages=True))
+    assert can_manage(mod, [])  # type: ignore[arg-type]
+    assert not is_admin(mod, [])  # type: ignore[arg-type]
