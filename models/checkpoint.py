@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from models.errors import ModelError
 from models.model import ModelConfig, hf_tensor_shapes
+from models.tokenizer import read_json
 
 if TYPE_CHECKING:
     from models.tokenizer import TokenizerBundle
@@ -59,18 +60,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     tensors, files = read_weights(path, config)
     tokenizer = read_tokenizer(path, config)
     generation_file = path / GENERATION_NAME
-    generation = _read_json(generation_file) if generation_file.is_file() else {}
+    generation = read_json(generation_file) if generation_file.is_file() else {}
     return Checkpoint(config, tensors, tokenizer, generation, source=path, source_files=files)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return data
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -79,7 +70,7 @@ def read_config(folder: Path) -> ModelConfig:
     if not config_file.is_file():
         raise ModelError(f"{folder}: not a checkpoint folder (no {CONFIG_NAME})")
     try:
-        return ModelConfig.from_hf(_read_json(config_file))
+        return ModelConfig.from_hf(read_json(config_file))
     except ModelError as exc:
         if str(exc).startswith(str(config_file)):
             raise
@@ -95,7 +86,7 @@ def weight_files(folder: Path) -> tuple[list[Path], Path]:
         legacy = any(folder.glob("pytorch_model*.bin"))
         hint = " (pytorch_model.bin is not supported: re-save with safetensors)" if legacy else ""
         raise ModelError(f"{folder}: no model weights ({WEIGHTS_NAME} or {INDEX_NAME}){hint}")
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelError(f"{index}: no valid weight_map")
     files = []

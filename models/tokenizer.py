@@ -19,7 +19,8 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _KEPT_CONFIG_KEYS = ("padding_side",)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a ModelError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -85,9 +86,9 @@ class TokenizerBundle:
         except Exception as exc:
             raise ModelError(f"{tokenizer_file}: not a valid tokenizers file ({exc})") from None
         config_file = folder / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = read_json(config_file) if config_file.is_file() else {}
         map_file = folder / "special_tokens_map.json"
-        special_map = _read_json(map_file) if map_file.is_file() else {}
+        special_map = read_json(map_file) if map_file.is_file() else {}
 
         cls._add_missing_tokens(tokenizer, config.get("added_tokens_decoder") or {}, config_file)
         specials = {
