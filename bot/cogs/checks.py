@@ -15,18 +15,32 @@ class NotAllowed(app_commands.CheckFailure):
     """Raised when a member lacks the rights for a command; str() is the user-facing line."""
 
 
-def is_admin(user: discord.abc.User, admin_ids: Iterable[int]) -> bool:
-    """True for ADMIN_USER_IDS and for guild members with the Administrator permission."""
-    if user.id in set(admin_ids):
-        return True
+def _has(user: discord.abc.User, resolved: discord.Permissions | None, name: str) -> bool:
+    """A permission from the member's roles, or from the interaction's resolved permissions."""
     perms = getattr(user, "guild_permissions", None)
-    return bool(perms is not None and perms.administrator)
+    return bool(
+        (perms is not None and getattr(perms, name))
+        or (resolved is not None and getattr(resolved, name))
+    )
 
 
-def can_manage(user: discord.abc.User, admin_ids: Iterable[int]) -> bool:
+def is_admin(
+    user: discord.abc.User,
+    admin_ids: Iterable[int],
+    resolved: discord.Permissions | None = None,
+) -> bool:
+    """True for ADMIN_USER_IDS and for guild members with the Administrator permission
+    (`resolved`: the permissions Discord sent with the interaction, if any)."""
+    return user.id in set(admin_ids) or _has(user, resolved, "administrator")
+
+
+def can_manage(
+    user: discord.abc.User,
+    admin_ids: Iterable[int],
+    resolved: discord.Permissions | None = None,
+) -> bool:
     """True for admins and for members with Manage Messages."""
-    perms = getattr(user, "guild_permissions", None)
-    return is_admin(user, admin_ids) or bool(perms is not None and perms.manage_messages)
+    return is_admin(user, admin_ids, resolved) or _has(user, resolved, "manage_messages")
 
 
 def _admin_ids(interaction: discord.Interaction) -> list[int]:
@@ -34,11 +48,16 @@ def _admin_ids(interaction: discord.Interaction) -> list[int]:
     return list(getattr(settings, "admin_user_ids", []) or [])
 
 
+def _resolved(interaction: discord.Interaction) -> discord.Permissions | None:
+    """The member's permissions in the channel as Discord resolved them (None outside guilds)."""
+    return interaction.permissions if interaction.guild_id is not None else None
+
+
 def admin_only() -> Callable[[T], T]:
     """Command decorator: Administrator by default on Discord, checked again on our side."""
 
     def predicate(interaction: discord.Interaction) -> bool:
-        if not is_admin(interaction.user, _admin_ids(interaction)):
+        if not is_admin(interaction.user, _admin_ids(interaction), _resolved(interaction)):
             raise NotAllowed("This command is for server administrators only.")
         return True
 
@@ -53,7 +72,7 @@ def managers_only() -> Callable[[T], T]:
     """Command decorator: Manage Messages or admin."""
 
     def predicate(interaction: discord.Interaction) -> bool:
-        if not can_manage(interaction.user, _admin_ids(interaction)):
+        if not can_manage(interaction.user, _admin_ids(interaction), _resolved(interaction)):
             raise NotAllowed("You need the Manage Messages permission for this command.")
         return True
 

@@ -1,0 +1,273 @@
+"""Admin slash commands: /model (info, list, use, rollback, export), /channel autoreply, /stats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.cogs.checks import admin_only
+from export.registry import Registry, RegistryError, VersionInfo
+
+if TYPE_CHECKING:
+    from bot.client import ChatBot
+
+log = logging.getLogger(__name__)
+
+NONE = discord.AllowedMentions.none()
+PROGRESS_LINES = 12  # lines of export output shown while it runs
+_SPLIT = re.compile(r"[\r\n]+")
+
+
+def resolve_checkpoint(given: str, allowed_dir: Path) -> Path:
+    """The checkpoint path, which must exist under `allowed_dir` (relative paths start there)."""
+    root = allowed_dir.expanduser().resolve()
+    path = Path(given).expanduser()
+    path = (path if path.is_absolute() else root / path).resolve()
+    if not path.is_relative_to(root):
+        raise RegistryError(f"checkpoints must be under {root}")
+    if not path.exists():
+        raise RegistryError(f"no checkpoint at {path}")
+    return path
+
+
+def last_json_line(lines: list[str]) -> dict[str, Any] | None:
+    """The last line of output that is a JSON object (the export CLI's --json result)."""
+    for line in reversed(lines):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(data, dict):
+                return data
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [f"{days}d"] if days else []
+    return " ".join([*parts, f"{hours}h", f"{minutes}m", f"{secs}s"])
+
+
+class Admin(commands.Cog):
+    """Model versions from the registry, auto-reply channels and bot statistics."""
+
+    model_group = app_commands.Group(name="model", description="The model version the bot runs")
+    channel_group = app_commands.Group(
+        name="channel",
+        description="Channel behaviour",
+        default_permissions=discord.Permissions(administrator=True),
+    )
+
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+        self.registry = Registry(bot.settings.model_registry)
+        self._export_lock = asyncio.Lock()
+
+    async def _activate(self, info: VersionInfo, actor_id: int, action: str) -> str:
+        """Swap the engine to a version (in-flight replies finish on the old one), then record it
+        as the registry's active version and in the audit log."""
+        before = self.bot.engine.model.ref
+        await self.bot.engine.swap(info.path)
+        await asyncio.to_thread(self.registry.use, info.ref)
+        await self.bot.chat.audit(actor_id, action, f"{before} -> {info.ref}")
+        return f"Now running **{info.ref}** (was {before})."
+
+    # -- /model --
+    @model_group.command(name="info", description="The model version the bot runs")
+    async def model_info(self, interaction: discord.Interaction) -> None:
+        engine = self.bot.engine
+        m = engine.model.manifest
+        session = engine.session_info
+        provider = session.provider + (f" ({session.threads} threads)" if session.threads else "")
+        if session.fallback_reason:
+            provider += f"; CUDA unavailable: {session.fallback_reason}"
+        speed = self.bot.recent_speed()
+        lines = [
+            f"model: {m.name}@{m.version}",
+            f"architecture: {m.architecture.family}",
+            f"precision: {m.precision} ({m.flavour} graph)",
+            f"context: {m.max_context} tokens",
+            f"created: {m.created_at:%Y-%m-%d %H:%M} UTC",
+            f"provider: {provider}",
+            f"recent speed: {speed:.1f} tokens/s" if speed else "recent speed: no replies yet",
+        ]
+        await interaction.response.send_message("```\n" + "\n".join(lines) + "\n```")
+
+    @model_group.command(name="list", description="Versions in the model registry")
+    @admin_only()
+    async def model_list(self, interaction: discord.Interaction) -> None:
+        versions = await asyncio.to_thread(self.registry.versions)
+        running = self.bot.engine.model.ref
+        if not versions:
+            text = f"The registry {self.registry.root} has no versions."
+        else:
+            rows = [
+                v.ref
+                + (" (active)" if v.active else "")
+                + (" (running)" if v.ref == running else "")
+                for v in versions
+            ]
+            text = "```\n" + "\n".join(rows[-40:]) + "\n```"
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @model_group.command(name="use", description="Switch to another model version")
+    @app_commands.describe(version="NAME or NAME@N from the registry")
+    @admin_only()
+    async def model_use(self, interaction: discord.Interaction, version: str) -> None:
+        info = await asyncio.to_thread(self.registry.resolve, version)
+        await interaction.response.defer(thinking=True)
+        text = await self._activate(info, interaction.user.id, "model.use")
+        await interaction.edit_original_response(content=text)
+
+    @model_use.autocomplete("version")
+    async def _version_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        try:
+            versions = await asyncio.to_thread(self.registry.versions)
+        except RegistryError:
+            return []
+        refs = [v.ref for v in reversed(versions) if current.lower() in v.ref.lower()]
+        return [app_commands.Choice(name=ref, value=ref) for ref in refs[:25]]
+
+    @model_group.command(name="rollback", description="Back to the previously active version")
+    @admin_only()
+    async def model_rollback(self, interaction: discord.Interaction) -> None:
+        current = self.bot.engine.model.manifest.name
+        await interaction.response.defer(thinking=True)
+        previous = await asyncio.to_thread(self.registry.active)
+        target = await asyncio.to_thread(self.registry.rollback, current)
+        try:
+            text = await self._activate(target, interaction.user.id, "model.rollback")
+        except BaseException:
+            if previous is not None:  # keep the registry pointing at what actually runs
+                await asyncio.to_thread(self.registry.use, previous.ref)
+            raise
+        await interaction.edit_original_response(content=text)
+
+    @model_group.command(name="export", description="Export a checkpoint as a new model version")
+    @app_commands.describe(
+        checkpoint="Hugging Face folder or .gguf file under the allowed checkpoint folder",
+        name="model name in the registry",
+        precision="weight precision of the exported graph",
+        activate="switch to the new version when it is ready",
+    )
+    @admin_only()
+    async def model_export(
+        self,
+        interaction: discord.Interaction,
+        checkpoint: str,
+        name: app_commands.Range[str, 1, 64],
+        precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32",
+        activate: bool = False,
+    ) -> None:
+        settings = self.bot.settings
+        path = resolve_checkpoint(checkpoint, settings.export_allowed_dir)
+        if self._export_lock.locked():
+            await interaction.response.send_message(
+                "An export is already running; try again when it is done.", ephemeral=True
+            )
+            return
+        await interaction.response.defer(thinking=True)
+        async with self._export_lock:
+            await self.bot.chat.audit(
+                interaction.user.id, "model.export", f"{path} as {name} ({precision})"
+            )
+            rc, lines = await self._run_export(interaction, path, name, precision)
+        result = last_json_line(lines)
+        if rc != 0 or result is None:
+            tail = "\n".join(lines[-PROGRESS_LINES:])[-1800:]
+            await interaction.edit_original_response(
+                content=f"Export failed (exit {rc}):\n```\n{tail}\n```", allowed_mentions=NONE
+            )
+            return
+        ref = f"{result.get('name', name)}@{result.get('version')}"
+        text = f"Exported **{ref}** ({precision})."
+        if activate:
+            info = await asyncio.to_thread(self.registry.resolve, ref)
+            text += " " + await self._activate(info, interaction.user.id, "model.use")
+        await interaction.edit_original_response(content=text)
+
+    async def _run_export(
+        self, interaction: discord.Interaction, path: Path, name: str, precision: str
+    ) -> tuple[int, list[str]]:
+        """Run `python -m export` and show its latest output lines while it works."""
+        cmd = [sys.executable, "-m", "export", str(path), "--name", name]
+        cmd += ["--precision", precision, "--registry", str(self.bot.settings.model_registry)]
+        cmd.append("--json")
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        assert proc.stdout is not None
+        lines: list[str] = []
+        pending, last_edit = "", 0.0
+        while chunk := await proc.stdout.read(4096):
+            parts = _SPLIT.split(pending + chunk.decode("utf-8", "replace"))
+            pending = parts.pop()
+            lines += [p for p in parts if p.strip()]
+            if lines and time.monotonic() - last_edit >= max(self.bot.settings.edit_interval_s, 1):
+                progress = [line for line in lines if not line.lstrip().startswith("{")]
+                shown = "\n".join(progress[-PROGRESS_LINES:])[-1800:]
+                try:
+                    await interaction.edit_original_response(
+                        content=f"Exporting {name}…\n```\n{shown}\n```", allowed_mentions=NONE
+                    )
+                except discord.HTTPException as exc:
+                    log.warning("cannot show export progress: %s", exc)
+                last_edit = time.monotonic()
+        if pending.strip():
+            lines.append(pending)
+        return await proc.wait(), lines
+
+    # -- /channel autoreply --
+    @channel_group.command(name="autoreply", description="Answer every message in this channel")
+    @app_commands.describe(enabled="on: answer every message; off: only mentions and replies")
+    @admin_only()
+    async def channel_autoreply(self, interaction: discord.Interaction, enabled: bool) -> None:
+        if interaction.channel_id is None:
+            raise app_commands.AppCommandError("This command only works in a channel.")
+        await self.bot.chat.set_autoreply(interaction.channel_id, enabled, interaction.user.id)
+        state = "on: I answer every message here" if enabled else "off: mention me to talk"
+        await interaction.response.send_message(f"Auto-reply is {state}.", ephemeral=True)
+
+    # -- /stats --
+    @app_commands.command(name="stats", description="Queue, streams, speed, uptime and model")
+    @admin_only()
+    async def stats(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
+        lines = [
+            f"model: {bot.engine.model.ref} on {bot.engine.session_info.provider}",
+            f"uptime: {format_duration(time.monotonic() - bot.started_at)}",
+            f"replies in progress: {bot.active_replies}",
+        ]
+        engine_stats = getattr(bot.engine, "stats", None)
+        if callable(engine_stats):
+            data = engine_stats()
+            items = data.items() if isinstance(data, dict) else vars(data).items()
+            lines += [f"engine {key}: {value}" for key, value in items]
+        speed = bot.recent_speed()
+        lines.append(f"recent speed: {speed:.1f} tokens/s" if speed else "recent speed: n/a")
+        lines.append(f"servers: {len(bot.guilds)}")
+        await interaction.response.send_message(
+            "```\n" + "\n".join(lines) + "\n```", ephemeral=True
+        )
+
+
+async def setup(bot: ChatBot) -> None:
+    await bot.add_cog(Admin(bot))

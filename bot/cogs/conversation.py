@@ -1,0 +1,169 @@
+"""Slash commands about a channel's conversation: /settings, /persona, /forget and /ask."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.cogs.checks import managers_only
+from bot.conversation import ReplyError, Speaker
+from bot.replies import MAX_LEN, split_message
+
+if TYPE_CHECKING:
+    from bot.client import ChatBot
+
+NONE = discord.AllowedMentions.none()
+
+
+def _bot(interaction: discord.Interaction) -> ChatBot:
+    return interaction.client  # type: ignore[return-value]
+
+
+def _channel(interaction: discord.Interaction) -> int:
+    if interaction.channel_id is None:
+        raise app_commands.AppCommandError("This command only works in a channel.")
+    return interaction.channel_id
+
+
+def code_block(lines: list[str]) -> str:
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+class Conversation(commands.Cog):
+    """Per-channel settings and persona, memory reset, and one-off questions."""
+
+    settings_group = app_commands.Group(
+        name="settings", description="This channel's generation settings"
+    )
+    persona_group = app_commands.Group(name="persona", description="This channel's persona")
+
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+
+    # -- /settings --
+    @settings_group.command(name="show", description="Show this channel's generation settings")
+    async def settings_show(self, interaction: discord.Interaction) -> None:
+        current = await self.bot.chat.get_settings(_channel(interaction))
+        await interaction.response.send_message(code_block(current.describe()), ephemeral=True)
+
+    @settings_group.command(name="set", description="Change generation settings for this channel")
+    @app_commands.describe(
+        temperature="randomness, 0 = greedy (0-2)",
+        top_p="nucleus sampling mass (0-1)",
+        top_k="sample among the k likeliest tokens, 0 = all (0-1000)",
+        max_tokens="longest reply in tokens (1-1024)",
+        repetition_penalty="penalty on repeated tokens, 1 = none (1-2)",
+        no_repeat_ngram="forbid repeating n-grams of this size, 0 = off (0-10)",
+    )
+    async def settings_set(
+        self,
+        interaction: discord.Interaction,
+        temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
+        top_p: app_commands.Range[float, 0.0, 1.0] | None = None,
+        top_k: app_commands.Range[int, 0, 1000] | None = None,
+        max_tokens: app_commands.Range[int, 1, 1024] | None = None,
+        repetition_penalty: app_commands.Range[float, 1.0, 2.0] | None = None,
+        no_repeat_ngram: app_commands.Range[int, 0, 10] | None = None,
+    ) -> None:
+        given = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "max_tokens": max_tokens,
+            "repetition_penalty": repetition_penalty,
+            "no_repeat_ngram": no_repeat_ngram,
+        }
+        changes = {key: value for key, value in given.items() if value is not None}
+        if not changes:
+            await interaction.response.send_message(
+                "Give at least one setting to change.", ephemeral=True
+            )
+            return
+        updated = await self.bot.chat.update_settings(
+            _channel(interaction), interaction.user.id, **changes
+        )
+        await interaction.response.send_message(
+            "Settings updated:\n" + code_block(updated.describe()), ephemeral=True
+        )
+
+    @settings_group.command(name="reset", description="Back to the model's default settings")
+    async def settings_reset(self, interaction: discord.Interaction) -> None:
+        updated = await self.bot.chat.reset_settings(_channel(interaction), interaction.user.id)
+        await interaction.response.send_message(
+            "Settings reset:\n" + code_block(updated.describe()), ephemeral=True
+        )
+
+    # -- /persona --
+    @persona_group.command(name="set", description="Set this channel's system prompt")
+    @app_commands.describe(text="who the bot is in this channel")
+    @managers_only()
+    async def persona_set(self, interaction: discord.Interaction, text: str) -> None:
+        await self.bot.chat.set_persona(_channel(interaction), text, interaction.user.id)
+        await interaction.response.send_message("Persona set.", ephemeral=True)
+
+    @persona_group.command(name="show", description="Show this channel's system prompt")
+    async def persona_show(self, interaction: discord.Interaction) -> None:
+        persona = await self.bot.chat.get_persona(_channel(interaction))
+        text = persona or "No persona: the model's default system prompt applies."
+        await interaction.response.send_message(
+            split_message(text)[0], ephemeral=True, allowed_mentions=NONE
+        )
+
+    @persona_group.command(name="clear", description="Remove this channel's system prompt")
+    @managers_only()
+    async def persona_clear(self, interaction: discord.Interaction) -> None:
+        await self.bot.chat.clear_persona(_channel(interaction), interaction.user.id)
+        await interaction.response.send_message("Persona cleared.", ephemeral=True)
+
+    # -- /forget --
+    @app_commands.command(name="forget", description="Clear this channel's conversation memory")
+    @managers_only()
+    async def forget(self, interaction: discord.Interaction) -> None:
+        count = await self.bot.chat.forget(_channel(interaction), interaction.user.id)
+        await interaction.response.send_message(
+            f"Forgot {count} turn(s); the conversation starts over.", ephemeral=True
+        )
+
+    # -- /ask --
+    @app_commands.command(name="ask", description="A one-off answer, without the channel history")
+    @app_commands.describe(prompt="what to ask", ephemeral="only you see the answer")
+    async def ask(
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 4000],
+        ephemeral: bool = False,
+    ) -> None:
+        await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        bot = self.bot
+        author = Speaker(interaction.user.id, interaction.user.display_name)
+        text, shown, last = "", "", 0.0
+        with bot.in_flight():
+            try:
+                async with bot.chat.ask(
+                    prompt, channel_id=_channel(interaction), author=author
+                ) as reply:
+                    async for piece in reply:
+                        text += piece
+                        head = split_message(text)[0]
+                        due = time.monotonic() - last >= bot.settings.edit_interval_s
+                        if head.strip() and head != shown and due:
+                            await interaction.edit_original_response(
+                                content=head, allowed_mentions=NONE
+                            )
+                            shown, last = head, time.monotonic()
+                    if reply.result is not None:
+                        bot.record_speed(reply.result.tokens_per_s)
+            except ReplyError as exc:
+                text += ("\n\n" if text else "") + f"*{exc.user_message}*"
+        chunks = split_message(text) if text.strip() else ["(the model gave an empty answer)"]
+        await interaction.edit_original_response(content=chunks[0][:MAX_LEN], allowed_mentions=NONE)
+        for chunk in chunks[1:]:
+            await interaction.followup.send(chunk, ephemeral=ephemeral, allowed_mentions=NONE)
+
+
+async def setup(bot: ChatBot) -> None:
+    await bot.add_cog(Conversation(bot))

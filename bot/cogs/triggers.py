@@ -1,0 +1,101 @@
+"""Pure decisions of the chat cog: when to answer, mention stripping, sliding-window rate limits."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def answer_reason(
+    *,
+    from_bot: bool,
+    is_dm: bool,
+    mentioned: bool,
+    replying_to_bot: bool,
+    autoreply: bool,
+    reply_in_dms: bool,
+) -> str | None:
+    """Why the bot should answer a message ("mention", "reply", "dm", "autoreply"), else None.
+
+    Messages from bots (the bot itself included) are never answered, so bots cannot loop.
+    """
+    if from_bot:
+        return None
+    if mentioned:
+        return "mention"
+    if replying_to_bot:
+        return "reply"
+    if is_dm:
+        return "dm" if reply_in_dms else None
+    if autoreply:
+        return "autoreply"
+    return None
+
+
+def strip_mention(content: str, bot_id: int) -> str:
+    """The message text without the bot's mentions (`<@id>` and `<@!id>`), whitespace trimmed."""
+    return re.sub(rf"<@!?{bot_id}>", " ", content).strip()
+
+
+@dataclass
+class RateLimiter:
+    """At most `limit` events per key in any `window_s` seconds (a sliding window)."""
+
+    limit: int
+    window_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _events: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.window_s <= 0:
+            raise ValueError("a rate limit needs limit >= 1 and window_s > 0")
+
+    def _recent(self, key: int, now: float) -> deque[float]:
+        events = self._events.setdefault(key, deque())
+        while events and now - events[0] >= self.window_s:
+            events.popleft()
+        return events
+
+    def retry_after(self, key: int) -> float:
+        """Seconds until `key` may act again (0 when it may act now); records nothing."""
+        now = self.clock()
+        events = self._recent(key, now)
+        if len(events) < self.limit:
+            if not events:
+                del self._events[key]  # keep the table small: only keys with recent events
+            return 0.0
+        return self.window_s - (now - events[0])
+
+    def record(self, key: int) -> None:
+        """Count one event for `key` now."""
+        now = self.clock()
+        self._recent(key, now).append(now)
+
+
+@dataclass
+class ChatLimits:
+    """Per-user and per-channel limits checked together: a refused message counts for neither."""
+
+    user: RateLimiter
+    channel: RateLimiter
+
+    @classmethod
+    def per_minute(
+        cls, user_rate: int, channel_rate: int, clock: Callable[[], float] = time.monotonic
+    ) -> ChatLimits:
+        return cls(RateLimiter(user_rate, 60.0, clock), RateLimiter(channel_rate, 60.0, clock))
+
+    def check(self, user_id: int, channel_id: int) -> str | None:
+        """None and both counted when allowed, else a short friendly note saying when to retry."""
+        wait = self.user.retry_after(user_id)
+        if wait > 0:
+            return f"You're sending messages quickly; try again in {max(1, round(wait))} s."
+        wait = self.channel.retry_after(channel_id)
+        if wait > 0:
+            return f"This channel is busy; try again in {max(1, round(wait))} s."
+        self.user.record(user_id)
+        self.channel.record(channel_id)
+        return None

@@ -1,0 +1,300 @@
+"""Unit tests of the chat cog's decisions, rate limits, streaming and command error lines."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import discord
+import pytest
+from discord import app_commands
+
+from bot.client import user_error
+from bot.cogs.admin import last_json_line, resolve_checkpoint
+from bot.cogs.chat import APOLOGY, Chat
+from bot.cogs.checks import NotAllowed, can_manage, is_admin
+from bot.cogs.triggers import ChatLimits, RateLimiter, answer_reason, strip_mention
+from bot.conversation import BusyError, SettingsError
+from export.registry import RegistryError
+
+BASE = dict(from_bot=False, is_dm=False, mentioned=False, replying_to_bot=False, autoreply=False)
+
+
+# ---- when to answer ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, None),
+        ({"mentioned": True}, "mention"),
+        ({"replying_to_bot": True}, "reply"),
+        ({"is_dm": True}, "dm"),
+        ({"autoreply": True}, "autoreply"),
+        ({"from_bot": True, "mentioned": True}, None),
+        ({"from_bot": True, "is_dm": True, "autoreply": True}, None),
+    ],
+)
+def test_answer_reason(changes: dict[str, bool], expected: str | None) -> None:
+    assert answer_reason(**(BASE | changes), reply_in_dms=True) == expected
+
+
+def test_dms_can_be_switched_off_but_mentions_in_dms_still_answer() -> None:
+    assert answer_reason(**(BASE | {"is_dm": True}), reply_in_dms=False) is None
+    dm_mention = BASE | {"is_dm": True, "mentioned": True}
+    assert answer_reason(**dm_mention, reply_in_dms=False) == "mention"
+
+
+def test_strip_mention_removes_both_forms_only_for_the_bot() -> None:
+    assert strip_mention("<@42> hello there", 42) == "hello there"
+    assert strip_mention("hi <@!42>, how are you?", 42) == "hi  , how are you?"
+    assert strip_mention("<@43> hello", 42) == "<@43> hello"
+    assert strip_mention("  <@42>  ", 42) == ""
+
+
+# ---- rate limits ---------------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sliding_window_allows_limit_then_waits_for_the_oldest_event() -> None:
+    clock = Clock()
+    limiter = RateLimiter(2, 60.0, clock)
+    for _ in range(2):
+        assert limiter.retry_after(1) == 0
+        limiter.record(1)
+        clock.now += 10
+    assert limiter.retry_after(1) == pytest.approx(40.0)  # first event at t=0, now t=20
+    assert limiter.retry_after(2) == 0  # other keys are independent
+    clock.now += 40
+    assert limiter.retry_after(1) == 0  # the first event left the window
+    limiter.record(1)
+    assert limiter.retry_after(1) == pytest.approx(10.0)  # the second event (t=10) is oldest
+
+
+def test_rate_limiter_rejects_nonsense_limits() -> None:
+    with pytest.raises(ValueError, match="limit"):
+        RateLimiter(0)
+
+
+def test_chat_limits_user_then_channel_and_refusals_do_not_count() -> None:
+    clock = Clock()
+    limits = ChatLimits.per_minute(user_rate=2, channel_rate=3, clock=clock)
+    assert limits.check(user_id=1, channel_id=9) is None
+    assert limits.check(user_id=1, channel_id=9) is None
+    refused = limits.check(user_id=1, channel_id=9)
+    assert refused is not None and "60 s" in refused
+    assert limits.check(user_id=2, channel_id=9) is None  # refusal above was not counted
+    busy = limits.check(user_id=3, channel_id=9)
+    assert busy is not None and "channel" in busy
+    clock.now += 60
+    assert limits.check(user_id=1, channel_id=9) is None
+
+
+# ---- streaming a reply (fake Discord objects, fake ChatService) ----
+_ids = itertools.count(100)
+
+
+@dataclass
+class FakeMessage:
+    content: str
+    channel: FakeChannel
+    id: int = field(default_factory=lambda: next(_ids))
+    edits: list[str] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    author: Any = None
+    guild: Any = None
+
+    async def edit(self, *, content: str, **_: Any) -> None:
+        self.content = content
+        self.edits.append(content)
+
+    async def reply(self, content: str, **_: Any) -> None:
+        self.replies.append(content)
+
+
+@dataclass
+class FakeChannel:
+    id: int = 9
+    sent: list[FakeMessage] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    typing_entered: int = 0
+
+    async def send(self, content: str, **kwargs: Any) -> FakeMessage:
+        msg = FakeMessage(content, self)
+        self.sent.append(msg)
+        self.kwargs.append(kwargs)
+        return msg
+
+    @contextlib.asynccontextmanager
+    async def typing(self) -> AsyncIterator[None]:
+        self.typing_entered += 1
+        yield
+
+
+class FakeReply:
+    def __init__(self, pieces: list[str], error: Exception | None) -> None:
+        self.pieces, self.error = pieces, error
+        self.message_ids: list[int] = []
+        self.ids_at_exit: list[int] | None = None
+        self.result = SimpleNamespace(tokens_per_s=12.5)
+
+    async def __aenter__(self) -> FakeReply:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.ids_at_exit = list(self.message_ids)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        for piece in self.pieces:
+            yield piece
+        if self.error is not None:
+            raise self.error
+
+
+class FakeService:
+    def __init__(self, pieces: list[str], error: Exception | None = None) -> None:
+        self.replies: list[FakeReply] = []
+        self.incoming: list[Any] = []
+        self.pieces, self.error = pieces, error
+
+    def reply(self, msg: Any, *, bot: Any) -> FakeReply:
+        self.incoming.append(msg)
+        self.replies.append(FakeReply(self.pieces, self.error))
+        return self.replies[-1]
+
+
+class FakeBot:
+    def __init__(self, service: FakeService) -> None:
+        self.chat = service
+        self.user = SimpleNamespace(id=42, display_name="bot")
+        self.settings = SimpleNamespace(
+            user_rate_per_min=5, channel_rate_per_min=5, edit_interval_s=0
+        )
+        self.speeds: list[float] = []
+
+    def record_speed(self, tps: float) -> None:
+        self.speeds.append(tps)
+
+
+def _incoming() -> tuple[FakeChannel, FakeMessage]:
+    channel = FakeChannel()
+    author = SimpleNamespace(id=7, display_name="ann", bot=False)
+    return channel, FakeMessage("<@42> hi", channel, author=author)
+
+
+async def test_answer_streams_edits_and_records_message_ids() -> None:
+    service = FakeService(["Hel", "lo ", "there"])
+    bot = FakeBot(service)
+    channel, message = _incoming()
+    await Chat(bot).answer(message, "hi")  # type: ignore[arg-type]
+    assert len(channel.sent) == 1 and channel.sent[0].content == "Hello there"
+    assert channel.sent[0].edits[-1] == "Hello there"
+    assert channel.kwargs[0]["reference"] is message  # replies to the user's message
+    assert channel.kwargs[0]["allowed_mentions"].everyone is False
+    assert service.replies[0].ids_at_exit == [channel.sent[0].id]
+    assert service.incoming[0].content == "hi" and service.incoming[0].author.id == 7
+    assert channel.typing_entered == 1 and bot.speeds == [12.5]
+
+
+async def test_reply_error_ends_the_streamed_text_with_its_friendly_line() -> None:
+    bot = FakeBot(FakeService(["partial"], BusyError("queue full")))
+    channel, message = _incoming()
+    await Chat(bot).answer(message, "hi")  # type: ignore[arg-type]
+    assert channel.sent[0].content.startswith("partial")
+    assert BusyError.user_message in channel.sent[0].content
+
+
+async def test_unexpected_error_before_any_text_is_a_short_apology() -> None:
+    bot = FakeBot(FakeService([], RuntimeError("boom")))
+    channel, message = _incoming()
+    await Chat(bot).answer(message, "hi")  # type: ignore[arg-type]
+    assert channel.sent == [] and message.replies == [APOLOGY]
+
+
+# ---- command errors and admin helpers ----
+def test_user_error_lines() -> None:
+    assert user_error(NotAllowed("admins only")) == "admins only"
+    wrapped = app_commands.CommandInvokeError.__new__(app_commands.CommandInvokeError)
+    wrapped.original = SettingsError("temperature must be 0-2")
+    assert user_error(wrapped) == "temperature must be 0-2"
+    assert user_error(RegistryError("no model named 'x'")) == "no model named 'x'"
+    assert user_error(KeyError("internal")) is None
+
+
+def test_checkpoint_paths_must_stay_under_the_allowed_folder(tmp_path: Path) -> None:
+    allowed = tmp_path / "checkpoints"
+    (allowed / "small").mkdir(parents=True)
+    assert resolve_checkpoint("small", allowed) == (allowed / "small").resolve()
+    with pytest.raises(RegistryError, match="under"):
+        resolve_checkpoint("../small", allowed)
+    with pytest.raises(RegistryError, match="under"):
+        resolve_checkpoint(str(tmp_path), allowed)
+    with pytest.raises(RegistryError, match="no checkpoint"):
+        resolve_checkpoint("missing", allowed)
+
+
+def test_last_json_line_skips_progress_and_broken_lines() -> None:
+    lines = ["exporting 10%", '{"name": "a", "version": 1}', "{broken", "done"]
+    assert last_json_line(lines) == {"name": "a", "version": 1}
+    assert last_json_line(["no json here"]) is None
+
+
+def test_interaction_permissions_count_for_admin_and_manager_checks() -> None:
+    user = SimpleNamespace(id=5)  # no cached roles: only what Discord resolved for the interaction
+    assert not is_admin(user, [])  # type: ignore[arg-type]
+    assert is_admin(user, [], discord.Permissions(administrator=True))  # type: ignore[arg-type]
+    assert not is_admin(user, [], discord.Permissions(manage_messages=True))  # type: ignore[arg-type]
+    assert can_manage(user, [], discord.Permissions(manage_messages=True))  # type: ignore[arg-type]
+    assert not can_manage(user, [], discord.Permissions.none())  # type: ignore[arg-type]
+
+
+async def test_a_channel_that_refuses_typing_still_gets_the_answer() -> None:
+    class NoTyping(FakeChannel):
+        def typing(self) -> Any:
+            channel = self
+
+            class Refused:
+                async def __aenter__(self) -> None:
+                    channel.typing_entered += 1
+                    raise discord.Forbidden(SimpleNamespace(status=403, reason="no"), "refused")
+
+            return Refused()
+
+    bot = FakeBot(FakeService(["fine"]))
+    channel = NoTyping()
+    message = FakeMessage("hi", channel, author=SimpleNamespace(id=7, display_name="a", bot=False))
+    await Chat(bot).answer(message, "hi")  # type: ignore[arg-type]
+    assert channel.typing_entered == 1 and [m.content for m in channel.sent] == ["fine"]
+
+
+async def test_create_bot_points_discord_py_at_the_configured_server(tmp_path: Path) -> None:
+    from discord.http import HTTPClient, Route
+
+    from bot.client import create_bot
+    from bot.config import Settings
+
+    saved = Route.BASE
+    try:
+        settings = Settings(
+            data_dir=tmp_path,
+            discord_api_base="http://127.0.0.1:5/api/v10/",
+            discord_gateway_url="ws://127.0.0.1:5/gateway",
+        )
+        bot = await create_bot(settings)
+        assert Route.BASE == "http://127.0.0.1:5/api/v10"
+        shards, url, limits = await bot.http.get_bot_gateway()
+        assert (shards, url, limits["max_concurrency"]) == (1, "ws://127.0.0.1:5/gateway", 1)
+        assert HTTPClient.get_bot_gateway is not bot.http.get_bot_gateway  # only our client
+        assert bot.intents.message_content and bot.intents.dm_messages
+        assert bot.allowed_mentions is not None and bot.allowed_mentions.everyone is False
+        await bot.close()
+    finally:
+        Route.BASE = saved
