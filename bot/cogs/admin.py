@@ -251,16 +251,14 @@ class Admin(commands.Cog):
     @admin_only()
     async def stats(self, interaction: discord.Interaction) -> None:
         bot = self.bot
+        engine = bot.engine.stats()
         lines = [
-            f"model: {bot.engine.model.ref} on {bot.engine.session_info.provider}",
+            f"model: {engine.model} on {engine.provider}",
             f"uptime: {format_duration(time.monotonic() - bot.started_at)}",
+            f"queue: {engine.queued} waiting",
+            f"streams: {engine.active} of {engine.slots} slots busy",
             f"replies in progress: {bot.active_replies}",
         ]
-        engine_stats = getattr(bot.engine, "stats", None)
-        if callable(engine_stats):
-            data = engine_stats()
-            items = data.items() if isinstance(data, dict) else vars(data).items()
-            lines += [f"engine {key}: {value}" for key, value in items]
         speed = bot.recent_speed()
         lines.append(f"recent speed: {speed:.1f} tokens/s" if speed else "recent speed: n/a")
         lines.append(f"servers: {len(bot.guilds)}")

@@ -15,7 +15,7 @@ from bot.engine.sampling import Sampler
 from bot.engine.scheduler import Request, Scheduler, Worker
 from bot.engine.session import GraphRunner, SessionInfo, create_session
 from bot.engine.stream import Stream
-from bot.engine.types import GenerationResult, PromptTooLongError, SamplingParams
+from bot.engine.types import EngineStats, GenerationResult, PromptTooLongError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,18 @@ class Engine:
     @property
     def precision(self) -> str:
         return self.model.manifest.precision
+
+    def stats(self) -> EngineStats:
+        """Queue depth, busy KV slots and what runs, right now (safe to call from the loop)."""
+        queued, active = self._scheduler.load()
+        worker = self._scheduler.current
+        return EngineStats(
+            queued=queued,
+            active=active,
+            slots=worker.runner.slots,
+            model=worker.model.ref,
+            provider=worker.runner.info.provider,
+        )
 
     def default_params(self, **overrides) -> SamplingParams:
         """SamplingParams from the version's generation defaults, then `overrides`."""

@@ -68,7 +68,8 @@ class Worker:
 
 
 class Scheduler:
-    """Owns the engine thread. `submit`, `cancel`, `add_worker` and `stop` are thread-safe."""
+    """Owns the engine thread. `submit`, `cancel`, `add_worker`, `load` and `stop` are
+    thread-safe."""
 
     def __init__(self, worker: Worker, max_queue: int = 64, prefill_chunk: int = 256) -> None:
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
@@ -105,6 +106,16 @@ class Scheduler:
             self.workers.append(worker)
             self.cond.notify()
             return old
+
+    def load(self) -> tuple[int, int]:
+        """(queued, active): requests waiting for a slot and requests holding one.
+
+        The lock keeps `pending` and `workers` still (admission moves a request from the queue to
+        a slot under it, so none is counted twice or missed); slots are freed outside the lock,
+        one atomic list store each, always before the stream hears that its request is done.
+        """
+        with self.cond:
+            return len(self.pending), sum(len(w.active()) for w in self.workers)
 
     def stop(self) -> None:
         with self.cond:

@@ -77,6 +77,17 @@ class SamplingParams:
         return self.greedy or self.temperature == 0
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for /stats and monitoring."""
+
+    queued: int  # requests waiting for a KV slot
+    active: int  # requests holding a KV slot (on every loaded version during a hot swap)
+    slots: int  # KV slots of the current version
+    model: str  # NAME@N of the current version
+    provider: str  # "cuda" or "cpu"
+
+
 @dataclass
 class GenerationResult:
     """The final record of one request."""

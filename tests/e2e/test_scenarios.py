@@ -319,3 +319,18 @@ async def test_everyone_in_bot_output_pings_nobody(fake: FakeDiscord, start_bot:
     )
     await _reply_done(fake, bot, channel)
     assert fake.pings == []  # ...and nobody is notified
+
+
+async def test_stats_shows_queue_depth_and_streams(fake: FakeDiscord, start_bot: Start) -> None:
+    bot = await start_bot()
+    admin = fake.add_user("admin", admin=True)
+    channel = fake.text_channel_ids[8]
+    interaction = await fake.dispatch_interaction(channel, admin, "stats")
+    callback = await fake.wait_for(
+        lambda r: r.path.startswith(f"/interactions/{interaction['id']}/")
+    )
+    lines = callback.json["data"]["content"].strip("`\n").splitlines()
+    assert f"model: {bot.engine.model.ref} on cpu" in lines
+    assert "queue: 0 waiting" in lines
+    assert "streams: 0 of 4 slots busy" in lines  # engine_slots=4, nothing running
+    assert callback.json["data"]["flags"] & 64  # ephemeral
