@@ -62,31 +62,21 @@ def make_tiny_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     vocab = 384
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    gqa_shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     if kind in ("llama", "llama-untied"):
         cfg = tf.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            rope_theta=10000.0,
-            tie_word_embeddings=(kind == "llama"),
-            **common,
+            rope_theta=10000.0, tie_word_embeddings=(kind == "llama"), **gqa_shape, **common
         )
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "qwen2":
-        cfg = tf.Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            rope_theta=1000000.0,
-            tie_word_embeddings=False,
-            **common,
-        )
+        cfg = tf.Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=False, **gqa_shape, **common)
         model = tf.Qwen2ForCausalLM(cfg)
     elif kind == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
