@@ -18,10 +18,9 @@ from export.pipeline import (
     ExportError,
     ExportRequest,
     ParityError,
-    default_registry,
     export_checkpoint,
 )
-from export.registry import Registry, RegistryError, VersionInfo
+from export.registry import Registry, RegistryError, VersionInfo, default_registry
 
 COMMANDS = ("list", "show", "use", "rollback", "delete", "ensure-default")
 

@@ -29,8 +29,6 @@ FLAVOURS = ("fused", "reference")
 DEFAULT_FLAVOUR = "fused"
 DEFAULT_PRECISION = "fp32"
 DEFAULT_MAX_CONTEXT = 2048  # capped at the model's max_position_embeddings
-REGISTRY_ENV = "MODEL_REGISTRY"
-DEFAULT_REGISTRY = Path("data/registry")
 # end-of-turn tokens that stop generation when the chat template writes them
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
 GENERATION_KEYS = (
@@ -66,15 +64,6 @@ class ExportRequest:
     max_context: int | None = None
     force: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
-
-
-def default_registry() -> Path:
-    """$MODEL_REGISTRY, else $DATA_DIR/registry, else data/registry: where bot.config looks."""
-    if os.environ.get(REGISTRY_ENV):
-        return Path(os.environ[REGISTRY_ENV]).expanduser()
-    if os.environ.get("DATA_DIR"):
-        return Path(os.environ["DATA_DIR"]).expanduser() / "registry"
-    return DEFAULT_REGISTRY
 
 
 def fused_available() -> bool:

@@ -310,3 +310,12 @@ class Registry:
             os.rename(info.path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         return info
+
+
+def default_registry() -> Path:
+    """$MODEL_REGISTRY, else $DATA_DIR/registry, else data/registry: where bot.config looks."""
+    if os.environ.get("MODEL_REGISTRY"):
+        return Path(os.environ["MODEL_REGISTRY"]).expanduser()
+    if os.environ.get("DATA_DIR"):
+        return Path(os.environ["DATA_DIR"]).expanduser() / "registry"
+    return Path("data/registry")

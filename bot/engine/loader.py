@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,7 @@ from tokenizers import Tokenizer
 from bot.chat_template import render_chat
 from bot.engine.types import ModelLoadError
 from export.manifest import Manifest, ManifestError
-from export.registry import Registry, RegistryError
-
-DEFAULT_REGISTRY = Path("data/registry")
-
-
-def default_registry() -> Path:
-    """$MODEL_REGISTRY, else data/registry."""
-    env = os.environ.get("MODEL_REGISTRY")
-    return Path(env).expanduser() if env else DEFAULT_REGISTRY
+from export.registry import Registry, RegistryError, default_registry
 
 
 @dataclass

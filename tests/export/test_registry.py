@@ -245,7 +245,7 @@ def test_publish_moves_a_finished_folder_in(registry, version_copy):
 
 
 def test_default_registry_follows_the_bot_settings(monkeypatch):
-    from export.pipeline import default_registry
+    from export.registry import default_registry
 
     monkeypatch.delenv("MODEL_REGISTRY", raising=False)
     monkeypatch.delenv("DATA_DIR", raising=False)
