@@ -123,13 +123,7 @@ class ChatBot(commands.AutoShardedBot):
 
         s = self.settings
         self.db = await Database.open(s.database_url)
-        self.engine = await Engine.start(
-            console.resolve_model(s),
-            registry=s.model_registry,
-            device=s.device,
-            slots=s.engine_slots,
-            max_queue=s.engine_max_queue,
-        )
+        self.engine = await Engine.start(console.resolve_model(s), **s.engine_options())
         self.chat = ChatService(self.db, self.engine, s)
         for name in COGS:
             await self.load_extension(name)

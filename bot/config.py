@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     engine_slots: int = Field(8, ge=1, le=256)
     engine_max_queue: int = Field(64, ge=1)
+    engine_threads: int = Field(0, ge=0)  # 0: the cores this process may use
+    engine_spin: bool = False  # idle ORT workers spin: faster only when the bot has the CPU alone
     request_timeout_s: float = Field(120.0, gt=0)
     admin_user_ids: IdList = Field(default_factory=list)
     command_guild_ids: IdList = Field(default_factory=list)
@@ -98,6 +100,17 @@ class Settings(BaseSettings):
         if self.export_allowed_dir is None:
             self.export_allowed_dir = self.data_dir / "checkpoints"
         return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments of `Engine.start` besides the model reference."""
+        return {
+            "registry": self.model_registry,
+            "device": self.device,
+            "slots": self.engine_slots,
+            "max_queue": self.engine_max_queue,
+            "threads": self.engine_threads or None,
+            "spin": self.engine_spin,
+        }
 
 
 def load_settings(**overrides: Any) -> Settings:

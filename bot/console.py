@@ -168,13 +168,7 @@ async def chat(settings: Settings, model_ref: str, channel_id: int) -> None:
     db = await Database.open(settings.database_url)
     engine = None
     try:
-        engine = await Engine.start(
-            model_ref,
-            registry=settings.model_registry,
-            device=settings.device,
-            slots=settings.engine_slots,
-            max_queue=settings.engine_max_queue,
-        )
+        engine = await Engine.start(model_ref, **settings.engine_options())
         service = ChatService(db, engine, settings)
         console = Console(service, sys.stdout, channel_id=channel_id, user_name=_user_name())
         await console.run(sys.stdin)

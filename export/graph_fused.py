@@ -188,6 +188,26 @@ def _inputs_outputs(cfg: Any, g: _Graph, max_context: int) -> tuple[list, list]:
     return inputs, outputs
 
 
+def _packed_qkv(
+    cfg: Any, weight: np.ndarray, bias: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """q|k|v weight [out, in] (and bias) with the softmax scale 1/sqrt(head_dim) folded into q.
+
+    With GQA's `scale` at 1.0, ORT's CPU kernel computes a decode step's Q.K' with MLAS's
+    one-row kernel; any other scale sends it through the general SGEMM, which copies and
+    transposes every head's whole K cache on every step (the cost grows with the context).
+    Rotary is a rotation, so scaling q before it is the same as scaling the scores after.
+    """
+    q_rows = cfg.num_heads * cfg.head_dim
+    scale = np.asarray(cfg.head_dim**-0.5, weight.dtype)
+    weight = weight.copy()
+    weight[:q_rows] *= scale
+    if bias is not None:
+        bias = bias.copy()
+        bias[:q_rows] *= scale
+    return weight, bias
+
+
 def _attention(g: _Graph, cfg: Any, i: int, qkv: str, rotary: bool) -> str:
     """GroupQueryAttention on packed QKV; reads and writes layer i's shared KV buffer in place."""
     (out, _, _) = g.op(
@@ -209,7 +229,7 @@ def _attention(g: _Graph, cfg: Any, i: int, qkv: str, rotary: bool) -> str:
         kv_num_heads=cfg.num_kv_heads,
         do_rotary=int(rotary),
         rotary_interleaved=0,
-        scale=float(cfg.head_dim**-0.5),
+        scale=1.0,  # 1/sqrt(head_dim) is folded into the q rows: see _packed_qkv
     )
     # name the present outputs as the contract says (GQA's 2nd/3rd outputs)
     g.nodes[-1].output[1] = f"present.{i}.key"
@@ -277,6 +297,7 @@ def _llama(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> s
             bias = np.concatenate(
                 [t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]
             )
+        wqkv, bias = _packed_qkv(cfg, wqkv, bias)
         qkv = g.linear(h, wqkv, f"layers.{i}.qkv_proj", bias)
         attn = _attention(g, cfg, i, qkv, rotary=True)
         # Llama with attention_bias also has an o_proj bias (as transformers); Qwen2 does not
@@ -335,7 +356,8 @@ def _gpt2(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> st
                 epsilon=eps,
             )
         # Conv1D weights are [in, out]
-        qkv = g.linear(h, t[p + "attn.c_attn.weight"].T, f"h.{i}.c_attn", t[p + "attn.c_attn.bias"])
+        wqkv, bias = _packed_qkv(cfg, t[p + "attn.c_attn.weight"].T, t[p + "attn.c_attn.bias"])
+        qkv = g.linear(h, wqkv, f"h.{i}.c_attn", bias)
         attn = _attention(g, cfg, i, qkv, rotary=False)
         o = g.linear(attn, t[p + "attn.c_proj.weight"].T, f"h.{i}.attn_c_proj")
         ln2 = [

@@ -39,6 +39,23 @@ def test_environment_lists_and_case(monkeypatch):
     assert s.device == "cpu"
 
 
+def test_engine_options_follow_the_settings(monkeypatch):
+    defaults = load_settings().engine_options()
+    assert defaults["threads"] is None and defaults["spin"] is False  # all cores, no spinning
+    monkeypatch.setenv("ENGINE_THREADS", "3")
+    monkeypatch.setenv("ENGINE_SPIN", "true")
+    monkeypatch.setenv("ENGINE_SLOTS", "4")
+    options = load_settings(data_dir="/srv/bot").engine_options()
+    assert options == {
+        "registry": Path("/srv/bot/registry"),
+        "device": "auto",
+        "slots": 4,
+        "max_queue": 64,
+        "threads": 3,
+        "spin": True,
+    }
+
+
 def test_token_never_shown_in_clear(monkeypatch):
     monkeypatch.setenv("DISCORD_TOKEN", "very-secret-token")
     s = load_settings()
