@@ -82,13 +82,20 @@ class Console:
         return True
 
     async def chat(self, text: str) -> None:
-        from bot.conversation import IncomingMessage
+        from bot.conversation import IncomingMessage, ReplyError
 
         msg = IncomingMessage(self.channel_id, None, self.user, text, is_dm=True)
-        async with self.service.reply(msg, bot=self.bot) as reply:
-            async for piece in reply:
-                self.out.write(piece)
-                self.out.flush()
+        wrote = False
+        try:
+            async with self.service.reply(msg, bot=self.bot) as reply:
+                async for piece in reply:
+                    self.out.write(piece)
+                    self.out.flush()
+                    wrote = True
+        except ReplyError:
+            if wrote:
+                self.say("")  # the note goes on its own line, after the partial reply
+            raise
         self.say("")
 
     async def command(self, text: str) -> bool:

@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from bot.engine import PromptTooLongError, QueueFullError, SamplingParams
 from bot.storage import repo
@@ -73,6 +73,19 @@ class MessageTooLongError(ReplyError):
 
 class GenerationFailedError(ReplyError):
     user_message = "Sorry, something went wrong while I was answering. Please try again."
+
+
+class ReplyCutError(ReplyError):
+    """The engine ended the reply early: its time limit, or the bot shutting down. The text
+    streamed so far stays (stored as interrupted); this note tells the reader it is partial."""
+
+    NOTES: ClassVar[dict[str, str]] = {
+        "timeout": "(cut off: this reply hit the time limit)",
+        "cancelled": "(cut off: the bot is restarting)",
+    }
+
+    def __init__(self, finish_reason: str) -> None:
+        super().__init__(f"reply ended by the engine: {finish_reason}", self.NOTES[finish_reason])
 
 
 # ---- who said what ------------------------------------------------------------------------------
@@ -334,9 +347,12 @@ class Reply:
             raise GenerationFailedError(str(exc)) from exc
         self._finished = True
         self.result = stream.result
-        if self.result is not None and self.result.finish_reason == "error":
+        reason = self.result.finish_reason if self.result is not None else None
+        if reason == "error":
             self._failed = True
             raise GenerationFailedError("the engine ended the reply with an error")
+        if reason in ReplyCutError.NOTES:
+            raise ReplyCutError(reason)
 
     async def __aexit__(self, *exc_info: object) -> None:
         try:
@@ -366,7 +382,8 @@ class Reply:
     async def _store_final(self) -> None:
         assert self._started is not None and self._started.row_id is not None
         result = self.result
-        complete = self._finished and not self._failed
+        cut = result is not None and result.finish_reason in ReplyCutError.NOTES
+        complete = self._finished and not self._failed and not cut
         fields: dict[str, Any] = {
             "content": result.text if complete and result is not None else self.text,
             "status": Status.COMPLETE if complete else Status.INTERRUPTED,

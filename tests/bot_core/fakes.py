@@ -109,6 +109,9 @@ class FakeStream:
                     return
                 if self.engine.fail_after is not None and self._sent >= self.engine.fail_after:
                     raise RuntimeError("fake engine failure")
+                if self.engine.cut_after is not None and self._sent >= self.engine.cut_after:
+                    self._end("".join(self.pieces[: self._sent]), self.engine.cut_reason)
+                    return
                 self._sent += 1
                 yield piece
             budget = self.params.max_new_tokens
@@ -127,6 +130,8 @@ class FakeEngine:
     delay_s: float = 0.0
     max_queue: int = 1000
     fail_after: int | None = None
+    cut_after: int | None = None  # the engine ends the stream after this many pieces...
+    cut_reason: str = "timeout"  # ...with this finish reason
     gate: asyncio.Event | None = None  # streams wait for it before their first piece
     reply_text: str = "Hi there, nice to meet you."
     name: str = "fake"

@@ -74,6 +74,12 @@ async def test_end_of_input_ends_the_session_and_errors_are_shown(db, settings):
     )
 
 
+async def test_a_cut_reply_shows_its_text_then_the_note_on_its_own_line(db, settings):
+    service = ChatService(db, FakeEngine(cut_after=2, cut_reason="timeout"), settings)
+    out = await run_console(service, "hi\n")
+    assert "Hi there,\n[(cut off: this reply hit the time limit)]\n" in out
+
+
 @pytest.mark.parametrize(
     ("model", "expected"),
     [

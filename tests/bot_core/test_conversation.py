@@ -13,6 +13,7 @@ from bot.conversation import (
     GenerationFailedError,
     IncomingMessage,
     MessageTooLongError,
+    ReplyCutError,
     SettingsError,
     Speaker,
 )
@@ -212,6 +213,25 @@ async def test_engine_errors_become_friendly_reply_errors(db: Database, settings
     tiny = ChatService(db, FakeEngine(max_context=300), settings)
     with pytest.raises(MessageTooLongError):
         await converse(tiny, message("x" * 200, channel=12))
+
+
+@pytest.mark.parametrize(
+    ("reason", "note"),
+    [("timeout", "time limit"), ("cancelled", "restarting")],
+)
+async def test_a_reply_the_engine_cuts_keeps_its_text_and_says_so(
+    db: Database, settings, reason: str, note: str
+):
+    service = ChatService(db, FakeEngine(cut_after=2, cut_reason=reason), settings)
+    pieces: list[str] = []
+    with pytest.raises(ReplyCutError) as info:
+        async with service.reply(message("tell me"), bot=BOT) as reply:
+            async for piece in reply:
+                pieces.append(piece)
+    assert pieces == ["Hi", " there,"]  # everything streamed before the cut reached the reader
+    assert note in info.value.user_message
+    bot = (await service.recent_messages(10, 10))[-1]
+    assert (bot.status, bot.content, bot.finish_reason) == ("interrupted", "Hi there,", reason)
 
 
 async def test_ask_uses_no_history_and_stores_nothing(service: ChatService, engine: FakeEngine):

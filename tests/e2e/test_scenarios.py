@@ -20,6 +20,7 @@ if not hasattr(client, "create_bot"):
 
 from bot.config import Settings  # noqa: E402
 from bot.storage import repo  # noqa: E402
+from bot.storage.db import Database  # noqa: E402
 
 Start = Callable[..., Awaitable[Any]]
 
@@ -254,6 +255,35 @@ async def test_history_survives_a_restart(fake: FakeDiscord, start_bot: Start) -
     assert [r.content for r in after[:2]] == [r.content for r in before]
     assert [r.role for r in after] == ["user", "assistant", "user", "assistant"]
     assert after[3].prompt_tokens > before[1].prompt_tokens  # earlier turns are in the prompt
+
+
+async def test_shutdown_cuts_a_long_reply_and_says_so(
+    fake: FakeDiscord, start_bot: Start, tmp_path: Path
+) -> None:
+    bot = await start_bot(shutdown_grace_s=0.0, edit_interval_s=0.05)
+    alice = fake.add_user("alice")
+    channel = fake.text_channel_ids[7]
+    # seeded: the sampled reply to this prompt holds no end-of-turn token, so it can only end by
+    # the cut (checked by letting the same reply run to the end: 128 tokens, finish "length")
+    await bot.chat.update_settings(channel, 1, max_tokens=200, temperature=1.0, seed=7)
+    await fake.dispatch_message(
+        channel, alice, f"<@{fake.bot_user['id']}> long one", [fake.bot_user]
+    )
+    await fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{channel}/messages")
+    assert bot.active_replies == 1, "the reply should still be streaming"
+
+    await start_bot.stop(bot)  # type: ignore[attr-defined]  # no grace: the reply is cut
+    shown = fake.channel_messages(channel)[-1]["content"]
+    assert shown.endswith("*(cut off: the bot is restarting)*")
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    try:
+        async with db.session() as s:
+            row = (await repo.history(s, channel, 10))[-1]
+    finally:
+        await db.close()
+    assert (row.role, row.status, row.finish_reason) == ("assistant", "interrupted", "cancelled")
+    posted = "".join(m["content"] for m in fake.channel_messages(channel))
+    assert row.content.strip() and row.content.strip()[:40] in posted  # the partial text is kept
 
 
 @pytest.fixture
