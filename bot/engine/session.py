@@ -45,6 +45,8 @@ def _options(threads: int, spin: bool = False) -> ort.SessionOptions:
         # idle workers spinning steal the cores the asyncio loop and the sampler need
         # (docs/performance.md: faster with spinning off on a shared CPU)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # when spinning: only inside a run, so the asyncio loop gets the cores between steps
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 

@@ -67,7 +67,9 @@ def test_auto_and_cpu_pick_the_cpu_here_with_threads(engine_registry):
     key = "session.intra_op.allow_spinning"  # off unless asked: the CPU is shared with the bot
     assert session.get_session_options().get_session_config_entry(key) == "0"
     spinning, _ = create_session(graph, "cpu", spin=True)
-    assert spinning.get_session_options().get_session_config_entry(key) == "1"
+    options = spinning.get_session_options()
+    assert options.get_session_config_entry(key) == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"  # runs only
     with pytest.raises(ValueError, match="unknown device"):
         create_session(graph, "tpu")
 
