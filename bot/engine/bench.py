@@ -29,9 +29,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
 
 
-def _prompts(vocab: int, length: int, count: int) -> list[list[int]]:
-    """Distinct fixed random prompts (the values do not change the speed)."""
-    rng = np.random.default_rng(0)
+def _prompts(vocab: int, length: int, count: int, run: int) -> list[list[int]]:
+    """Distinct fixed random prompts (the values do not change the speed), new ones for every
+    run so that no run finds its prompts' KV kept from the one before."""
+    rng = np.random.default_rng(run)
     return [rng.integers(3, vocab, length).tolist() for _ in range(count)]
 
 
@@ -72,15 +73,16 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 f"exceeds the model's max context {model.max_context}"
             )
         vocab = model.manifest.architecture.vocab_size
-        prompts = _prompts(vocab, args.prompt_tokens, args.concurrency)
-        for _ in range(args.warmup):
-            await _one_run(engine, prompts, min(args.new_tokens, 16))
         runs = []
-        for i in range(args.repeats):
+        for i in range(args.warmup + args.repeats):
+            prompts = _prompts(vocab, args.prompt_tokens, args.concurrency, i)
+            if i < args.warmup:
+                await _one_run(engine, prompts, min(args.new_tokens, 16))
+                continue
             run = await _one_run(engine, prompts, args.new_tokens)
             runs.append(run)
             print(
-                f"run {i + 1}/{args.repeats}: ttft {run['ttft_ms']:.1f} ms, "
+                f"run {len(runs)}/{args.repeats}: ttft {run['ttft_ms']:.1f} ms, "
                 f"{run['decode_tok_s']:.1f} tok/s per stream, "
                 f"{run['aggregate_tok_s']:.1f} tok/s aggregate",
                 file=sys.stderr,

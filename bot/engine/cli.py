@@ -125,6 +125,7 @@ def _record(index: int, result: GenerationResult) -> dict[str, Any]:
         "text": result.text,
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,
+        "cached_tokens": result.cached_tokens,
         "completion_tokens": result.completion_tokens,
         **result.timings(),
         "model": result.model,

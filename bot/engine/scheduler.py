@@ -37,6 +37,7 @@ class Request:
     deadline: float | None
     slot: int | None = None
     cached: int = 0  # tokens in the KV cache
+    reused: int = 0  # of which were already there (a prefix kept from an earlier request)
     next_token: int | None = None  # sampled, to be fed by the next decode step
     admitted: float | None = None
     first: float | None = None
@@ -47,12 +48,31 @@ class Request:
     text: list[str] = field(default_factory=list)
 
 
+MIN_REUSE = 16  # shortest cached prefix worth choosing a slot for
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token id arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 class Worker:
-    """One loaded version: its graph runner and the requests in its KV slots."""
+    """One loaded version: its graph runner and the requests in its KV slots.
+
+    A free slot keeps the KV entries of the last request it served (`kept`: their token ids),
+    so a prompt that starts the same way (the next turn of a conversation: the same history plus
+    a new message) only prefills what is new. Free rows that ride along in a decode step write
+    their junk entry after what they keep, so nothing kept is overwritten.
+    """
 
     def __init__(self, model: LoadedModel, runner: GraphRunner) -> None:
         self.model, self.runner = model, runner
         self.slots: list[Request | None] = [None] * runner.slots
+        self.kept: list[np.ndarray] = [np.zeros(0, np.int64)] * runner.slots
+        self.kept_at = [0] * runner.slots  # when each slot was last released (for eviction)
+        self._clock = 0
         self.tokens = np.zeros(runner.slots, np.int64)
         self.lengths = np.zeros(runner.slots, np.int64)
         self.order: deque[Request] = deque()  # admitted requests still prefilling, oldest first
@@ -62,6 +82,38 @@ class Worker:
             if r is None:
                 return i
         return None
+
+    def take_slot(self, prompt: np.ndarray) -> tuple[int, int] | None:
+        """(slot, reusable cached tokens) for a new prompt, or None when every slot is busy.
+
+        Among the free slots, the one where taking it saves the most and destroys the least:
+        prompt tokens found kept there (counted from MIN_REUSE tokens on) minus the kept tokens
+        it would overwrite. So the next turn of a conversation lands on its own slot, a prompt
+        that merely starts with the same system prompt does not evict another conversation while
+        an empty slot exists, and otherwise the shortest, then the oldest, kept prefix goes.
+        The prompt's last token is always fed again: its logits choose the first new token.
+        """
+        best, best_key, reuse = None, None, 0
+        for i, r in enumerate(self.slots):
+            if r is not None:
+                continue
+            shared = common_prefix(self.kept[i], prompt)
+            shared = shared if shared >= MIN_REUSE else 0
+            key = (2 * shared - len(self.kept[i]), -self.kept_at[i], -i)
+            if best_key is None or key > best_key:
+                best, best_key, reuse = i, key, min(shared, len(prompt) - 1)
+        return None if best is None else (best, reuse)
+
+    def keep(self, slot: int, tokens: np.ndarray) -> None:
+        """Remember what a released slot's KV holds (at most max_context - 1 entries, so a
+        ride-along write always lands after them)."""
+        self._clock += 1
+        self.kept[slot] = tokens[: self.runner.max_context - 1]
+        self.kept_at[slot] = self._clock
+
+    def forget(self) -> None:
+        """After a failed run nothing in the buffers can be trusted."""
+        self.kept = [np.zeros(0, np.int64)] * len(self.slots)
 
     def active(self) -> list[Request]:
         return [r for r in self.slots if r is not None]
@@ -142,6 +194,7 @@ class Scheduler:
                     log.exception("engine step failed")
                     for r in worker.active():
                         self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
+                    worker.forget()
             self._release_drained()
         for worker in self.workers:  # closing: end everything still running or queued
             for r in worker.active():
@@ -168,12 +221,13 @@ class Scheduler:
     def _admit(self) -> None:
         """Move queued requests into free slots of their version, in order of arrival."""
         for r in list(self.pending):
-            slot = r.worker.free_slot()
-            if slot is None:
+            taken = r.worker.take_slot(r.prompt)
+            if taken is None:
                 continue
             self.pending.remove(r)
-            r.slot, r.admitted = slot, time.perf_counter()
-            r.worker.slots[slot] = r
+            r.slot, r.cached = taken
+            r.reused, r.admitted = r.cached, time.perf_counter()
+            r.worker.slots[r.slot] = r
             r.worker.order.append(r)
 
     def _release_drained(self) -> None:
@@ -199,7 +253,7 @@ class Scheduler:
         w.tokens[:n] = 0
         for i in range(n):
             r = w.slots[i]
-            w.lengths[i] = 0 if r is None else r.cached
+            w.lengths[i] = len(w.kept[i]) if r is None else r.cached
         for r in decoding:
             w.tokens[r.slot] = r.next_token
         logits = w.runner.decode(w.tokens[:n], w.lengths[:n])
@@ -260,6 +314,8 @@ class Scheduler:
             if not r.stops.stopped:
                 self._send(r, r.stops.flush())
         if r.slot is not None and r.worker.slots[r.slot] is r:
+            fed = np.concatenate([r.prompt, np.asarray(r.tokens, np.int64)])[: r.cached]
+            r.worker.keep(r.slot, fed)
             r.worker.slots[r.slot] = None
         r.next_token = None
         now = time.perf_counter()
@@ -276,5 +332,6 @@ class Scheduler:
             tokens_per_s=(n - 1) / span if n > 1 and span > 0 else 0.0,
             error=error,
             model=r.worker.model.ref,
+            cached_tokens=r.reused,
         )
         r.stream.finish_threadsafe(result)

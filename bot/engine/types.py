@@ -102,6 +102,7 @@ class GenerationResult:
     tokens_per_s: float = 0.0  # completion tokens / (last token - first token)
     error: str | None = None
     model: str = ""  # NAME@N that produced it
+    cached_tokens: int = 0  # prompt tokens whose KV was kept from an earlier request
 
     def timings(self) -> dict[str, float]:
         return {

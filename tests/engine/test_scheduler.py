@@ -227,3 +227,102 @@ def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(engi
     assert failed.finish_reason == "error" and "simulated ORT failure" in failed.error
     assert failed.completion_tokens == 1  # the prefill's token, then the decode step failed
     assert ok.finish_reason == "length" and ok.completion_tokens == 6
+
+
+# sampled, not greedy: the tiny random models' greedy output barely depends on the context
+SAMPLED = SamplingParams(temperature=1.0, seed=11, max_new_tokens=8, ignore_eos=True)
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(greedy=True, max_new_tokens=n, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_next_turn_reuses_the_kept_prefix_and_gives_the_same_tokens(engine_registry, kind):
+    """A prompt that starts with an earlier request's prompt and reply prefills only the rest,
+    even after an unrelated request ran beside the kept slot (a free row riding along in decode
+    steps writes after what the slot keeps), and its greedy tokens equal a cold engine's."""
+    first = list(range(3, 40))
+    other = list(range(100, 130))
+
+    async def go():
+        engine = await _start(engine_registry, kind, slots=2)
+        kv = engine._scheduler.current.runner._kv_cpu
+        try:
+            a = await engine.generate(first, _greedy(8))
+            held = len(first) + len(a.token_ids) - 1
+            before = {name: buf[0, :, :held].copy() for name, buf in kv.items()}
+            b = await engine.generate(other, _greedy(20))  # slot 1; free slot 0 rides along
+            for name, buf in kv.items():  # slot 0's kept entries were not touched
+                np.testing.assert_array_equal(buf[0, :, :held], before[name])
+            follow = first + a.token_ids + [7, 8, 9]
+            c = await engine.generate(follow, SAMPLED)
+            again = await engine.generate(follow, SAMPLED)  # all but the last token kept
+        finally:
+            await engine.close()
+        cold = await _start(engine_registry, kind, slots=1)
+        try:
+            want = await cold.generate(follow, SAMPLED)
+        finally:
+            await cold.close()
+        return a, b, c, again, want, follow
+
+    a, b, c, again, want, follow = run(go())
+    assert (a.cached_tokens, b.cached_tokens) == (0, 0)  # nothing shared with anything kept
+    assert c.cached_tokens == len(first) + len(a.token_ids) - 1  # the last sampled one was not fed
+    assert again.cached_tokens == len(follow) - 1
+    assert want.cached_tokens == 0
+    assert c.token_ids == want.token_ids == again.token_ids
+
+
+def test_a_new_prompt_takes_an_empty_slot_before_evicting_a_kept_one(engine_registry):
+    async def go():
+        engine = await _start(engine_registry, slots=2)
+        try:
+            first = list(range(3, 40))
+            await engine.generate(first, _greedy(4))  # slot 0 keeps it
+            await engine.generate(list(range(100, 140)), _greedy(4))  # goes to empty slot 1
+            return await engine.generate([*first, 5], _greedy(4))
+        finally:
+            await engine.close()
+
+    assert run(go()).cached_tokens == 37  # slot 0 still held the first prompt
+
+
+def test_a_failed_step_forgets_every_kept_prefix(engine_registry):
+    async def go():
+        engine = await _start(engine_registry, slots=1)
+        runner = engine._scheduler.current.runner
+        real = runner.decode
+        prompt = list(range(3, 40))
+        try:
+            await engine.generate(prompt, _greedy(4))
+
+            def broken(tokens, lengths):
+                raise RuntimeError("simulated ORT failure")
+
+            runner.decode = broken
+            await engine.generate(list(range(50, 90)), _greedy(4))
+            runner.decode = real
+            return await engine.generate(prompt, _greedy(4))
+        finally:
+            await engine.close()
+
+    assert run(go()).cached_tokens == 0
+
+
+def test_a_shared_system_prompt_alone_does_not_evict_another_conversation(engine_registry):
+    async def go():
+        engine = await _start(engine_registry, slots=2)
+        try:
+            first = list(range(3, 40))
+            await engine.generate(first, _greedy(4))  # slot 0 keeps 40 tokens
+            stranger = await engine.generate(first[:20] + list(range(200, 230)), _greedy(4))
+            back = await engine.generate([*first, 5], _greedy(4))
+            return stranger, back
+        finally:
+            await engine.close()
+
+    stranger, back = run(go())
+    assert stranger.cached_tokens == 0  # 20 shared tokens are not worth 40 kept ones: slot 1
+    assert back.cached_tokens == 37  # so the first conversation's prefix is still there
