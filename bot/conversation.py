@@ -46,6 +46,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 256  # newest turns read from the database before fitting them into the budget
+# When a channel's history outgrows the prompt budget, cut it to this share of the budget: the
+# following turns then extend the same prompt (whose KV the engine keeps) until the next cut,
+# instead of every turn dropping one old turn and changing the prompt's beginning.
+TRIM_TO = 0.6
 PERSONA_MAX_CHARS = 4000
 PARTIAL_FLUSH_S = 1.0  # how often a streaming reply's partial text is written to the database
 PLAIN_STOP = ("\nUser:", "\nSystem:")  # where a plain-transcript reply ends
@@ -114,6 +118,7 @@ class Turn:
     content: str
     author_id: int | None = None
     author_name: str = ""
+    row_id: int | None = None  # the stored message it comes from
 
 
 @dataclass(frozen=True)
@@ -160,20 +165,29 @@ def build_prompt(
     render: Callable[[list[dict]], str],
     encode: Callable[[str], list[int]],
     budget: int,
+    keep: int | None = None,
+    trim_to: float = 1.0,
 ) -> Prompt:
     """The system prompt plus the newest turns whose rendered prompt fits in `budget` tokens.
 
     The last turn (the message being answered) must fit; older turns are dropped oldest first.
+    `keep`: the newest turns to use if they fit (where the conversation's previous prompt
+    started), so consecutive prompts begin alike. When turns must be dropped, the prompt is cut
+    to fit `trim_to` x budget, which leaves room for the next turns before the next cut.
     MessageTooLongError when even the last turn alone does not fit.
     """
     if not turns:
         raise ValueError("build_prompt needs at least the turn being answered")
     named = len({t.author_id for t in turns if t.role == Role.USER}) > 1
 
-    def attempt(keep: int) -> tuple[str, list[int]]:
-        text = render(chat_messages(system, turns[len(turns) - keep :], named=named))
+    def attempt(count: int) -> tuple[str, list[int]]:
+        text = render(chat_messages(system, turns[len(turns) - count :], named=named))
         return text, encode(text)
 
+    if keep is not None and 0 < keep < len(turns):
+        text, ids = attempt(keep)
+        if len(ids) <= budget:
+            return Prompt(text, ids, keep, len(turns) - keep, named)
     text, ids = attempt(len(turns))
     if len(ids) <= budget:  # the common case with a long context: one render
         return Prompt(text, ids, len(turns), 0, named)
@@ -184,12 +198,13 @@ def build_prompt(
             f"That message is too long for me to read ({len(ids)} tokens with my instructions; "
             f"the limit is {budget}). Please shorten it.",
         )
+    target = max(int(budget * trim_to), len(ids))
     low, high = 1, len(turns)  # low always fits; find the largest count that fits
     best = (text, ids)
     while low < high:
         mid = (low + high + 1) // 2
         candidate = attempt(mid)
-        if len(candidate[1]) <= budget:
+        if len(candidate[1]) <= target:
             low, best = mid, candidate
         else:
             high = mid - 1
@@ -421,6 +436,8 @@ class ChatService:
         self.engine = engine
         self.settings = settings
         self._queues = _ChannelQueues()
+        # channel -> first stored message of its last prompt (where the next prompt starts too)
+        self._window: dict[int, int | None] = {}
 
     # -- replies --
     def reply(self, msg: IncomingMessage, *, bot: Speaker) -> Reply:
@@ -464,7 +481,11 @@ class ChatService:
         settings = generation_settings(model, overrides)
         turns = [_turn(row, bot) for row in rows if row.content or row.role == Role.USER]
         system = persona or default_system(model)
-        built = self._build(model, turns, system=system, settings=settings)
+        start = self._window.get(msg.channel_id)
+        ids = [t.row_id for t in turns]
+        keep = len(turns) - ids.index(start) if start in ids else None
+        built = self._build(model, turns, system=system, settings=settings, keep=keep)
+        self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
         stream = self._submit(built, settings)
         version = model_version(model)
         try:
@@ -487,7 +508,12 @@ class ChatService:
 
     @staticmethod
     def _build(
-        model: LoadedModel, turns: list[Turn], *, system: str | None, settings: ChannelSettings
+        model: LoadedModel,
+        turns: list[Turn],
+        *,
+        system: str | None,
+        settings: ChannelSettings,
+        keep: int | None = None,
     ) -> Prompt:
         templated = bool(model.manifest.tokenizer.chat_template)
         render = (
@@ -502,6 +528,8 @@ class ChatService:
                 render=render,
                 encode=lambda text: encode(model, text),
                 budget=model.max_context - settings.max_tokens,
+                keep=keep,
+                trim_to=TRIM_TO,
             )
             return prompt if templated else replace(prompt, stop=PLAIN_STOP)
         except ReplyError:
@@ -610,4 +638,4 @@ class ChatService:
 def _turn(row: Message, bot: Speaker) -> Turn:
     """A stored row as a prompt turn: the bot's own turns are the assistant's."""
     role = Role.ASSISTANT if row.role == Role.ASSISTANT or row.author_id == bot.id else Role.USER
-    return Turn(role, row.content, row.author_id, row.author_name)
+    return Turn(role, row.content, row.author_id, row.author_name, row.id)

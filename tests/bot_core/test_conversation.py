@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 from sqlalchemy import select
@@ -84,6 +85,22 @@ async def test_history_is_trimmed_to_the_budget(db: Database, settings):
     assert len(engine.submitted[11][0]) <= 300
     assert "message number 11" in last and "message number 00" not in last
     assert len(await service.recent_messages(10, 100)) == 24  # older turns stay in the database
+
+
+async def test_long_conversations_extend_their_prompt_between_cuts(db: Database, settings):
+    """Once the history outgrows the budget, most prompts still start with the previous prompt
+    (the engine keeps its KV), instead of every turn dropping an old turn from the front."""
+    engine = FakeEngine(max_context=1600, reply_text="fine, thanks")
+    service = ChatService(db, engine, settings)
+    await service.update_settings(10, 1, max_tokens=100)
+    for i in range(30):
+        await converse(service, message(f"message number {i:02d}"))
+    prompts = [engine.prompt_text(i) for i in range(30)]
+    assert all(len(engine.submitted[i][0]) <= 1500 for i in range(30))
+    extended = [later.startswith(earlier) for earlier, later in itertools.pairwise(prompts)]
+    cuts = extended.count(False)
+    assert 1 <= cuts <= 3  # cutting one turn at a time would break the prefix ~14 times
+    assert "message number 29" in prompts[-1] and "message number 00" not in prompts[-1]
 
 
 async def test_persona_comes_first_and_forget_empties_the_memory(

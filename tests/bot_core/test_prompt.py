@@ -60,6 +60,19 @@ def test_newest_turns_kept_oldest_dropped_at_the_exact_budget(keep):
     assert prompt.text.startswith("<|im_start|>system\nBe brief.")
 
 
+def test_a_kept_window_is_used_while_it_fits_and_a_cut_leaves_room_to_grow():
+    turns = CONVERSATION[:-1]
+    whole = size("Be brief.", turns)
+    args = dict(system="Be brief.", render=render, encode=encode)
+    hinted = build_prompt(turns, **args, budget=whole, keep=7)
+    assert hinted.turns_kept == 7  # everything would fit, but the window starts where it did
+    cut = build_prompt(turns, **args, budget=whole - 1, trim_to=0.5)
+    assert len(cut.ids) <= (whole - 1) // 2  # over budget: cut to half of it...
+    assert size("Be brief.", turns[-(cut.turns_kept + 1) :]) > (whole - 1) // 2  # ...not less
+    too_long = build_prompt(turns, **args, budget=size("Be brief.", turns[-3:]), keep=7)
+    assert too_long.turns_kept < 7  # a window that no longer fits is cut as usual
+
+
 def test_without_persona_there_is_no_system_turn():
     prompt = build_prompt([alice("hi")], system=None, render=render, encode=encode, budget=1000)
     assert prompt.text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
