@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import export.graph_reference as graph_reference
-from export.__main__ import main
+from export.__main__ import main, serving_precision
 from export.manifest import Manifest
 from export.registry import Registry
 
@@ -144,7 +144,9 @@ def test_ensure_default_exports_once(capsys, registry, tiny_checkpoints):
     )
     assert code == 0 and "published and activated tiny@1" in out
     active = Registry(registry).active()
-    assert active.ref == "tiny@1" and Manifest.read(active.path).flavour == "fused"
+    manifest = Manifest.read(active.path)
+    assert active.ref == "tiny@1" and manifest.flavour == "fused"
+    assert manifest.precision == serving_precision()  # int8 here (no GPU), fp16 with CUDA
     before = _snapshot(registry)
     code, out, _ = _run(
         capsys,
@@ -284,3 +286,11 @@ def test_fused_flavour_unavailable_is_a_clear_error(capsys, seeded, tiny_checkpo
     monkeypatch.setitem(sys.modules, "export.graph_fused", None)  # import now raises ImportError
     code, _, err = _run(capsys, tiny_checkpoints["llama"], "--name", "chat", "--registry", seeded)
     assert code == 2 and "fused flavour is not available" in err
+
+
+@pytest.mark.parametrize(("cuda", "precision"), [(False, "int8"), (True, "fp16")])
+def test_the_default_version_is_int8_on_a_cpu_and_fp16_with_cuda(monkeypatch, cuda, precision):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert serving_precision() == precision
