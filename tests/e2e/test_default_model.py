@@ -14,17 +14,22 @@ from tests.models_io.conftest import cache_dir, default_gguf, default_model_dir 
 MAX_CONTEXT = 512  # small KV buffers: a quick export and load
 
 
-@pytest.fixture(scope="session")
-def default_registry(default_model_dir: Path, tmp_path_factory):  # noqa: F811
-    """A registry whose active version is the default model, fused fp32, 512 tokens of context."""
+@pytest.fixture(scope="session", params=["fp32", "int8"])  # int8: what `make run` serves on a CPU
+def default_registry(request, default_model_dir: Path, tmp_path_factory):  # noqa: F811
+    """A registry whose active version is the default model, fused, 512 tokens of context."""
     from export.pipeline import ExportRequest, export_checkpoint
     from export.registry import Registry
 
     registry = Registry(tmp_path_factory.mktemp("default-registry"))
-    request = ExportRequest(
-        default_model_dir, "smollm2", flavour="fused", max_context=MAX_CONTEXT, progress=False
+    job = ExportRequest(
+        default_model_dir,
+        "smollm2",
+        precision=request.param,
+        flavour="fused",
+        max_context=MAX_CONTEXT,
+        progress=False,
     )
-    info, _ = export_checkpoint(request, registry)
+    info, _ = export_checkpoint(job, registry)
     registry.use(info.ref)
     return registry
 
