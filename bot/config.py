@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     engine_slots: int = Field(8, ge=1, le=256)
     engine_max_queue: int = Field(64, ge=1)
     engine_threads: int = Field(0, ge=0)  # 0: the cores this process may use
-    engine_spin: bool = False  # idle ORT workers spin: faster only when the bot has the CPU alone
+    engine_spin: bool = False  # ORT workers spin within a run: faster only with the CPU to itself
     request_timeout_s: float = Field(120.0, gt=0)
     admin_user_ids: IdList = Field(default_factory=list)
     command_guild_ids: IdList = Field(default_factory=list)
