@@ -241,7 +241,7 @@ def _greedy(n: int) -> SamplingParams:
 def test_the_next_turn_reuses_the_kept_prefix_and_gives_the_same_tokens(engine_registry, kind):
     """A prompt that starts with an earlier request's prompt and reply prefills only the rest,
     even after an unrelated request ran beside the kept slot (a free row riding along in decode
-    steps writes after what the slot keeps), and its greedy tokens equal a cold engine's."""
+    steps writes after what the slot keeps), and its seeded samples equal a cold engine's."""
     first = list(range(3, 40))
     other = list(range(100, 130))
 
