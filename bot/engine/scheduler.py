@@ -73,8 +73,6 @@ class Worker:
         self.kept: list[np.ndarray] = [np.zeros(0, np.int64)] * runner.slots
         self.kept_at = [0] * runner.slots  # when each slot was last released (for eviction)
         self._clock = 0
-        self.tokens = np.zeros(runner.slots, np.int64)
-        self.lengths = np.zeros(runner.slots, np.int64)
         self.order: deque[Request] = deque()  # admitted requests still prefilling, oldest first
 
     def free_slot(self) -> int | None:
@@ -249,14 +247,17 @@ class Scheduler:
         decoding = [r for r in w.slots if r is not None and r.next_token is not None]
         if not decoding:
             return
-        n = max(r.slot for r in decoding) + 1  # rows 0..n-1; free rows ride along
-        w.tokens[:n] = 0
-        for i in range(n):
+        # one run for the rows from the lowest to the highest decoding slot; free rows and rows
+        # still prefilling in between ride along and write one junk entry after what they hold
+        first, last = decoding[0].slot, decoding[-1].slot
+        ids, lengths = w.runner.ids, w.runner.seqlens
+        for i in range(first, last + 1):
             r = w.slots[i]
-            w.lengths[i] = len(w.kept[i]) if r is None else r.cached
+            ids[i, 0] = 0
+            lengths[i] = len(w.kept[i]) if r is None else r.cached
         for r in decoding:
-            w.tokens[r.slot] = r.next_token
-        logits = w.runner.decode(w.tokens[:n], w.lengths[:n])
+            ids[r.slot, 0] = r.next_token
+        logits = w.runner.decode(first, last - first + 1)
         for r in decoding:
             r.cached += 1
             r.next_token = None

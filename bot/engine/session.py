@@ -126,7 +126,7 @@ class GraphRunner:
         self.seqlens = np.zeros(slots, np.int32)
         self.total = np.zeros((), np.int32)
         self.logits = np.zeros((slots, self.vocab), np.float32)
-        self._decode_bindings: dict[int, ort.IOBinding] = {}
+        self._decode_bindings: dict[tuple[int, int], ort.IOBinding] = {}
         # prefill (one slot) inputs and outputs
         self.chunk_ids = np.zeros((1, self.max_context), np.int64)
         self.chunk_positions = np.zeros((1, self.max_context), np.int64)
@@ -148,36 +148,36 @@ class GraphRunner:
             binding.bind_input(name, self.device, 0, self.kv_dtype, shape, ptr)
             binding.bind_output(present, self.device, 0, self.kv_dtype, shape, ptr)
 
-    def _decode_binding(self, n: int) -> ort.IOBinding:
-        binding = self._decode_bindings.get(n)
+    def _decode_binding(self, first: int, n: int) -> ort.IOBinding:
+        binding = self._decode_bindings.get((first, n))
         if binding is None:
+            rows = slice(first, first + n)
             binding = self.session.io_binding()
-            self._bind_cpu(binding, "input_ids", self.ids[:n])
+            self._bind_cpu(binding, "input_ids", self.ids[rows])
             if self.has_positions:
-                self._bind_cpu(binding, "position_ids", self.positions[:n])
-            self._bind_cpu(binding, "seqlens_k", self.seqlens[:n])
+                self._bind_cpu(binding, "position_ids", self.positions[rows])
+            self._bind_cpu(binding, "seqlens_k", self.seqlens[rows])
             self._bind_cpu(binding, "total_sequence_length", self.total)
-            self._bind_cpu(binding, "logits", self.logits[:n], output=True)
-            self._bind_kv(binding, 0, n)
-            self._decode_bindings[n] = binding
+            self._bind_cpu(binding, "logits", self.logits[rows], output=True)
+            self._bind_kv(binding, first, n)
+            self._decode_bindings[first, n] = binding
         return binding
 
     # ---- running -----------------------------------------------------------------------------
-    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """One token for each of rows 0..n-1 on top of `lengths` cached tokens per row.
+    def decode(self, first: int, n: int) -> np.ndarray:
+        """One token for each of rows first..first+n-1, from `ids` and `seqlens` (the tokens and
+        the cached lengths, written there by the caller).
 
         Rows that are not generating pass any token; they write one entry at their own length,
-        which is beyond what they hold, so nothing they keep is touched. Returns logits [n, V]
-        (a view of a buffer the next step overwrites).
+        which is beyond what they hold, so nothing they keep is touched. Returns the logits of
+        all slots [slots, V] (rows outside the range are stale; a buffer the next step overwrites).
         """
-        n = len(tokens)
-        self.ids[:n, 0] = tokens
-        self.seqlens[:n] = lengths
+        rows = slice(first, first + n)
         if self.has_positions:
-            self.positions[:n, 0] = np.minimum(lengths, self.max_context - 1)
-        self.total[...] = int(lengths.max()) + 1
-        self.session.run_with_iobinding(self._decode_binding(n))
-        return self.logits[:n]
+            self.positions[rows, 0] = self.seqlens[rows]
+        self.total[...] = int(self.seqlens[rows].max()) + 1
+        self.session.run_with_iobinding(self._decode_binding(first, n))
+        return self.logits
 
     def prefill(self, slot: int, tokens: np.ndarray, past: int) -> np.ndarray:
         """Feed `tokens` to one slot on top of its `past` cached tokens; logits [V] of the last."""

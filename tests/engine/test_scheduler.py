@@ -182,14 +182,18 @@ def test_prefill_writes_only_its_own_slot(engine_registry):
     assert not kv[0].any() and not kv[2].any()
     assert kv[1, :, :5].any() and not kv[1, :, 5:].any()
     # the same tokens through a decode step of every slot continue identically in slot 1
-    tokens, lengths = np.array([0, 6, 0]), np.array([0, 5, 0])
-    step = runner.decode(tokens, lengths)
+    runner.ids[:, 0], runner.seqlens[:] = [0, 6, 0], [0, 5, 0]
+    step = runner.decode(0, 3).copy()
     alone = GraphRunner(*create_session(model.graph_path, "cpu"), slots=1)
     np.testing.assert_allclose(alone.prefill(0, np.array([1, 2, 3, 4, 5]), 0), logits, atol=1e-5)
     np.testing.assert_allclose(alone.prefill(0, np.array([6]), 5), step[1], atol=1e-5)
-    assert len(runner._decode_bindings) == 1  # the binding is made once per row count
-    runner.decode(tokens, lengths + 1)
+    assert len(runner._decode_bindings) == 1  # the binding is made once per row range
+    runner.seqlens[:] += 1
+    runner.decode(0, 3)
     assert len(runner._decode_bindings) == 1
+    # slot 1 alone (rows 1..1) gives the same logits as a run over every row
+    runner.seqlens[:] = [0, 5, 0]
+    np.testing.assert_allclose(runner.decode(1, 1)[1], step[1], atol=1e-5)
 
 
 def test_close_ends_running_requests(engine_registry):
@@ -211,7 +215,7 @@ def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(engi
         runner = engine._scheduler.current.runner
         real = runner.decode
 
-        def broken(tokens, lengths):
+        def broken(first, n):
             raise RuntimeError("simulated ORT failure")
 
         try:
@@ -298,7 +302,7 @@ def test_a_failed_step_forgets_every_kept_prefix(engine_registry):
         try:
             await engine.generate(prompt, _greedy(4))
 
-            def broken(tokens, lengths):
+            def broken(first, n):
                 raise RuntimeError("simulated ORT failure")
 
             runner.decode = broken
@@ -326,3 +330,30 @@ def test_a_shared_system_prompt_alone_does_not_evict_another_conversation(engine
     stranger, back = run(go())
     assert stranger.cached_tokens == 0  # 20 shared tokens are not worth 40 kept ones: slot 1
     assert back.cached_tokens == 37  # so the first conversation's prefix is still there
+
+
+def test_a_lone_stream_in_a_high_slot_decodes_only_its_own_row(engine_registry):
+    """Kept prefixes put a conversation back in its own slot, whatever its number: a decode
+    step then runs from the lowest to the highest decoding slot, not from slot 0."""
+
+    async def go():
+        engine = await _start(engine_registry, slots=3)
+        runner = engine._scheduler.current.runner
+        real, ranges = runner.decode, []
+
+        def spy(first, n):
+            ranges.append((first, n))
+            return real(first, n)
+
+        try:
+            for start in (3, 100, 200):  # three unrelated prompts fill slots 0, 1, 2
+                await engine.generate(list(range(start, start + 30)), _greedy(4))
+            runner.decode = spy
+            third = await engine.generate([*range(200, 230), 7], _greedy(6))
+        finally:
+            await engine.close()
+        return third, ranges
+
+    third, ranges = run(go())
+    assert third.cached_tokens == 30  # back in slot 2
+    assert ranges and set(ranges) == {(2, 1)}
