@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bot.engine import Engine, SamplingParams
-from bot.engine.sampling import Sampler
+from bot.engine.sampling import Sampler, _top_k
 from tests.engine.conftest import run
 
 V = 10
@@ -37,6 +37,19 @@ def test_top_k_top_p_min_p_limit_the_candidates():
     assert set(_draws(SamplingParams(top_p=0.75, seed=0))) == {0, 1, 2}
     # min_p 0.3: keep p >= 0.12 -> 0.4, 0.3, 0.15
     assert set(_draws(SamplingParams(min_p=0.3, seed=0))) == {0, 1, 2}
+
+
+def test_top_k_selection_is_exact_and_in_token_order():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        vocab = int(rng.integers(2, 60_000))
+        k = int(rng.integers(1, min(vocab, 2_000)))
+        x = rng.normal(0, 3, vocab).astype(np.float32)
+        if trial % 3 == 0:  # banned tokens
+            x[rng.integers(0, vocab, vocab // 2)] = -np.inf
+        got = _top_k(x, k)
+        assert len(got) == k and np.all(np.diff(got) > 0)
+        assert np.array_equal(np.sort(x[got]), np.sort(x)[vocab - k :])
 
 
 def test_top_p_over_a_flat_distribution_keeps_exactly_the_nucleus():
