@@ -184,14 +184,11 @@ def build_prompt(
         text = render(chat_messages(system, turns[len(turns) - count :], named=named))
         return text, encode(text)
 
-    if keep is not None and 0 < keep < len(turns):
-        text, ids = attempt(keep)
-        if len(ids) <= budget:
-            return Prompt(text, ids, keep, len(turns) - keep, named)
-    text, ids = attempt(len(turns))
-    if len(ids) <= budget:  # the common case with a long context: one render
-        return Prompt(text, ids, len(turns), 0, named)
-    text, ids = attempt(1)
+    first = keep if keep is not None and 0 < keep <= len(turns) else len(turns)
+    text, ids = attempt(first)  # the window or everything: the common case is one render
+    if len(ids) <= budget:
+        return Prompt(text, ids, first, len(turns) - first, named)
+    text, ids = attempt(1)  # `first` turns do not fit, so no more than first - 1 can
     if len(ids) > budget:
         raise MessageTooLongError(
             f"prompt of {len(ids)} tokens with only the newest turn exceeds the budget {budget}",
@@ -199,7 +196,7 @@ def build_prompt(
             f"the limit is {budget}). Please shorten it.",
         )
     target = max(int(budget * trim_to), len(ids))
-    low, high = 1, len(turns)  # low always fits; find the largest count that fits
+    low, high = 1, max(1, first - 1)  # low always fits; find the largest count that fits
     best = (text, ids)
     while low < high:
         mid = (low + high + 1) // 2
