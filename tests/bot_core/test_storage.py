@@ -13,7 +13,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from bot.storage import repo
 from bot.storage.db import Database, DatabaseError
-from bot.storage.models import AuditEntry, Base, Channel, Message, Status
+from bot.storage.models import Base, Channel, Message, Status
 
 
 async def test_sqlite_connections_use_wal_and_foreign_keys(db: Database):
@@ -170,4 +170,3 @@ def test_schema_compiles_for_postgresql():
     assert "autoreply BOOLEAN DEFAULT false NOT NULL" in ddl
     assert "CONSTRAINT fk_messages_channel_id_channels FOREIGN KEY" in ddl
     assert any("ix_messages_channel_history" in i for i in indexes)
-    assert {AuditEntry.__tablename__, Message.__tablename__} <= set(Base.metadata.tables)

@@ -281,7 +281,7 @@ async def test_create_bot_points_discord_py_at_the_configured_server(tmp_path: P
     from bot.client import create_bot
     from bot.config import Settings
 
-    saved = Route.BASE
+    saved, library_gateway = Route.BASE, HTTPClient.get_bot_gateway
     try:
         settings = Settings(
             data_dir=tmp_path,
@@ -292,7 +292,7 @@ async def test_create_bot_points_discord_py_at_the_configured_server(tmp_path: P
         assert Route.BASE == "http://127.0.0.1:5/api/v10"
         shards, url, limits = await bot.http.get_bot_gateway()
         assert (shards, url, limits["max_concurrency"]) == (1, "ws://127.0.0.1:5/gateway", 1)
-        assert HTTPClient.get_bot_gateway is not bot.http.get_bot_gateway  # only our client
+        assert HTTPClient.get_bot_gateway is library_gateway  # only our client is patched
         assert bot.intents.message_content and bot.intents.dm_messages
         assert bot.allowed_mentions is not None and bot.allowed_mentions.everyone is False
         await bot.close()

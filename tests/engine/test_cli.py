@@ -48,6 +48,7 @@ def test_generate_bad_input_is_one_line(engine_registry, tmp_path, capsys):
 
 def test_bench_json_last_line(engine_registry, capsys):
     argv = ["bench", "--registry", str(engine_registry.root), "--model", "llama", "--json"]
+    argv += ["--device", "cpu"]  # the provider asserted below, also where a GPU is usable
     argv += ["--prompt-tokens", "16", "--new-tokens", "8", "--concurrency", "2", "--repeats", "2"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

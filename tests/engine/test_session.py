@@ -85,7 +85,8 @@ def test_engine_requested_on_cuda_still_generates(engine_registry):
 
     (on_cuda, info), (on_cpu, _) = run(go("cuda")), run(go("cpu"))
     assert on_cuda.token_ids == on_cpu.token_ids
-    assert info.provider in ("cuda", "cpu")
+    # CUDA was asked for: either it runs, or the CPU runs and the report says why
+    assert info.provider == "cuda" or (info.provider == "cpu" and info.fallback_reason)
 
 
 def test_fp16_graph_runs_with_fp16_kv_on_the_cpu(tiny_checkpoints, tmp_path, engine_registry):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from export.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file
+from export.pipeline import GENERATION_KEYS, ExportRequest, export_checkpoint
+from export.registry import Registry
 
 
 def test_manifest_describes_the_version(published_version, tiny_checkpoints):
@@ -48,7 +52,18 @@ def test_tokens_template_and_generation_defaults(published_version, tiny_checkpo
     # config.json's eos_token_id (2 in the tiny checkpoints) is a stop token too
     assert 2 in t.stop_token_ids
     generation = json.loads((tiny_checkpoints["llama"] / "generation_config.json").read_text())
-    assert all(m.generation[k] == v for k, v in generation.items() if k in m.generation)
+    assert m.generation == {k: v for k, v in generation.items() if k in GENERATION_KEYS}
+
+
+def test_sampling_defaults_come_from_generation_config(tiny_checkpoints, tmp_path):
+    checkpoint = Path(shutil.copytree(tiny_checkpoints["llama"], tmp_path / "ckpt"))
+    config_file = checkpoint / "generation_config.json"
+    generation = json.loads(config_file.read_text())
+    wanted = {"do_sample": True, "temperature": 0.6, "top_p": 0.85, "repetition_penalty": 1.2}
+    config_file.write_text(json.dumps(generation | wanted))
+    req = ExportRequest(checkpoint, "gen", flavour="reference", progress=False)
+    info, _ = export_checkpoint(req, Registry(tmp_path / "registry"))
+    assert Manifest.read(info.path).generation == wanted  # and nothing else (no token ids)
 
 
 def test_missing_file_is_named(version_copy):
