@@ -138,13 +138,20 @@ def render_chat(
     add_generation_prompt: bool,
     bos_token: str | None,
     eos_token: str | None,
+    unk_token: str | None = None,
+    pad_token: str | None = None,
     **extra: Any,
 ) -> str:
-    """Render `messages` with a chat template; `extra` (other special tokens, `tools`, ...) is
+    """Render `messages` with a chat template; `extra` (`tools`, other variables, ...) is
     visible to the template. Special tokens that are None stay undefined, as in transformers."""
     compiled = compile_template(template)
     variables: dict[str, Any] = {"tools": None, "documents": None}
-    specials = {"bos_token": bos_token, "eos_token": eos_token}
+    specials = {
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "unk_token": unk_token,
+        "pad_token": pad_token,
+    }
     variables.update({k: v for k, v in specials.items() if v is not None})
     variables.update(_plain(extra))
     try:

@@ -228,11 +228,6 @@ def sampling_params(s: ChannelSettings, stop: tuple[str, ...] = ()) -> SamplingP
     )
 
 
-def model_version(model: LoadedModel) -> str:
-    """NAME@N of a loaded registry version."""
-    return f"{model.manifest.name}@{model.manifest.version}"
-
-
 def generation_settings(model: LoadedModel, overrides: dict[str, Any]) -> ChannelSettings:
     """A channel's settings for one request: the reply budget never takes over half the context."""
     settings = effective_settings(model.manifest.generation, overrides)
@@ -284,7 +279,6 @@ class _ChannelQueues:
 class _Started:
     stream: Any  # the engine's stream: async iterator of str, .result, .cancel()
     row_id: int | None  # the assistant row (None: nothing stored, as for ask())
-    model_version: str
     prompt: Prompt
 
 
@@ -317,16 +311,8 @@ class Reply:
         self.text = ""
 
     @property
-    def model_version(self) -> str | None:
-        return self._started.model_version if self._started else None
-
-    @property
     def prompt(self) -> Prompt | None:
         return self._started.prompt if self._started else None
-
-    @property
-    def row_id(self) -> int | None:
-        return self._started.row_id if self._started else None
 
     async def __aenter__(self) -> Reply:
         if self._queues is not None:
@@ -452,7 +438,7 @@ class ChatService:
             turns = [Turn(Role.USER, prompt, author.id, author.name)]
             built = self._build(model, turns, system=default_system(model), settings=settings)
             stream = self._submit(built, settings)
-            return _Started(stream, None, model_version(model), built)
+            return _Started(stream, None, built)
 
         return Reply(self.db, start, channel_id=channel_id, queues=None)
 
@@ -484,7 +470,6 @@ class ChatService:
         built = self._build(model, turns, system=system, settings=settings, keep=keep)
         self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
         stream = self._submit(built, settings)
-        version = model_version(model)
         try:
             async with self.db.session() as s, s.begin():
                 row = await repo.add_message(
@@ -495,13 +480,13 @@ class ChatService:
                     role=Role.ASSISTANT,
                     content="",
                     prompt_tokens=len(built.ids),
-                    model_version=version,
+                    model_version=model.ref,
                     status=Status.IN_PROGRESS,
                 )
         except BaseException:
             stream.cancel()
             raise
-        return _Started(stream, row.id, version, built)
+        return _Started(stream, row.id, built)
 
     @staticmethod
     def _build(
@@ -532,7 +517,7 @@ class ChatService:
         except ReplyError:
             raise
         except Exception as exc:  # a template that refuses the conversation, no template, ...
-            log.exception("cannot build a prompt for %s", model_version(model))
+            log.exception("cannot build a prompt for %s", model.ref)
             raise GenerationFailedError(str(exc)) from exc
 
     def _submit(self, prompt: Prompt, settings: ChannelSettings) -> Any:

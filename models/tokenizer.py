@@ -214,8 +214,6 @@ class TokenizerBundle:
         """The conversation as prompt text, rendered with this tokenizer's chat template."""
         if self.chat_template is None:
             raise ModelError("this tokenizer has no chat template")
-        specials = {"unk_token": self.unk_token, "pad_token": self.pad_token}
-        extra = {**{k: v for k, v in specials.items() if v is not None}, **extra}
         try:
             return render_chat(
                 self.chat_template,
@@ -223,6 +221,8 @@ class TokenizerBundle:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                unk_token=self.unk_token,
+                pad_token=self.pad_token,
                 **extra,
             )
         except ChatTemplateError as exc:

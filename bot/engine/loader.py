@@ -57,6 +57,8 @@ class LoadedModel:
             add_generation_prompt=add_generation_prompt,
             bos_token=info.bos_token,
             eos_token=info.eos_token,
+            unk_token=info.unk_token,
+            pad_token=info.pad_token,
         )
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

@@ -54,7 +54,9 @@ class Database:
         if self.dialect == "sqlite" and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.engine: AsyncEngine = create_async_engine(url, echo=echo, pool_pre_ping=True)
+            # a server can drop idle connections (ping before use); a SQLite file cannot
+            ping = self.dialect != "sqlite"
+            self.engine: AsyncEngine = create_async_engine(url, echo=echo, pool_pre_ping=ping)
         except Exception as exc:  # missing driver, async-incapable driver, ...
             raise DatabaseError(f"cannot use database {parsed!r}: {exc}") from None
         if self.dialect == "sqlite":

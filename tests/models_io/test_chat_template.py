@@ -91,6 +91,21 @@ def test_missing_special_tokens_stay_undefined_like_transformers():
     assert got == expected == "False|x"
 
 
+def test_unk_and_pad_tokens_reach_the_template_when_set():
+    template = "{{ pad_token }}|{{ unk_token is defined }}|{{ messages[0].content }}"
+    messages = [{"role": "user", "content": "x"}]
+    got = render_chat(
+        template,
+        messages,
+        add_generation_prompt=False,
+        bos_token=None,
+        eos_token=None,
+        pad_token="<pad>",
+        unk_token=None,
+    )
+    assert got == "<pad>|False|x"
+
+
 def test_extra_variables_reach_the_template():
     template = "{{ greeting }}, {{ messages[0].content }}{% if add_generation_prompt %}!{% endif %}"
     messages = [{"role": "user", "content": "world"}]
