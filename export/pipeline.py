@@ -66,15 +66,6 @@ class ExportRequest:
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
 
 
-def fused_available() -> bool:
-    """Whether export.graph_fused (the engine's graph) can be imported."""
-    try:
-        import export.graph_fused  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def check_request(req: ExportRequest) -> None:
     """Refuse bad requests before any work is done."""
     validate_name(req.name)
@@ -88,8 +79,6 @@ def check_request(req: ExportRequest) -> None:
         raise ExportError(
             "the reference flavour is fp32 only; use --flavour fused for other precisions"
         )
-    if req.flavour == "fused" and not fused_available():
-        raise ExportError("the fused flavour is not available yet; use --flavour reference")
     if req.max_context is not None and req.max_context < 1:
         raise ExportError(f"--max-context must be positive, got {req.max_context}")
     if not Path(req.checkpoint).expanduser().exists():

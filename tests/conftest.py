@@ -111,15 +111,14 @@ def tiny_llama_dir(tiny_checkpoints) -> Path:
 def tiny_registry(tiny_checkpoints, tmp_path_factory):
     """A Registry in a tmp dir whose active version is the tiny llama, named `tiny`.
 
-    Fused flavour (fp32, max_context 256) when export.graph_fused exists, else the reference one;
-    `tiny_registry.active().path` is the version folder. Shared by the session: do not modify it.
+    Fused flavour, fp32; `tiny_registry.active().path` is the version folder. Shared by the
+    session: do not modify it.
     """
-    from export.pipeline import ExportRequest, export_checkpoint, fused_available
+    from export.pipeline import ExportRequest, export_checkpoint
     from export.registry import Registry
 
     registry = Registry(tmp_path_factory.mktemp("tiny-registry"))
-    flavour = "fused" if fused_available() else "reference"
-    request = ExportRequest(tiny_checkpoints["llama"], "tiny", flavour=flavour, progress=False)
+    request = ExportRequest(tiny_checkpoints["llama"], "tiny", flavour="fused", progress=False)
     info, _ = export_checkpoint(request, registry)
     registry.use(info.ref)
     return registry

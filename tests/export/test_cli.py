@@ -282,12 +282,6 @@ def test_disk_full_exits_2_and_publishes_nothing(capsys, seeded, tiny_checkpoint
     assert sorted(p.name for p in (seeded / "chat").iterdir()) == ["v1", "v2"]
 
 
-def test_fused_flavour_unavailable_is_a_clear_error(capsys, seeded, tiny_checkpoints, monkeypatch):
-    monkeypatch.setitem(sys.modules, "export.graph_fused", None)  # import now raises ImportError
-    code, _, err = _run(capsys, tiny_checkpoints["llama"], "--name", "chat", "--registry", seeded)
-    assert code == 2 and "fused flavour is not available" in err
-
-
 @pytest.mark.parametrize(("cuda", "precision"), [(False, "int8"), (True, "fp16")])
 def test_the_default_version_is_int8_on_a_cpu_and_fp16_with_cuda(monkeypatch, cuda, precision):
     import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from export.manifest import sha256_file
-from export.pipeline import ExportRequest, export_checkpoint, fused_available
+from export.pipeline import ExportRequest, export_checkpoint
 from export.registry import Registry
 
 
@@ -29,8 +29,7 @@ def test_default_model_exports_in_both_flavours(tmp_path):
     cache = default_cache_dir()
     model_dir = fetch_default(cache / "SmolLM2-135M-Instruct", cache_dir=cache, progress=False)
     registry = Registry(tmp_path / "registry")
-    flavours = ["reference", "fused"] if fused_available() else ["reference"]
-    for flavour in flavours:
+    for flavour in ["reference", "fused"]:
         req = ExportRequest(model_dir, "smollm2", flavour=flavour, progress=False)
         _, manifest = export_checkpoint(req, registry)
         assert manifest.parity.passed, manifest.parity

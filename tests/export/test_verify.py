@@ -8,7 +8,6 @@ import pytest
 from onnx import numpy_helper
 
 from export.graph_reference import save_model
-from export.pipeline import fused_available
 from export.verify import THRESHOLDS, Settings, describe_failure, verify
 
 SMALL = Settings(prompts=2, prompt_length=6, steps=4)
@@ -58,7 +57,6 @@ def test_thresholds_cover_every_precision_and_tighten_with_bits():
     assert rel == sorted(rel)
 
 
-@pytest.mark.skipif(not fused_available(), reason="export.graph_fused not written yet")
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_fused_graph_passes_verification(kind, sources, tmp_path):
     from export.graph_fused import build_fused_graph
