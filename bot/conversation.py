@@ -421,6 +421,8 @@ class ChatService:
         self._queues = _ChannelQueues()
         # channel -> first stored message of its last prompt (where the next prompt starts too)
         self._window: dict[int, int | None] = {}
+        # auto-reply channels, read once: the chat cog asks for every message in every guild
+        self._autoreply: set[int] | None = None
 
     # -- replies --
     def reply(self, msg: IncomingMessage, *, bot: Speaker) -> Reply:
@@ -599,11 +601,14 @@ class ChatService:
             await repo.set_channel_fields(s, channel_id, autoreply=bool(enabled))
             state = "on" if enabled else "off"
             await repo.add_audit(s, actor_id, f"autoreply.{state}", f"channel {channel_id}")
+        if self._autoreply is not None:
+            (self._autoreply.add if enabled else self._autoreply.discard)(channel_id)
 
     async def is_autoreply(self, channel_id: int) -> bool:
-        async with self.db.session() as s:
-            channel = await repo.get_channel(s, channel_id)
-        return bool(channel and channel.autoreply)
+        if self._autoreply is None:
+            async with self.db.session() as s:
+                self._autoreply = await repo.autoreply_channels(s)
+        return channel_id in self._autoreply
 
     async def audit(self, actor_id: int, action: str, detail: str) -> None:
         async with self.db.session() as s, s.begin():

@@ -35,6 +35,11 @@ async def get_channel(s: AsyncSession, channel_id: int) -> Channel | None:
     return await s.get(Channel, channel_id)
 
 
+async def autoreply_channels(s: AsyncSession) -> set[int]:
+    """Ids of the channels where the bot answers every message."""
+    return set(await s.scalars(select(Channel.id).where(Channel.autoreply.is_(True))))
+
+
 async def add_message(s: AsyncSession, **fields: Any) -> Message:
     """A new turn; flushed so that its id is known."""
     ids = fields.pop("discord_message_ids", None) or []

@@ -280,6 +280,17 @@ async def test_autoreply_and_audit(service: ChatService):
     assert not await service.is_autoreply(10)
 
 
+async def test_autoreply_channels_are_read_from_the_database_once(db: Database, settings):
+    first = ChatService(db, FakeEngine(), settings)
+    await first.set_autoreply(10, True, actor_id=4)
+    restarted = ChatService(db, FakeEngine(), settings)  # a new process: reads what is stored
+    assert await restarted.is_autoreply(10) and not await restarted.is_autoreply(11)
+    await restarted.set_autoreply(11, True, actor_id=4)
+    await restarted.set_autoreply(10, False, actor_id=4)
+    assert await restarted.is_autoreply(11) and not await restarted.is_autoreply(10)
+    assert await ChatService(db, FakeEngine(), settings).is_autoreply(11)
+
+
 async def test_the_reply_budget_never_takes_over_half_the_context(db: Database, settings):
     engine = FakeEngine(max_context=300)
     service = ChatService(db, engine, settings)
