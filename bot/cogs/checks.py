@@ -53,31 +53,33 @@ def _resolved(interaction: discord.Interaction) -> discord.Permissions | None:
     return interaction.permissions if interaction.guild_id is not None else None
 
 
-def admin_only() -> Callable[[T], T]:
-    """Command decorator: Administrator by default on Discord, checked again on our side."""
+def _require(allowed: Callable[..., bool], refusal: str, **default: bool) -> Callable[[T], T]:
+    """A command decorator: `allowed(user, admin_ids, resolved)` checked on our side for every
+    call, and `default` as the permissions Discord asks for by default. Discord applies those to
+    top-level commands only (discord.py sends none for a subcommand), so for subcommands the
+    check here is the whole protection."""
 
     def predicate(interaction: discord.Interaction) -> bool:
-        if not is_admin(interaction.user, _admin_ids(interaction), _resolved(interaction)):
-            raise NotAllowed("This command is for server administrators only.")
+        if not allowed(interaction.user, _admin_ids(interaction), _resolved(interaction)):
+            raise NotAllowed(refusal)
         return True
 
     def decorator(func: Any) -> Any:
-        func = app_commands.default_permissions(administrator=True)(func)
+        func = app_commands.default_permissions(**default)(func)
         return app_commands.check(predicate)(func)
 
     return decorator
+
+
+def admin_only() -> Callable[[T], T]:
+    """Server administrators (and ADMIN_USER_IDS) only."""
+    return _require(is_admin, "This command is for server administrators only.", administrator=True)
 
 
 def managers_only() -> Callable[[T], T]:
-    """Command decorator: Manage Messages or admin."""
-
-    def predicate(interaction: discord.Interaction) -> bool:
-        if not can_manage(interaction.user, _admin_ids(interaction), _resolved(interaction)):
-            raise NotAllowed("You need the Manage Messages permission for this command.")
-        return True
-
-    def decorator(func: Any) -> Any:
-        func = app_commands.default_permissions(manage_messages=True)(func)
-        return app_commands.check(predicate)(func)
-
-    return decorator
+    """Members with Manage Messages, and admins."""
+    return _require(
+        can_manage,
+        "You need the Manage Messages permission for this command.",
+        manage_messages=True,
+    )
