@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from models.errors import ModelError
+from models.errors import ModelError, first_line, listing
 from models.model import ModelConfig, hf_tensor_shapes
 from models.tokenizer import read_json
 
@@ -134,15 +134,15 @@ def read_weights(folder: Path, config: ModelConfig) -> tuple[dict[str, torch.Ten
                         )
                     tensors[name] = f.get_tensor(stored)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelError(f"{file}: corrupt safetensors file ({_first_line(exc)})") from None
+            raise ModelError(f"{file}: corrupt safetensors file ({first_line(exc)})") from None
     missing = [name for name in expected if name not in tensors]
     if missing:
         raise ModelError(
-            f"{label}: missing tensors for the {config.model_type} config: {_listing(missing)}"
+            f"{label}: missing tensors for the {config.model_type} config: {listing(missing)}"
         )
     if unused:
         raise ModelError(
-            f"{label}: tensors the {config.model_type} config does not use: {_listing(unused)}"
+            f"{label}: tensors the {config.model_type} config does not use: {listing(unused)}"
         )
     return tensors, files
 
@@ -158,15 +158,6 @@ def read_tokenizer(folder: Path, config: ModelConfig) -> TokenizerBundle:
             f"model's vocab_size is {config.vocab_size}"
         )
     return tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _listing(names: list[str], limit: int = 5) -> str:
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 # -----------------------------------------------------------------------------
@@ -216,7 +207,7 @@ def _checked_state(
     expected = hf_tensor_shapes(config)
     missing = [name for name in expected if name not in tensors]
     if missing:
-        raise ModelError(f"{out}: cannot save, missing tensors: {_listing(missing)}")
+        raise ModelError(f"{out}: cannot save, missing tensors: {listing(missing)}")
     state: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for name, shape in expected.items():

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.errors import ModelError
+from models.errors import ModelError, first_line
 
 if TYPE_CHECKING:
     from models.tokenizer import TokenizerBundle
@@ -115,7 +115,7 @@ def read_chatterbot(language: str) -> list[Conversation]:
         try:
             data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ModelError(f"{file}: not readable YAML ({_first_line(exc)})") from None
+            raise ModelError(f"{file}: not readable YAML ({first_line(exc)})") from None
         for entry in data.get("conversations") or []:
             if not isinstance(entry, list) or any(line is None for line in entry):
                 continue
@@ -134,7 +134,7 @@ def read_jsonl(path: Path) -> list[Conversation]:
     except FileNotFoundError:
         raise ModelError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not readable ({_first_line(exc)})") from None
+        raise ModelError(f"{path}: not readable ({first_line(exc)})") from None
     conversations = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -174,7 +174,7 @@ def read_text(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not a readable UTF-8 text file ({_first_line(exc)})") from None
+        raise ModelError(f"{path}: not a readable UTF-8 text file ({first_line(exc)})") from None
     if not text.strip():
         raise ModelError(f"{path}: empty text file")
     chunks, current = [], ""
@@ -188,10 +188,6 @@ def read_text(path: Path) -> list[str]:
         current += line
     chunks.append(current)
     return [c for c in chunks if c.strip()]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # -----------------------------------------------------------------------------

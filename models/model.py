@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.errors import ModelError
+from models.errors import ModelError, listing
 
 if TYPE_CHECKING:
     from models.checkpoint import Checkpoint
@@ -547,7 +547,7 @@ class CausalLM(nn.Module):
         own = self.hf_state_dict()
         missing = [name for name in own if name not in tensors]
         if missing:
-            raise ModelError(f"missing tensors for {self.config.model_type}: {_names(missing)}")
+            raise ModelError(f"missing tensors for {self.config.model_type}: {listing(missing)}")
         with torch.no_grad():
             for name, param in own.items():
                 src = tensors[name]
@@ -565,11 +565,6 @@ class CausalLM(nn.Module):
                 m.weight.numel() for m in self.backbone.modules() if isinstance(m, nn.Embedding)
             )
         return n
-
-
-def _names(names: list[str], limit: int = 5) -> str:
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from models.data import Dataset, Example, TrainBatches, collate, encode_items, pad_id_of
-from models.errors import ModelError
+from models.errors import ModelError, first_line
 from models.evaluate import autocast_for, mean_loss, perplexity, token_loss
 
 if TYPE_CHECKING:
@@ -247,7 +247,7 @@ class Trainer:
                 self.best = torch.load(best_file, map_location="cpu", weights_only=True)
                 self.best_saved = True
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{file}: cannot resume ({str(exc).splitlines()[0]})") from None
+            raise ModelError(f"{file}: cannot resume ({first_line(exc)})") from None
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> float:
