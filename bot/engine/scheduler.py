@@ -229,6 +229,8 @@ class Scheduler:
             r.worker.order.append(r)
 
     def _release_drained(self) -> None:
+        if len(self.workers) == 1:  # no swap in progress (the common case: skip the lock)
+            return
         with self.cond:
             for w in [w for w in self.workers if w is not self.current]:
                 if not w.active() and not any(r.worker is w for r in self.pending):
@@ -292,7 +294,7 @@ class Scheduler:
         r.sampler.accept(token)
         self._send(r, r.stops.feed(r.detok.add(token)))
         if r.stops.stopped:
-            self._finish(r, "stop", flush=False)
+            self._finish(r, "stop")
         elif len(r.tokens) >= r.params.max_new_tokens:
             self._finish(r, "length")
         else:
@@ -303,14 +305,12 @@ class Scheduler:
             r.text.append(piece)
             r.stream.push_threadsafe(piece)
 
-    def _finish(
-        self, r: Request, reason: str, error: str | None = None, flush: bool | None = None
-    ) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         """End a request: free its slot at once and hand the result to its stream."""
         if r.done:
             return
         r.done = True
-        if flush if flush is not None else reason in ("stop", "length"):
+        if reason in ("stop", "length") and not r.stops.stopped:  # a cut stop string ends it all
             self._send(r, r.stops.feed(r.detok.flush()))
             if not r.stops.stopped:
                 self._send(r, r.stops.flush())
