@@ -10,9 +10,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
+from export.manifest import PRECISIONS
 from export.quantize import BITS, quantize_blockwise
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is what opset 21 needs
 BLOCK_SIZE = 32

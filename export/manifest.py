@@ -7,7 +7,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -120,6 +120,10 @@ class Parity(_Model):
     seconds: float
 
 
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
 class Manifest(_Model):
     format_version: int = FORMAT_VERSION
     name: str
@@ -127,7 +131,7 @@ class Manifest(_Model):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     source: SourceInfo
     architecture: Architecture
-    precision: Literal["fp32", "fp16", "int8", "int4"]
+    precision: Precision
     flavour: Literal["reference", "fused"]
     max_context: int
     opset: int

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from export.manifest import (
+    PRECISIONS,
     Architecture,
     FileEntry,
     GraphInfo,
@@ -24,7 +25,6 @@ from export.manifest import (
 )
 from export.registry import Registry, VersionInfo, validate_name
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FLAVOURS = ("fused", "reference")
 DEFAULT_FLAVOUR = "fused"
 DEFAULT_PRECISION = "fp32"

@@ -9,13 +9,14 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.cogs.checks import admin_only
+from export.manifest import Precision
 from export.registry import Registry, RegistryError, VersionInfo
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ class Admin(commands.Cog):
         interaction: discord.Interaction,
         checkpoint: str,
         name: app_commands.Range[str, 1, 64],
-        precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32",
+        precision: Precision = "fp32",
         activate: bool = False,
     ) -> None:
         settings = self.bot.settings

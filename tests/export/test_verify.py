@@ -8,6 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from export.graph_reference import save_model
+from export.manifest import PRECISIONS
 from export.verify import THRESHOLDS, Settings, describe_failure, verify
 
 SMALL = Settings(prompts=2, prompt_length=6, steps=4)
@@ -52,6 +53,7 @@ def test_perturbed_weight_fails_verification(sources, reference_graphs, tmp_path
 def test_thresholds_cover_every_precision_and_tighten_with_bits():
     assert THRESHOLDS["fp32"].max_rel_error == 1e-4
     assert THRESHOLDS["fp32"].min_top1_agreement == 1.0
+    assert set(THRESHOLDS) == set(PRECISIONS)  # every precision an export accepts is verified
     order = ["fp32", "fp16", "int8", "int4"]
     rel = [THRESHOLDS[p].max_rel_error for p in order]
     assert rel == sorted(rel)
