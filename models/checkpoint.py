@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,41 +112,59 @@ def _hf_name(name: str, config: ModelConfig) -> str:
     return name
 
 
-def read_weights(folder: Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """Every tensor the config needs, checked against its expected shape."""
-    files, label = weight_files(folder)
+def check_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], label: Path) -> None:
+    """The tensors a checkpoint holds (HF names -> shapes) are exactly the ones its config
+    needs, each with the shape it needs; a one-line ModelError naming `label` otherwise."""
     expected = hf_tensor_shapes(config)
-    tensors: dict[str, torch.Tensor] = {}
-    unused: list[str] = []
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                for stored in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    name = _hf_name(stored, config)
-                    if name not in expected:
-                        tied_head = name == "lm_head.weight" and config.tie_word_embeddings
-                        if not tied_head and not name.endswith(_BUFFER_SUFFIXES):
-                            unused.append(stored)
-                        continue
-                    shape = tuple(f.get_slice(stored).get_shape())
-                    if shape != expected[name]:
-                        raise ModelError(
-                            f"{file}: tensor {stored} has shape {list(shape)}, but the config "
-                            f"needs {list(expected[name])}"
-                        )
-                    tensors[name] = f.get_tensor(stored)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelError(f"{file}: corrupt safetensors file ({first_line(exc)})") from None
-    missing = [name for name in expected if name not in tensors]
+    for name, shape in shapes.items():
+        if name in expected and tuple(shape) != expected[name]:
+            raise ModelError(
+                f"{label}: tensor {name} has shape {list(shape)}, but the config "
+                f"needs {list(expected[name])}"
+            )
+    missing = [name for name in expected if name not in shapes]
     if missing:
         raise ModelError(
             f"{label}: missing tensors for the {config.model_type} config: {listing(missing)}"
         )
+    tied_head = "lm_head.weight" if config.tie_word_embeddings else None
+    unused = [
+        name
+        for name in shapes
+        if name not in expected and name != tied_head and not name.endswith(_BUFFER_SUFFIXES)
+    ]
     if unused:
         raise ModelError(
             f"{label}: tensors the {config.model_type} config does not use: {listing(unused)}"
         )
+
+
+def read_weights(folder: Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """Every tensor the config needs, checked (from the files' headers) before any is read."""
+    files, label = weight_files(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with _reading(file), safe_open(file, framework="pt") as f:
+            for stored in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shapes[_hf_name(stored, config)] = tuple(f.get_slice(stored).get_shape())
+    check_tensors(config, shapes, label)
+    expected = hf_tensor_shapes(config)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with _reading(file), safe_open(file, framework="pt") as f:
+            for stored in f.keys():  # noqa: SIM118
+                if (name := _hf_name(stored, config)) in expected:
+                    tensors[name] = f.get_tensor(stored)
     return tensors, files
+
+
+@contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """A safetensors file that cannot be read is a one-line ModelError naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{file}: corrupt safetensors file ({first_line(exc)})") from None
 
 
 def read_tokenizer(folder: Path, config: ModelConfig) -> TokenizerBundle:

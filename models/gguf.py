@@ -369,14 +369,10 @@ def read_gguf(path: str | Path) -> GGUFModel:
             values = _unpermute_rows(values, kv_heads)
         tensors[name] = values
 
-    rows = tensors["model.embed_tokens.weight"].shape[0]
-    if rows != config["vocab_size"]:
+    if tokenizer.vocab_size > config["vocab_size"]:  # tensor shapes: load_gguf checks them
         raise ModelError(
-            f"{path}: embedding has {rows} rows but the vocabulary size is {config['vocab_size']}"
-        )
-    if tokenizer.vocab_size > rows:
-        raise ModelError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {rows}"
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{config['vocab_size']}"
         )
     generation = {
         k: config[k]
@@ -390,12 +386,15 @@ def load_gguf(path: str | Path) -> Checkpoint:
     """A Llama-architecture GGUF file as a Checkpoint (float32 tensors in HF names)."""
     import torch
 
-    from models.checkpoint import Checkpoint
+    from models.checkpoint import Checkpoint, check_tensors
     from models.model import ModelConfig
 
     contents = read_gguf(path)
+    config = ModelConfig.from_hf(contents.hf_config)
+    shapes = {name: tuple(values.shape) for name, values in contents.tensors.items()}
+    check_tensors(config, shapes, contents.path)
     return Checkpoint(
-        config=ModelConfig.from_hf(contents.hf_config),
+        config=config,
         tensors={k: torch.from_numpy(v) for k, v in contents.tensors.items()},
         tokenizer=contents.tokenizer,
         generation_config=contents.generation_config,

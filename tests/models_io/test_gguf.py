@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models.checkpoint import load_checkpoint
 from models.errors import ModelError
 from models.gguf import dequantize, open_gguf, read_gguf
 from models.tokenizer import TokenizerBundle
@@ -211,6 +214,17 @@ def test_wrong_architecture_and_missing_tensors(tmp_path):
     path = write_raw_tensors(tmp_path / "partial.gguf", weights, arch="llama")
     with pytest.raises(ModelError, match=r"partial\.gguf: GGUF metadata lacks llama"):
         read_gguf(path)
+
+
+def test_tensors_that_disagree_with_the_metadata_are_refused_at_load(tiny_checkpoints, tmp_path):
+    """A GGUF file gets the same tensor check as a Hugging Face folder, naming the file."""
+    hf_dir = Path(shutil.copytree(tiny_checkpoints["llama"], tmp_path / "hf"))
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["intermediate_size"] += 32  # the metadata now says 160; the tensors are 128 wide
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    path = write_tiny_llama(hf_dir, tmp_path / "odd.gguf")
+    with pytest.raises(ModelError, match=r"odd\.gguf: tensor model\.layers\.0\.mlp\..* has shape"):
+        load_checkpoint(path)
 
 
 def test_load_gguf_gives_a_checkpoint_our_model_runs(tiny_ggufs):
