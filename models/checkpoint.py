@@ -213,7 +213,7 @@ def save_hf_folder(
         _write_json(staging / GENERATION_NAME, generation)
         if tokenizer is not None:
             tokenizer.save(staging)
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -276,7 +276,7 @@ def _write_weights(folder: Path, state: dict[str, torch.Tensor], max_shard_bytes
     _write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Move the finished folder `new` to `target`, removing the old target only afterwards."""
     if not target.exists():
         os.replace(new, target)

@@ -199,7 +199,11 @@ def item_hash(item: Conversation | str) -> str:
     return hashlib.sha256(json.dumps(item, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def split_items(items: list, val_fraction: float = 0.05) -> tuple[list, list]:
+# the share held out for validation: fine-tuning's early stopping and `eval --split val` must agree
+VAL_FRACTION = 0.05
+
+
+def split_items(items: list, val_fraction: float = VAL_FRACTION) -> tuple[list, list]:
     """(train, validation): the round(n * val_fraction) items (at least one) of smallest hash.
 
     Depends only on the items' content, so the same data always splits the same way, whatever its

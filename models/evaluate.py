@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.data import IGNORE, Conversation, Example, collate, pad_id_of
+from models.data import IGNORE, VAL_FRACTION, Conversation, Example, collate, pad_id_of
 
 if TYPE_CHECKING:
     from models.model import CausalLM
@@ -141,7 +141,7 @@ def evaluate(
     max_new_tokens: int,
     max_length: int,
     split: str,
-    val_fraction: float = 0.05,
+    val_fraction: float = VAL_FRACTION,
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Perplexity on the chosen split's labelled tokens; BLEU/ROUGE-L and samples of greedy
@@ -201,7 +201,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default="val",
         help="the held-out validation part (as fine-tuning splits it) or every conversation",
     )
-    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     parser.add_argument("--limit", type=int, default=200, help="at most N conversations")
     parser.add_argument("--replies", type=int, default=16, help="greedy replies for BLEU/ROUGE")
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -132,7 +132,7 @@ def fetch_default(
         raise ModelError(f"{out}: exists and is not a fetch-default output (--force replaces it)")
 
     gguf = fetch_gguf(cache_dir, progress=progress)
-    from models.checkpoint import save_hf_folder
+    from models.checkpoint import replace_dir, save_hf_folder
     from models.gguf import load_gguf
 
     _say(progress, f"converting {gguf.name} (dequantizing to float32)")
@@ -149,22 +149,11 @@ def fetch_default(
             "converter_version": CONVERTER_VERSION,
         }
         (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(folder, out)
+        replace_dir(folder, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _say(progress, f"wrote {out}")
     return out
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, swapping out whatever was there in one rename."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = new.parent / "old"
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def add_fetch_default_arguments(parser: argparse.ArgumentParser) -> None:

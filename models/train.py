@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from models.data import Dataset, Example, TrainBatches, collate, encode_items, pad_id_of
+from models.data import (
+    VAL_FRACTION,
+    Dataset,
+    Example,
+    TrainBatches,
+    collate,
+    encode_items,
+    pad_id_of,
+)
 from models.errors import ModelError, first_line
 from models.evaluate import autocast_for, mean_loss, perplexity, token_loss
 
@@ -489,7 +497,7 @@ def _add_loop_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: 
     parser.add_argument("--max-length", type=int, default=256, help="tokens per conversation")
     parser.add_argument("--eval-every", type=int, default=20, help="steps between evaluations")
     parser.add_argument("--patience", type=int, default=0, help="stop after P evals without gain")
-    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     parser.add_argument("--val-limit", type=int, default=200, help="validation conversations used")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT.partial")
