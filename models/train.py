@@ -228,9 +228,10 @@ class Trainer:
         if self.best is not None and not self.best_saved:
             _atomic_save(self.best, self.partial / BEST_FILE)
             self.best_saved = True
+        just_improved = self.best is not None and self.state.best_step == self.state.step
         _atomic_save(
             {
-                "model": self.trained_tensors(),
+                "model": self.best if just_improved else self.trained_tensors(),  # no 2nd copy
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
