@@ -325,11 +325,6 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, labels
 
 
-def batches(examples: list[Example], batch_size: int) -> list[list[Example]]:
-    """Consecutive batches of at most batch_size examples."""
-    return [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-
-
 class TrainBatches:
     """Shuffled micro-batches over the training items, each item encoded on first use.
 
