@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,27 @@ def cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+@cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that pip's nvidia-* packages install (onnxruntime-gpu
+    does not find them by itself unless torch was imported first, and the bot never imports it).
+
+    Once per process; what ORT prints about libraries it cannot find (any CPU-only machine) goes
+    to the debug log, not to stdout.
+    """
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is None:
+        return
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            preload()
+    except Exception as exc:  # a broken CUDA install must not stop a CPU run
+        out.write(f"{type(exc).__name__}: {exc}")
+    if out.getvalue().strip():
+        log.debug("engine: preloading CUDA libraries: %s", " | ".join(out.getvalue().split("\n")))
 
 
 def _options(threads: int, spin: bool = False) -> ort.SessionOptions:
@@ -62,12 +86,13 @@ def create_session(
         if CUDA not in ort.get_available_providers():
             reason = "this onnxruntime build has no CUDA provider"
         else:
+            preload_cuda_libraries()
             # ORT prints its own errors while probing CUDA; we report the outcome ourselves
             ort.set_default_logger_severity(4)
             try:
-                session = ort.InferenceSession(
-                    str(graph), _options(0), providers=[(CUDA, {"device_id": 0}), CPU]
-                )
+                # no TF32: an fp32 graph gives the CPU's greedy tokens (fp16 graphs never use it)
+                cuda = (CUDA, {"device_id": "0", "use_tf32": "0"})
+                session = ort.InferenceSession(str(graph), _options(0), providers=[cuda, CPU])
                 if session.get_providers()[0] == CUDA:
                     log.info("engine: CUDA provider for %s", graph)
                     return session, SessionInfo("cuda", 0)

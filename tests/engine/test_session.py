@@ -10,7 +10,7 @@ import pytest
 
 from bot.engine import Engine, ModelLoadError, SamplingParams
 from bot.engine.loader import load_model
-from bot.engine.session import CUDA, create_session
+from bot.engine.session import CUDA, create_session, preload_cuda_libraries
 from tests.engine.conftest import run
 
 CUDA_USABLE = CUDA in ort.get_available_providers() and ort.get_device() == "GPU"
@@ -58,6 +58,28 @@ def test_cuda_session_error_falls_back(engine_registry, monkeypatch):
     _, info = create_session(graph, "auto", threads=1)
     assert info.provider == "cpu" and info.threads == 1
     assert "out of memory" in info.fallback_reason
+
+
+def test_cuda_libraries_are_preloaded_once_and_quietly(engine_registry, monkeypatch, capfd):
+    graph = load_model("llama", engine_registry.root).graph_path
+    calls = []
+
+    def preload():  # what onnxruntime-gpu prints on a machine without pip's CUDA libraries
+        calls.append(1)
+        print("Failed to load libcublas.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(ort, "preload_dlls", preload)
+    preload_cuda_libraries.cache_clear()
+    try:
+        create_session(graph, "cpu")
+        assert calls == []  # an explicit CPU run never touches CUDA
+        monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, "CPUExecutionProvider"])
+        create_session(graph, "auto")
+        create_session(graph, "auto")
+        assert calls == [1]
+        assert "libcublas" not in capfd.readouterr().out
+    finally:
+        preload_cuda_libraries.cache_clear()
 
 
 def test_auto_and_cpu_pick_the_cpu_here_with_threads(engine_registry):
