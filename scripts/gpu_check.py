@@ -38,6 +38,7 @@ from bot.engine.loader import load_model
 from bot.engine.session import GraphRunner, create_session
 from export.pipeline import ExportRequest, export_checkpoint
 from export.registry import Registry
+from tests.checkpoints import write_tokenizer
 
 SMOLLM2_135M = dict(  # config.json of SmolLM2-135M-Instruct, the shape that matters
     vocab_size=49152,
@@ -103,45 +104,15 @@ def make_checkpoint(out: Path, tiny: bool) -> Path:
     byte-level BPE tokenizer and a ChatML template: enough for the engine and for transformers."""
     import torch
     import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if (out / "config.json").exists():
         return out
     torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **(TINY if tiny else SMOLLM2_135M)
-    )
-    model = tf.LlamaForCausalLM(config).eval()
+    shape = TINY if tiny else SMOLLM2_135M
+    config = tf.LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = [Path(m.__file__).read_text(errors="ignore") for m in (json, argparse, asyncio)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=min(500, config.vocab_size),
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(text, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    chatml = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-        "{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    )
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<|im_start|>",
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "chat_template": chatml,
-            }
-        )
-    )
+    tf.LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
+    write_tokenizer(out, vocab_size=min(500, config.vocab_size), max_length=8192)
     return out
 
 
