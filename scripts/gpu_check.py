@@ -306,7 +306,8 @@ def main() -> int:
     theirs = {n: bench_transformers(checkpoint, args.device, n, args) for n in streams}
 
     correct = (
-        greedy["device_equals_cpu"]
+        all(r["provider"] == greedy["provider"] for r in ours.values())  # no fallback mid-way
+        and greedy["device_equals_cpu"]
         and greedy["device_batched_equals_alone"]
         and greedy["cpu_batched_equals_alone"]
         and logits["top1_agreement"] >= 2 / 3

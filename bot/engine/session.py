@@ -50,7 +50,7 @@ def preload_cuda_libraries() -> None:
         return
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with contextlib.redirect_stdout(out):  # it reports with print()
             preload()
     except Exception as exc:  # a broken CUDA install must not stop a CPU run
         out.write(f"{type(exc).__name__}: {exc}")
