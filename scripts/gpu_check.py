@@ -38,7 +38,7 @@ from bot.engine.loader import load_model
 from bot.engine.session import GraphRunner, create_session
 from export.pipeline import ExportRequest, export_checkpoint
 from export.registry import Registry
-from tests.checkpoints import write_tokenizer
+from tests.checkpoints import make_tiny_checkpoint, write_tokenizer
 
 SMOLLM2_135M = dict(  # config.json of SmolLM2-135M-Instruct, the shape that matters
     vocab_size=49152,
@@ -50,17 +50,6 @@ SMOLLM2_135M = dict(  # config.json of SmolLM2-135M-Instruct, the shape that mat
     max_position_embeddings=8192,
     rms_norm_eps=1e-5,
     rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
-TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rope_theta=10000.0,
     tie_word_embeddings=True,
 )
 TARGETS = {  # issue 4 on an H100, fp16, prompt 128, 128 new tokens
@@ -100,19 +89,20 @@ def environment(device: str) -> dict:
 
 
 def make_checkpoint(out: Path, tiny: bool) -> Path:
-    """A random-weight Llama checkpoint of SmolLM2-135M's shape (or a tiny one), with a small
-    byte-level BPE tokenizer and a ChatML template: enough for the engine and for transformers."""
+    """A random-weight Llama checkpoint of SmolLM2-135M's shape (or the tests' tiny one), with a
+    small byte-level BPE tokenizer and a ChatML template: enough for the engine and transformers."""
     import torch
     import transformers as tf
 
     if (out / "config.json").exists():
         return out
+    if tiny:
+        return make_tiny_checkpoint(out, "llama")
     torch.manual_seed(0)
-    shape = TINY if tiny else SMOLLM2_135M
-    config = tf.LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)
+    config = tf.LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **SMOLLM2_135M)
     out.mkdir(parents=True, exist_ok=True)
     tf.LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out, vocab_size=min(500, config.vocab_size), max_length=8192)
+    write_tokenizer(out, vocab_size=500, max_length=8192)
     return out
 
 
