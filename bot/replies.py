@@ -104,10 +104,41 @@ class StreamedReply:
                 self._last_edit = self.clock()
 
     async def _post(self, chunk: str) -> None:
+        self.messages.append(await self._send(chunk))
+        self._shown.append(chunk)
+        self._last_edit = self.clock()
+
+    async def _send(self, chunk: str) -> Any:
+        """A new message holding `chunk` (anything with `.id` and `.edit(content=...)`)."""
         kwargs: dict[str, Any] = {"allowed_mentions": discord.AllowedMentions.none()}
         if self.reference is not None and not self.messages:
             kwargs["reference"] = self.reference
             kwargs["mention_author"] = False
-        self.messages.append(await self.channel.send(chunk, **kwargs))
-        self._shown.append(chunk)
-        self._last_edit = self.clock()
+        return await self.channel.send(chunk, **kwargs)
+
+
+class InteractionReply(StreamedReply):
+    """The same streaming into a deferred slash command's answer: its original response holds the
+    first part, follow-ups (ephemeral too when asked) hold what goes past the limit."""
+
+    def __init__(
+        self,
+        interaction: discord.Interaction,
+        *,
+        ephemeral: bool = False,
+        edit_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        channel = interaction.channel  # unused: parts go through the interaction's webhook
+        super().__init__(channel, edit_interval_s=edit_interval_s, clock=clock)  # type: ignore[arg-type]
+        self.interaction, self.ephemeral = interaction, ephemeral
+
+    async def _send(self, chunk: str) -> Any:
+        none = discord.AllowedMentions.none()
+        if not self.messages:
+            return await self.interaction.edit_original_response(
+                content=chunk, allowed_mentions=none
+            )
+        return await self.interaction.followup.send(
+            chunk, ephemeral=self.ephemeral, allowed_mentions=none, wait=True
+        )

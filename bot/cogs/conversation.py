@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import discord
@@ -11,12 +10,13 @@ from discord.ext import commands
 
 from bot.cogs.checks import managers_only
 from bot.conversation import ReplyError, Speaker
-from bot.replies import MAX_LEN, split_message
+from bot.replies import InteractionReply, split_message
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
 
 NONE = discord.AllowedMentions.none()
+EMPTY_ANSWER = "(the model gave an empty answer)"
 
 
 def _bot(interaction: discord.Interaction) -> ChatBot:
@@ -140,29 +140,24 @@ class Conversation(commands.Cog):
         await interaction.response.defer(ephemeral=ephemeral, thinking=True)
         bot = self.bot
         author = Speaker(interaction.user.id, interaction.user.display_name)
-        text, shown, last = "", "", 0.0
+        out = InteractionReply(
+            interaction, ephemeral=ephemeral, edit_interval_s=bot.settings.edit_interval_s
+        )
+        note = ""
         with bot.in_flight():
             try:
                 async with bot.chat.ask(
                     prompt, channel_id=_channel(interaction), author=author
                 ) as reply:
                     async for piece in reply:
-                        text += piece
-                        head = split_message(text)[0]
-                        due = time.monotonic() - last >= bot.settings.edit_interval_s
-                        if head.strip() and head != shown and due:
-                            await interaction.edit_original_response(
-                                content=head, allowed_mentions=NONE
-                            )
-                            shown, last = head, time.monotonic()
+                        await out.push(piece)
                     if reply.result is not None:
                         bot.record_speed(reply.result.tokens_per_s)
             except ReplyError as exc:
-                text += ("\n\n" if text else "") + f"*{exc.user_message}*"
-        chunks = split_message(text) if text.strip() else ["(the model gave an empty answer)"]
-        await interaction.edit_original_response(content=chunks[0][:MAX_LEN], allowed_mentions=NONE)
-        for chunk in chunks[1:]:
-            await interaction.followup.send(chunk, ephemeral=ephemeral, allowed_mentions=NONE)
+                note = ("\n\n" if out.text.strip() else "") + f"*{exc.user_message}*"
+        if not note and not out.text.strip():
+            note = EMPTY_ANSWER
+        await out.finish(note)
 
 
 async def setup(bot: ChatBot) -> None:

@@ -7,7 +7,7 @@ import itertools
 import discord
 import pytest
 
-from bot.replies import MAX_LEN, StreamedReply, split_message
+from bot.replies import MAX_LEN, InteractionReply, StreamedReply, split_message
 
 
 def test_short_text_is_one_message() -> None:
@@ -91,3 +91,46 @@ async def test_stream_continues_in_new_message_past_limit() -> None:
     assert len(sent) == 2 and len(r.message_ids) == 2
     final = {mid: c for _, mid, c, _ in ch.log}
     assert " ".join(final[m] for m in r.message_ids).split() == ["word"] * 500
+
+
+class _Followup:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    async def send(self, content: str, **kw: object) -> _Msg:
+        assert kw["wait"] is True and isinstance(kw["allowed_mentions"], discord.AllowedMentions)
+        msg = _Msg(content, self.log)
+        self.log.append(("followup", msg.id, content, kw["ephemeral"]))
+        return msg
+
+
+class _Interaction:
+    """What InteractionReply uses of a deferred discord.Interaction."""
+
+    def __init__(self) -> None:
+        self.log: list = []
+        self.channel = None
+        self.followup = _Followup(self.log)
+
+    async def edit_original_response(self, **kw: object) -> _Msg:
+        assert kw["allowed_mentions"].to_dict() == {"parse": []}  # type: ignore[attr-defined]
+        msg = _Msg(str(kw["content"]), self.log)
+        self.log.append(("original", msg.id, kw["content"], None))
+        return msg
+
+
+@pytest.mark.asyncio
+async def test_interaction_reply_streams_into_the_original_then_followups() -> None:
+    it = _Interaction()
+    r = InteractionReply(it, ephemeral=True, edit_interval_s=0.0)  # type: ignore[arg-type]
+    for _ in range(500):
+        await r.push("word ")
+    await r.finish("\n\n*cut short*")
+    kinds = [e[0] for e in it.log]
+    assert kinds[0] == "original" and kinds.count("original") == 1
+    followups = [e for e in it.log if e[0] == "followup"]
+    assert len(followups) == 1 and followups[0][3] is True  # ephemeral like the answer
+    assert "edit" in kinds  # the original was edited as the text grew
+    final = {mid: c for _, mid, c, *_ in it.log}
+    text = " ".join(final[m] for m in r.message_ids)
+    assert text.split()[:-2] == ["word"] * 500 and text.endswith("*cut short*")

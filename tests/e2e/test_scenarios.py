@@ -195,6 +195,29 @@ async def test_settings_set_is_stored_and_changes_generation(
     assert rows[-1].role == "assistant" and rows[-1].token_count <= 1
 
 
+async def test_ask_answers_in_its_own_response_and_keeps_no_history(
+    fake: FakeDiscord, start_bot: Start
+) -> None:
+    bot = await start_bot()
+    alice = fake.add_user("alice")
+    channel = fake.text_channel_ids[4]
+    prompt = {"type": 3, "name": "prompt", "value": "Say something nice."}
+    interaction = await fake.dispatch_interaction(channel, alice, "ask", [prompt])
+    callback = await fake.wait_for(
+        lambda r: r.path.startswith(f"/interactions/{interaction['id']}/")
+    )
+    assert callback.json["type"] == 5  # deferred ("thinking"), then answered by edits
+    original = f"/webhooks/{fake.app_id}/{interaction['token']}/messages/@original"
+    await fake.wait_for(lambda r: r.method == "PATCH" and r.path == original, 60)
+    await fake.wait_until(lambda: bot.active_replies == 0, 60)
+    edits = [r for r in fake.requests if r.method == "PATCH" and r.path == original]
+    assert edits[-1].json["content"].strip()
+    assert all(_pings_nobody(r.json["allowed_mentions"]) for r in edits)
+    answer = [m for m in fake.channel_messages(channel) if m["author"]["id"] == fake.bot_user["id"]]
+    assert len(answer) == 1 and answer[0]["content"].strip()
+    assert await _stored(bot, channel) == []  # a one-off: nothing joins the channel's history
+
+
 async def test_non_admin_is_refused_model_use(fake: FakeDiscord, start_bot: Start) -> None:
     bot = await start_bot()
     mallory = fake.add_user("mallory")
