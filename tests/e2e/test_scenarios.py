@@ -98,6 +98,17 @@ def _pings_nobody(allowed: dict[str, Any]) -> bool:
     return nobody and not allowed.get("replied_user", False)
 
 
+async def _command(
+    fake: FakeDiscord, channel: int, user: dict, name: str, options: list | None = None
+) -> tuple[dict[str, Any], Recorded]:
+    """Run a slash command; (the interaction, the bot's callback to it)."""
+    interaction = await fake.dispatch_interaction(channel, user, name, options)
+    callback = await fake.wait_for(
+        lambda r: r.path.startswith(f"/interactions/{interaction['id']}/")
+    )
+    return interaction, callback
+
+
 async def _stored(bot: Any, channel_id: int) -> list[Any]:
     async with bot.db.session() as s:
         return await repo.history(s, channel_id, 100)
@@ -180,10 +191,7 @@ async def test_settings_set_is_stored_and_changes_generation(
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[3]
     sub = {"type": 1, "name": "set", "options": [_option("max_tokens", 1, 4)]}
-    interaction = await fake.dispatch_interaction(channel, alice, "settings", [sub])
-    callback = await fake.wait_for(
-        lambda r: r.path.startswith(f"/interactions/{interaction['id']}/")
-    )
+    _, callback = await _command(fake, channel, alice, "settings", [sub])
     assert callback.json["type"] == 4
     assert "max_tokens" in callback.json["data"]["content"]
     assert (await bot.chat.get_settings(channel)).max_tokens == 1
@@ -202,10 +210,7 @@ async def test_ask_answers_in_its_own_response_and_keeps_no_history(
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[4]
     prompt = {"type": 3, "name": "prompt", "value": "Say something nice."}
-    interaction = await fake.dispatch_interaction(channel, alice, "ask", [prompt])
-    callback = await fake.wait_for(
-        lambda r: r.path.startswith(f"/interactions/{interaction['id']}/")
-    )
+    interaction, callback = await _command(fake, channel, alice, "ask", [prompt])
     assert callback.json["type"] == 5  # deferred ("thinking"), then answered by edits
     original = f"/webhooks/{fake.app_id}/{interaction['token']}/messages/@original"
     await fake.wait_for(lambda r: r.method == "PATCH" and r.path == original, 60)
@@ -224,10 +229,7 @@ async def test_non_admin_is_refused_model_use(fake: FakeDiscord, start_bot: Star
     channel = fake.text_channel_ids[4]
     running = bot.engine.model.ref
     sub = {"type": 1, "name": "use", "options": [_option("version", "tiny@1", 3)]}
-    interaction = await fake.dispatch_interaction(channel, mallory, "model", [sub])
-    callback = await fake.wait_for(
-        lambda r: r.path.startswith(f"/interactions/{interaction['id']}/")
-    )
+    _, callback = await _command(fake, channel, mallory, "model", [sub])
     assert callback.json["type"] == 4
     assert "administrators only" in callback.json["data"]["content"]
     assert callback.json["data"]["flags"] & 64  # ephemeral
@@ -378,10 +380,7 @@ async def test_stats_shows_queue_depth_and_streams(fake: FakeDiscord, start_bot:
     bot = await start_bot()
     admin = fake.add_user("admin", admin=True)
     channel = fake.text_channel_ids[8]
-    interaction = await fake.dispatch_interaction(channel, admin, "stats")
-    callback = await fake.wait_for(
-        lambda r: r.path.startswith(f"/interactions/{interaction['id']}/")
-    )
+    _, callback = await _command(fake, channel, admin, "stats")
     lines = callback.json["data"]["content"].strip("`\n").splitlines()
     assert f"model: {bot.engine.model.ref} on cpu" in lines
     assert "queue: 0 waiting" in lines
