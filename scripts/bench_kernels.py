@@ -19,82 +19,65 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.graph_fused import ACCURACY_LEVEL, BLOCK_SIZE, IR_VERSION, MS
-from export.quantize import quantize_blockwise
+from export.graph_fused import IR_VERSION, MS, OPSET, _attention, _Graph, _rotary_caches
 
 N, K, CHAIN = 3072, 576, 10  # gate|up of SmolLM2-135M; nodes per run (weights stay distinct)
-HEADS, KV_HEADS, HEAD_DIM, SLOTS, LAYERS = 9, 3, 64, 2048, 30
+SMOLLM2 = SimpleNamespace(num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0)
+SLOTS, LAYERS = 2048, 30
+QKV_WIDTH = (SMOLLM2.num_heads + 2 * SMOLLM2.num_kv_heads) * SMOLLM2.head_dim
 
 
-def _model(nodes, inputs, outputs, initializers) -> bytes:
-    graph = helper.make_graph(nodes, "kernels", inputs, outputs, initializers)
-    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
+def _model(g: _Graph, inputs: list, outputs: list) -> bytes:
+    graph = helper.make_graph(g.nodes, "kernels", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = IR_VERSION
     return model.SerializeToString()
 
 
-def matmul_model(kind: str) -> bytes:
-    rng = np.random.default_rng(0)
-    nodes, inits = [], []
-    for i in range(CHAIN):
-        w = rng.standard_normal((N, K)).astype(np.float32) * 0.02
-        if kind == "fp32":
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}"))
-            nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]))
-            continue
-        q = quantize_blockwise(w, bits=4, block_size=BLOCK_SIZE, symmetric=False)
-        for name, value in (("w", q.packed), ("s", q.scales), ("z", q.zero_points)):
-            inits.append(numpy_helper.from_array(value, f"{name}{i}"))
-        attrs = dict(K=K, N=N, bits=4, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits", ["x", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"], domain=MS, **attrs
-            )
-        )
-    x = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", K])]
-    ys = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", N]) for i in range(CHAIN)]
-    return _model(nodes, x, ys, inits)
+def _value(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def matmul_model(precision: str) -> bytes:
+    """CHAIN [N, K] linears written by the exporter's own graph writer (so int4 is exactly the
+    MatMulNBits node, block and accuracy level that `python -m export` emits)."""
+    g, rng = _Graph(precision), np.random.default_rng(0)
+    ys = [g.linear("x", rng.standard_normal((N, K)) * 0.02, f"mm{i}") for i in range(CHAIN)]
+    outputs = [_value(y, TensorProto.FLOAT, ["m", N]) for y in ys]
+    return _model(g, [_value("x", TensorProto.FLOAT, ["m", K])], outputs)
 
 
 def attention_model() -> bytes:
-    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
-    inv = 1.0 / 100000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
-    angles = np.outer(np.arange(SLOTS), inv)
-    inits = [
-        numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
-        numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin"),
-    ]
+    """LAYERS GroupQueryAttention nodes as the fused graph writes them, all on the same packed
+    QKV input, each on its own KV buffers (the names of the graph contract)."""
+    g, cfg = _Graph("fp32"), SMOLLM2
+    cos, sin = _rotary_caches(cfg.head_dim, cfg.rope_theta, SLOTS)
+    g.weight("cos_cache", cos)
+    g.weight("sin_cache", sin)
+    kv_shape = ["b", cfg.num_kv_heads, SLOTS, cfg.head_dim]
     inputs = [
-        helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["b", 1, width]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
-        helper.make_tensor_value_info("total", TensorProto.INT32, []),
+        _value("qkv", TensorProto.FLOAT, ["b", 1, QKV_WIDTH]),
+        _value("seqlens_k", TensorProto.INT32, ["b"]),
+        _value("total_sequence_length", TensorProto.INT32, []),
     ]
-    outputs, nodes = [], []
-    kv_shape = ["b", KV_HEADS, SLOTS, HEAD_DIM]
+    outputs = []
     for i in range(LAYERS):
-        for kind in "kv":
-            inputs.append(
-                helper.make_tensor_value_info(f"past_{kind}{i}", TensorProto.FLOAT, kv_shape)
-            )
-            outputs.append(
-                helper.make_tensor_value_info(f"present_{kind}{i}", TensorProto.FLOAT, kv_shape)
-            )
-        outputs.append(
-            helper.make_tensor_value_info(f"o{i}", TensorProto.FLOAT, ["b", 1, HEADS * HEAD_DIM])
-        )
-        ins = ["qkv", "", "", f"past_k{i}", f"past_v{i}", "seqlens_k", "total", "cos", "sin"]
-        outs = [f"o{i}", f"present_k{i}", f"present_v{i}"]
-        attrs = dict(num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=1, scale=1.0)
-        nodes.append(helper.make_node("GroupQueryAttention", ins, outs, domain=MS, **attrs))
-    return _model(nodes, inputs, outputs, inits)
+        out = _attention(g, cfg, i, "qkv", rotary=True)
+        outputs.append(_value(out, TensorProto.FLOAT, ["b", 1, cfg.num_heads * cfg.head_dim]))
+        for kind in ("key", "value"):
+            inputs.append(_value(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+            outputs.append(_value(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+    return _model(g, inputs, outputs)
 
 
 def session(model: bytes, args: argparse.Namespace) -> ort.InferenceSession:
@@ -137,16 +120,17 @@ def _attention_binding(sess: ort.InferenceSession, rows: int, cached: int):
         value = ort.OrtValue.ortvalue_from_numpy(array)
         (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, value)
 
-    rng = np.random.default_rng(0)
+    rng, cfg = np.random.default_rng(0), SMOLLM2
     for i in range(LAYERS):
-        for kind in "kv":
-            buf = rng.random((rows, KV_HEADS, SLOTS, HEAD_DIM), np.float32)
-            bind(f"past_{kind}{i}", buf)
-            bind(f"present_{kind}{i}", buf, output=True)
-        bind(f"o{i}", np.zeros((rows, 1, HEADS * HEAD_DIM), np.float32), output=True)
-    bind("qkv", rng.random((rows, 1, (HEADS + 2 * KV_HEADS) * HEAD_DIM), np.float32))
+        for kind in ("key", "value"):
+            buf = rng.random((rows, cfg.num_kv_heads, SLOTS, cfg.head_dim), np.float32)
+            bind(f"past_key_values.{i}.{kind}", buf)  # filled: zeros would read the zero page
+            bind(f"present.{i}.{kind}", buf, output=True)
+        width = cfg.num_heads * cfg.head_dim
+        bind(f"layers.{i}.attn", np.zeros((rows, 1, width), np.float32), output=True)
+    bind("qkv", rng.random((rows, 1, QKV_WIDTH), np.float32))
     bind("seqlens_k", np.full(rows, cached, np.int32))
-    bind("total", np.array(cached + 1, np.int32))
+    bind("total_sequence_length", np.array(cached + 1, np.int32))
     return binding, keep
 
 

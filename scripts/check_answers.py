@@ -40,8 +40,7 @@ async def score(model: str, registry: Path | None, temperature: float, seeds: in
     try:
         loaded, right, wrong = engine.model, 0, []
         for question, keyword in QUESTIONS.items():
-            prompt = loaded.render_chat([{"role": "user", "content": question}])
-            ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
+            ids = loaded.encode_chat(question)
             for seed in range(seeds):
                 params = SamplingParams(
                     temperature=temperature, top_p=0.9, top_k=50, seed=seed, max_new_tokens=40

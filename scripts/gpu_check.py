@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.engine import Engine, SamplingParams
 from bot.engine.loader import load_model
-from bot.engine.session import GraphRunner, create_session
+from bot.engine.session import GraphRunner, create_session, preload_cuda_libraries
 from export.pipeline import ExportRequest, export_checkpoint
 from export.registry import Registry
 from tests.checkpoints import make_tiny_checkpoint, write_tokenizer
@@ -66,8 +66,6 @@ def emit(record: dict) -> dict:
 
 def environment(device: str) -> dict:
     import onnxruntime as ort
-
-    from bot.engine.session import preload_cuda_libraries
 
     if device != "cpu":
         preload_cuda_libraries()

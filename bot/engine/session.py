@@ -54,8 +54,8 @@ def preload_cuda_libraries() -> None:
             preload()
     except Exception as exc:  # a broken CUDA install must not stop a CPU run
         out.write(f"{type(exc).__name__}: {exc}")
-    if out.getvalue().strip():
-        log.debug("engine: preloading CUDA libraries: %s", " | ".join(out.getvalue().split("\n")))
+    if said := out.getvalue().strip():
+        log.debug("engine: preloading CUDA libraries: %s", said.replace("\n", " | "))
 
 
 def _options(threads: int, spin: bool = False) -> ort.SessionOptions:

@@ -94,15 +94,8 @@ def test_missing_special_tokens_stay_undefined_like_transformers():
 def test_unk_and_pad_tokens_reach_the_template_when_set():
     template = "{{ pad_token }}|{{ unk_token is defined }}|{{ messages[0].content }}"
     messages = [{"role": "user", "content": "x"}]
-    got = render_chat(
-        template,
-        messages,
-        add_generation_prompt=False,
-        bos_token=None,
-        eos_token=None,
-        pad_token="<pad>",
-        unk_token=None,
-    )
+    specials = dict(bos_token=None, eos_token=None, pad_token="<pad>", unk_token=None)
+    got = render_chat(template, messages, add_generation_prompt=False, **specials)
     assert got == "<pad>|False|x"
 
 
