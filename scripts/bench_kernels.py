@@ -29,10 +29,18 @@ from onnx import TensorProto, helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.graph_fused import IR_VERSION, MS, OPSET, _attention, _Graph, _rotary_caches
+from tests.checkpoints import SMOLLM2_135M
 
-N, K, CHAIN = 3072, 576, 10  # gate|up of SmolLM2-135M; nodes per run (weights stay distinct)
-SMOLLM2 = SimpleNamespace(num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0)
-SLOTS, LAYERS = 2048, 30
+K = SMOLLM2_135M["hidden_size"]
+N, CHAIN = 2 * SMOLLM2_135M["intermediate_size"], 10  # gate|up; nodes per run, all distinct
+LAYERS = SMOLLM2_135M["num_hidden_layers"]
+SMOLLM2 = SimpleNamespace(
+    num_heads=SMOLLM2_135M["num_attention_heads"],
+    num_kv_heads=SMOLLM2_135M["num_key_value_heads"],
+    head_dim=SMOLLM2_135M["hidden_size"] // SMOLLM2_135M["num_attention_heads"],
+    rope_theta=SMOLLM2_135M["rope_theta"],
+)
+SLOTS = 2048  # the fused graph's default max context
 QKV_WIDTH = (SMOLLM2.num_heads + 2 * SMOLLM2.num_kv_heads) * SMOLLM2.head_dim
 
 

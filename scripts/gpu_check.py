@@ -38,20 +38,8 @@ from bot.engine.loader import load_model
 from bot.engine.session import GraphRunner, create_session, preload_cuda_libraries
 from export.pipeline import ExportRequest, export_checkpoint
 from export.registry import Registry
-from tests.checkpoints import make_tiny_checkpoint, write_tokenizer
+from tests.checkpoints import make_checkpoint
 
-SMOLLM2_135M = dict(  # config.json of SmolLM2-135M-Instruct, the shape that matters
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
 TARGETS = {  # issue 4 on an H100, fp16, prompt 128, 128 new tokens
     "one_stream_tok_s": 1000.0,
     "one_stream_vs_transformers": 5.0,
@@ -84,24 +72,6 @@ def environment(device: str) -> dict:
     except ImportError:
         record["torch"] = None
     return emit(record)
-
-
-def make_checkpoint(out: Path, tiny: bool) -> Path:
-    """A random-weight Llama checkpoint of SmolLM2-135M's shape (or the tests' tiny one), with a
-    small byte-level BPE tokenizer and a ChatML template: enough for the engine and transformers."""
-    import torch
-    import transformers as tf
-
-    if (out / "config.json").exists():
-        return out
-    if tiny:
-        return make_tiny_checkpoint(out, "llama")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **SMOLLM2_135M)
-    out.mkdir(parents=True, exist_ok=True)
-    tf.LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out, vocab_size=500, max_length=8192)
-    return out
 
 
 def export(checkpoint: Path, registry: Registry, max_context: int) -> dict[str, str]:
@@ -268,7 +238,12 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     environment(args.device)
-    checkpoint = args.checkpoint or make_checkpoint(args.out / "checkpoint", args.tiny)
+    checkpoint = args.checkpoint
+    if checkpoint is None:  # random weights, built once per --out folder
+        kind = "llama" if args.tiny else "smollm2-135m"
+        checkpoint = args.out / kind
+        if not (checkpoint / "config.json").exists():
+            make_checkpoint(checkpoint, kind)
     registry = Registry(args.out / "registry")
     refs = export(checkpoint, registry, args.max_context)
     vocab = load_model(refs["fp32"], registry.root).manifest.architecture.vocab_size

@@ -1,5 +1,5 @@
 """Random-weight Hugging Face checkpoints built with transformers (an implementation independent
-of ours), for the tests and for scripts/gpu_check.py."""
+of ours), for the tests and for the scripts that need a model of a real shape."""
 
 from __future__ import annotations
 
@@ -52,8 +52,25 @@ def write_tokenizer(out: Path, vocab_size: int, max_length: int = 256) -> None:
     )
 
 
-def make_tiny_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
-    """A random-weight HF folder: llama (GQA), qwen2 (qkv bias), llama-untied or gpt2."""
+# SmolLM2-135M-Instruct's config.json (the default model): a random checkpoint of its shape is a
+# fair speed workload (scripts/gpu_check.py) and gives the kernels' shapes (bench_kernels.py)
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
+
+
+def make_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
+    """A random-weight HF folder: tiny llama (GQA), qwen2 (qkv bias), llama-untied or gpt2, or
+    smollm2-135m (the default model's shape)."""
     import torch
     import transformers as tf
 
@@ -68,7 +85,9 @@ def make_tiny_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    if kind in ("llama", "llama-untied"):
+    if kind == "smollm2-135m":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**(common | SMOLLM2_135M)))
+    elif kind in ("llama", "llama-untied"):
         cfg = tf.LlamaConfig(
             rope_theta=10000.0, tie_word_embeddings=(kind == "llama"), **gqa_shape, **common
         )
@@ -87,5 +106,5 @@ def make_tiny_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
             p.add_(torch.randn_like(p) * 0.02)
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out, vocab)
+    write_tokenizer(out, vocab)  # a few hundred tokens are enough to talk to any of them
     return out

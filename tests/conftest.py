@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import make_tiny_checkpoint
+from tests.checkpoints import make_checkpoint
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -16,9 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One tiny HF folder per family variant, keyed by kind."""
     root = tmp_path_factory.mktemp("tiny-checkpoints")
-    return {
-        k: make_tiny_checkpoint(root / k, k) for k in ("llama", "llama-untied", "qwen2", "gpt2")
-    }
+    return {k: make_checkpoint(root / k, k) for k in ("llama", "llama-untied", "qwen2", "gpt2")}
 
 
 @pytest.fixture(scope="session")
