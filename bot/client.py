@@ -2,7 +2,7 @@
 
 Tests start the bot in-process against a Discord-compatible server:
 
-    settings = Settings(discord_api_base="http://127.0.0.1:PORT/api/v10",
+    settings = BotConfig(discord_api_base="http://127.0.0.1:PORT/api/v10",
                         discord_gateway_url="ws://127.0.0.1:PORT/gateway", ...)
     bot = await create_bot(settings)       # sets discord.http.Route.BASE to discord_api_base
     task = asyncio.create_task(bot.start("any-token"))   # login, setup_hook, gateway
@@ -34,11 +34,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import console
-from bot.config import ConfigError, Settings, get_settings
+from bot.config import BotConfig, ConfigError, get_settings
 
 if TYPE_CHECKING:
-    from bot.conversation import ChatService
     from bot.engine import Engine
+    from bot.service import ChatService
     from bot.storage.db import Database
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,15 @@ No Discord token configured. To run the bot on Discord:
      https://discord.com/oauth2/authorize?client_id=APP_ID&scope=bot+applications.commands&permissions={PERMISSIONS}
 Without a token, `python -m bot chat` chats in this terminal."""
 
-COGS = ("bot.cogs.chat", "bot.cogs.conversation", "bot.cogs.admin")
+COGS = ("bot.cogs.chat", "bot.cogs.channel", "bot.cogs.admin")
 SESSION_LIMITS = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
 APOLOGY = "Sorry, that command failed; the cause is in the bot's log."
 
 
 def user_error(error: Exception) -> str | None:
     """The one-line message for errors users cause (refused checks, bad values), else None."""
-    from bot.conversation import ReplyError, SettingsError
+    from bot.errors import ReplyError
+    from bot.storage.settings import SettingsError
     from export.registry import RegistryError
 
     if isinstance(error, app_commands.CommandInvokeError):
@@ -77,12 +78,12 @@ def user_error(error: Exception) -> str | None:
 class ChatBot(commands.AutoShardedBot):
     """The Discord side of the product: ChatService behind cogs, with a clean shutdown."""
 
-    settings: Settings
+    settings: BotConfig
     db: Database
     engine: Engine
     chat: ChatService
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: BotConfig) -> None:
         intents = discord.Intents.none()
         intents.guilds = intents.messages = intents.message_content = intents.dm_messages = True
         intents.guild_messages = True
@@ -117,8 +118,8 @@ class ChatBot(commands.AutoShardedBot):
         await super().login(token)
 
     async def setup_hook(self) -> None:
-        from bot.conversation import ChatService
         from bot.engine import Engine
+        from bot.service import ChatService
         from bot.storage.db import Database
 
         s = self.settings
@@ -211,13 +212,13 @@ class ChatBot(commands.AutoShardedBot):
         log.exception("error in %s", event_method)
 
 
-async def create_bot(settings: Settings) -> ChatBot:
+async def create_bot(settings: BotConfig) -> ChatBot:
     """A ChatBot pointed at settings.discord_api_base (the gateway follows in login)."""
     discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
     return ChatBot(settings)
 
 
-async def serve(settings: Settings, token: str) -> None:
+async def serve(settings: BotConfig, token: str) -> None:
     """Run until closed; SIGTERM and SIGINT close the bot gracefully."""
     console.resolve_model(settings)  # no model version: say so before connecting to Discord
     bot = await create_bot(settings)

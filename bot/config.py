@@ -25,7 +25,7 @@ class ConfigError(Exception):
     """Settings that cannot be loaded: one line for the user (exit status 2)."""
 
 
-class Settings(BaseSettings):
+class BotConfig(BaseSettings):
     """Every setting of the bot; environment names are the field names in capitals."""
 
     model_config = SettingsConfigDict(
@@ -91,7 +91,7 @@ class Settings(BaseSettings):
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
-    def _derived_defaults(self) -> Settings:
+    def _derived_defaults(self) -> BotConfig:
         """Paths that default to places under data_dir."""
         if not self.database_url:
             self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'bot.db'}"
@@ -113,10 +113,10 @@ class Settings(BaseSettings):
         }
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(**overrides: Any) -> BotConfig:
     """Settings from every source; ConfigError (one line) when a value is invalid."""
     try:
-        return Settings(**overrides)
+        return BotConfig(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
@@ -125,6 +125,6 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 @lru_cache(maxsize=1)
-def get_settings() -> Settings:
+def get_settings() -> BotConfig:
     """The process-wide settings, read once (tests call get_settings.cache_clear())."""
     return load_settings()

@@ -10,10 +10,10 @@ import logging
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from bot.config import ConfigError, Settings, load_settings
+from bot.config import BotConfig, ConfigError, load_settings
 
 if TYPE_CHECKING:
-    from bot.conversation import ChatService
+    from bot.service import ChatService
 
 CONSOLE_CHANNEL_ID = 1  # the console's own "channel" in the database (Discord ids are far larger)
 CONSOLE_USER_ID = 1
@@ -52,7 +52,7 @@ class Console:
     """Reads lines, runs `/` commands, streams replies; output goes to `out`."""
 
     def __init__(self, service: ChatService, out: TextIO, *, channel_id: int, user_name: str):
-        from bot.conversation import Speaker
+        from bot.turns import Speaker
 
         self.service = service
         self.out = out
@@ -66,7 +66,8 @@ class Console:
 
     async def handle(self, line: str) -> bool:
         """One input line; False when the user asked to quit."""
-        from bot.conversation import ReplyError, SettingsError
+        from bot.errors import ReplyError
+        from bot.storage.settings import SettingsError
 
         text = line.strip()
         if not text:
@@ -82,7 +83,8 @@ class Console:
         return True
 
     async def chat(self, text: str) -> None:
-        from bot.conversation import IncomingMessage, ReplyError
+        from bot.errors import ReplyError
+        from bot.turns import IncomingMessage
 
         msg = IncomingMessage(self.channel_id, None, self.user, text, is_dm=True)
         wrote = False
@@ -153,7 +155,7 @@ class Console:
                 return
 
 
-def resolve_model(settings: Settings) -> str:
+def resolve_model(settings: BotConfig) -> str:
     """The version reference to start the engine with; ConfigError naming the fix if none."""
     from export.registry import Registry, RegistryError
 
@@ -167,9 +169,9 @@ def resolve_model(settings: Settings) -> str:
     return str(info.path)
 
 
-async def chat(settings: Settings, model_ref: str, channel_id: int) -> None:
-    from bot.conversation import ChatService
+async def chat(settings: BotConfig, model_ref: str, channel_id: int) -> None:
     from bot.engine import Engine
+    from bot.service import ChatService
     from bot.storage.db import Database
 
     db = await Database.open(settings.database_url)

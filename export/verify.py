@@ -39,7 +39,7 @@ THRESHOLDS: dict[str, Threshold] = {
 
 
 @dataclass(frozen=True)
-class Settings:
+class VerifyOptions:
     prompts: int = 4
     prompt_length: int = 16
     steps: int = 16
@@ -188,7 +188,7 @@ def verify(
     *,
     flavour: str,
     precision: str = "fp32",
-    settings: Settings = Settings(),
+    settings: VerifyOptions = VerifyOptions(),
     model: Any = None,
 ) -> dict[str, Any]:
     """Run the graph (ORT, CPU) and the source's CausalLM on the same natural-text prompts.

@@ -1,4 +1,4 @@
-"""Alembic environment: async-aware; the URL comes from the bot's Settings unless one is given."""
+"""Alembic environment: async-aware; the URL comes from the bot's BotConfig unless one is given."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ target_metadata = Base.metadata
 
 
 def database_url() -> str:
-    """Explicit URL (bot.storage.migrate passes the Database's), else Settings.database_url."""
+    """Explicit URL (bot.storage.migrate passes the Database's), else BotConfig.database_url."""
     url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
     if url:
         return url

@@ -17,9 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.config import load_settings
-from bot.conversation import ChatService, IncomingMessage, Speaker
 from bot.engine import Engine
+from bot.service import ChatService
 from bot.storage.db import Database
+from bot.turns import IncomingMessage, Speaker
 
 TURNS = [
     "Hi! What's the capital of France?",

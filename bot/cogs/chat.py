@@ -11,8 +11,9 @@ import discord
 from discord.ext import commands
 
 from bot.cogs.triggers import ChatLimits, answer_reason, strip_mention
-from bot.conversation import IncomingMessage, ReplyError, Speaker
+from bot.errors import ReplyError
 from bot.replies import StreamedReply
+from bot.turns import IncomingMessage, Speaker
 
 if TYPE_CHECKING:
     from bot.client import ChatBot

@@ -25,7 +25,7 @@ COMMANDS = {
 
 
 def alembic_config(url: str | None = None) -> Config:
-    """The Alembic config of migrations/; `url` wins over Settings.database_url in env.py."""
+    """The Alembic config of migrations/; `url` wins over BotConfig.database_url in env.py."""
     cfg = Config(str(ALEMBIC_INI))
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if url is not None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import Settings
-from bot.conversation import ChatService
+from bot.config import BotConfig
+from bot.service import ChatService
 from bot.storage.db import Database
 from tests.bot_core.fakes import FakeEngine
 
@@ -22,8 +22,8 @@ def db_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, db_url: str) -> Settings:
-    return Settings(_env_file=None, data_dir=tmp_path, database_url=db_url)
+def settings(tmp_path: Path, db_url: str) -> BotConfig:
+    return BotConfig(_env_file=None, data_dir=tmp_path, database_url=db_url)
 
 
 @pytest.fixture
@@ -39,5 +39,5 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-def service(db: Database, engine: FakeEngine, settings: Settings) -> ChatService:
+def service(db: Database, engine: FakeEngine, settings: BotConfig) -> ChatService:
     return ChatService(db, engine, settings)

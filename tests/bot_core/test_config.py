@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import ConfigError, Settings, get_settings, load_settings
+from bot.config import BotConfig, ConfigError, get_settings, load_settings
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path: Path):
     """No stray configuration from the machine: empty cwd, no BOT_* or known variables."""
     monkeypatch.chdir(tmp_path)
-    for name in [*Settings.model_fields, "BOT_CONFIG"]:
+    for name in [*BotConfig.model_fields, "BOT_CONFIG"]:
         monkeypatch.delenv(name.upper(), raising=False)
     get_settings.cache_clear()
     yield

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot.console import CONSOLE_CHANNEL_ID, Console
-from bot.conversation import ChatService
+from bot.service import ChatService
 from tests.bot_core.fakes import FakeEngine
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,19 +8,13 @@ import itertools
 import pytest
 from sqlalchemy import select
 
-from bot.conversation import (
-    BusyError,
-    ChatService,
-    GenerationFailedError,
-    IncomingMessage,
-    MessageTooLongError,
-    ReplyCutError,
-    SettingsError,
-    Speaker,
-)
+from bot.errors import BusyError, GenerationFailedError, MessageTooLongError, ReplyCutError
+from bot.service import ChatService
 from bot.storage import repo
 from bot.storage.db import Database
 from bot.storage.models import Message
+from bot.storage.settings import SettingsError
+from bot.turns import IncomingMessage, Speaker
 from tests.bot_core.fakes import FakeEngine
 
 BOT = Speaker(900, "Bot", is_bot=True)
@@ -194,7 +188,7 @@ async def test_consumer_failure_leaves_the_partial_reply_interrupted(service: Ch
 async def test_a_crash_mid_reply_is_marked_interrupted_at_the_next_start(
     db_url, settings, monkeypatch
 ):
-    monkeypatch.setattr("bot.conversation.PARTIAL_FLUSH_S", 0.0)  # store after every piece
+    monkeypatch.setattr("bot.service.PARTIAL_FLUSH_S", 0.0)  # store after every piece
     db = await Database.open(db_url)
     service = ChatService(db, FakeEngine(), settings)
     reply = service.reply(message("hello"), bot=BOT)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bot.conversation import MessageTooLongError, Turn, build_prompt, chat_messages
+from bot.errors import MessageTooLongError
+from bot.prompt import build_prompt, chat_messages
+from bot.turns import Turn
 from tests.bot_core.fakes import FakeModel
 
 MODEL = FakeModel(max_context=4096, generation={}, name="m", version=1)

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from bot.conversation import ChatService, IncomingMessage, Speaker
 from bot.engine import Engine
+from bot.service import ChatService
 from bot.storage.db import Database
 from bot.storage.models import Message
+from bot.turns import IncomingMessage, Speaker
 
 ROOT = Path(__file__).resolve().parents[2]
 BOT = Speaker(900, "Bot", is_bot=True)

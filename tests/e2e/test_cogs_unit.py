@@ -19,7 +19,8 @@ from bot.cogs.admin import last_json_line, resolve_checkpoint
 from bot.cogs.chat import APOLOGY, Chat
 from bot.cogs.checks import NotAllowed, can_manage, is_admin
 from bot.cogs.triggers import ChatLimits, RateLimiter, answer_reason, strip_mention
-from bot.conversation import BusyError, SettingsError
+from bot.errors import BusyError
+from bot.storage.settings import SettingsError
 from export.registry import RegistryError
 
 BASE = dict(from_bot=False, is_dm=False, mentioned=False, replying_to_bot=False, autoreply=False)
@@ -279,11 +280,11 @@ async def test_create_bot_points_discord_py_at_the_configured_server(tmp_path: P
     from discord.http import HTTPClient, Route
 
     from bot.client import create_bot
-    from bot.config import Settings
+    from bot.config import BotConfig
 
     saved, library_gateway = Route.BASE, HTTPClient.get_bot_gateway
     try:
-        settings = Settings(
+        settings = BotConfig(
             data_dir=tmp_path,
             discord_api_base="http://127.0.0.1:5/api/v10/",
             discord_gateway_url="ws://127.0.0.1:5/gateway",

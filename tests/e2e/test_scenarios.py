@@ -18,7 +18,7 @@ client = pytest.importorskip("bot.client")
 if not hasattr(client, "create_bot"):
     pytest.skip("bot.client has no in-process create_bot yet", allow_module_level=True)
 
-from bot.config import Settings  # noqa: E402
+from bot.config import BotConfig  # noqa: E402
 from bot.storage import repo  # noqa: E402
 from bot.storage.db import Database  # noqa: E402
 
@@ -53,7 +53,7 @@ async def start_bot(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> AsyncIt
             engine_slots=4,
         )
         values.update(overrides)
-        bot = await client.create_bot(Settings(**values))
+        bot = await client.create_bot(BotConfig(**values))
         task = asyncio.create_task(bot.start("fake-token"))
         ready = asyncio.create_task(bot.wait_until_ready())
         await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)

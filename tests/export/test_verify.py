@@ -9,9 +9,9 @@ from onnx import numpy_helper
 
 from export.graph_reference import save_model
 from export.manifest import PRECISIONS
-from export.verify import THRESHOLDS, Settings, describe_failure, verify
+from export.verify import THRESHOLDS, VerifyOptions, describe_failure, verify
 
-SMALL = Settings(prompts=2, prompt_length=6, steps=4)
+SMALL = VerifyOptions(prompts=2, prompt_length=6, steps=4)
 
 
 def test_reference_graph_passes_with_figures(sources, reference_graphs):

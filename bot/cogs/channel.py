@@ -9,8 +9,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cogs.checks import managers_only
-from bot.conversation import ReplyError, Speaker
+from bot.errors import ReplyError
 from bot.replies import InteractionReply, split_message
+from bot.turns import Speaker
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
@@ -33,7 +34,7 @@ def code_block(lines: list[str]) -> str:
     return "```\n" + "\n".join(lines) + "\n```"
 
 
-class Conversation(commands.Cog):
+class ChannelCommands(commands.Cog):
     """Per-channel settings and persona, memory reset, and one-off questions."""
 
     settings_group = app_commands.Group(
@@ -161,4 +162,4 @@ class Conversation(commands.Cog):
 
 
 async def setup(bot: ChatBot) -> None:
-    await bot.add_cog(Conversation(bot))
+    await bot.add_cog(ChannelCommands(bot))

@@ -1,252 +1,46 @@
-"""Conversation logic shared by Discord and the console: turns, prompt budget, replies, settings."""
+"""ChatService: every conversation operation of the cogs and the console; Reply: one reply."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from bot.engine import PromptTooLongError, QueueFullError, SamplingParams
+from bot.engine import PromptTooLongError, QueueFullError
+from bot.errors import (
+    BusyError,
+    GenerationFailedError,
+    MessageTooLongError,
+    ReplyCutError,
+    ReplyError,
+)
+from bot.generation import generation_settings, sampling_params
+from bot.prompt import PLAIN_STOP, TRIM_TO, build_prompt, default_system, encode, plain_transcript
 from bot.storage import repo
 from bot.storage.models import Message, Role, Status
 from bot.storage.settings import (
-    LIMITS,
     ChannelSettings,
     SettingsError,
     effective_settings,
     validate_changes,
 )
+from bot.turns import IncomingMessage, Prompt, Speaker, Turn
 
 if TYPE_CHECKING:
-    from bot.config import Settings
+    from bot.config import BotConfig
     from bot.engine import Engine, GenerationResult, LoadedModel
     from bot.storage.db import Database
-
-__all__ = [
-    "LIMITS",
-    "BusyError",
-    "ChannelSettings",
-    "ChatService",
-    "GenerationFailedError",
-    "IncomingMessage",
-    "MessageTooLongError",
-    "Prompt",
-    "Reply",
-    "ReplyError",
-    "SettingsError",
-    "Speaker",
-    "Turn",
-    "build_prompt",
-]
 
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 256  # newest turns read from the database before fitting them into the budget
-# When a channel's history outgrows the prompt budget, cut it to this share of the budget: the
-# following turns then extend the same prompt (whose KV the engine keeps) until the next cut,
-# instead of every turn dropping one old turn and changing the prompt's beginning.
-TRIM_TO = 0.6
 PERSONA_MAX_CHARS = 4000
 PARTIAL_FLUSH_S = 1.0  # how often a streaming reply's partial text is written to the database
-PLAIN_STOP = ("\nUser:", "\nSystem:")  # where a plain-transcript reply ends
 
 
-# ---- errors a user sees -------------------------------------------------------------------------
-class ReplyError(Exception):
-    """A reply that cannot be given; `user_message` is a short friendly line to show."""
-
-    user_message = "Sorry, I couldn't answer that."
-
-    def __init__(self, detail: str = "", user_message: str | None = None) -> None:
-        super().__init__(detail or user_message or self.user_message)
-        if user_message is not None:
-            self.user_message = user_message
-
-
-class BusyError(ReplyError):
-    user_message = "I'm answering a lot of people right now; please try again in a moment."
-
-
-class MessageTooLongError(ReplyError):
-    user_message = "That message is too long for me to read; please shorten it."
-
-
-class GenerationFailedError(ReplyError):
-    user_message = "Sorry, something went wrong while I was answering. Please try again."
-
-
-class ReplyCutError(ReplyError):
-    """The engine ended the reply early: its time limit, or the bot shutting down. The text
-    streamed so far stays (stored as interrupted); this note tells the reader it is partial."""
-
-    NOTES: ClassVar[dict[str, str]] = {
-        "timeout": "(cut off: this reply hit the time limit)",
-        "cancelled": "(cut off: the bot is restarting)",
-    }
-
-    def __init__(self, finish_reason: str) -> None:
-        super().__init__(f"reply ended by the engine: {finish_reason}", self.NOTES[finish_reason])
-
-
-# ---- who said what ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Speaker:
-    id: int
-    name: str
-    is_bot: bool = False
-
-
-@dataclass(frozen=True)
-class IncomingMessage:
-    channel_id: int
-    guild_id: int | None
-    author: Speaker
-    content: str
-    message_id: int | None = None
-    is_dm: bool = False
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One stored turn as the prompt builder sees it."""
-
-    role: str  # "user" or "assistant"
-    content: str
-    author_id: int | None = None
-    author_name: str = ""
-    row_id: int | None = None  # the stored message it comes from
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    ids: list[int]
-    turns_kept: int
-    turns_dropped: int
-    named: bool  # speakers named (multi-user channel)
-    stop: tuple[str, ...] = ()  # stop strings the prompt format needs (plain transcripts)
-
-
-# ---- prompt building ----------------------------------------------------------------------------
-def speaker_label(name: str, author_id: int | None) -> str:
-    """A name safe to put before a colon: one line, no colons, at most 32 characters."""
-    label = re.sub(r"[\s:]+", " ", name).strip()[:32].strip()
-    return label or f"user{author_id if author_id is not None else ''}"
-
-
-def chat_messages(system: str | None, turns: Sequence[Turn], *, named: bool) -> list[dict]:
-    """Turns as chat-template messages: system first, user turns named when `named`, a leading
-    assistant turn dropped and consecutive turns of one role merged (templates that insist on
-    user/assistant alternation accept the result)."""
-    messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    seen_user = False
-    for turn in turns:
-        seen_user = seen_user or turn.role == Role.USER
-        if turn.role not in (Role.USER, Role.ASSISTANT) or not seen_user:
-            continue
-        content = turn.content
-        if named and turn.role == Role.USER:
-            content = f"{speaker_label(turn.author_name, turn.author_id)}: {content}"
-        if messages and messages[-1]["role"] == turn.role:
-            messages[-1]["content"] += "\n" + content
-        else:
-            messages.append({"role": str(turn.role), "content": content})
-    return messages
-
-
-def build_prompt(
-    turns: Sequence[Turn],
-    *,
-    system: str | None,
-    render: Callable[[list[dict]], str],
-    encode: Callable[[str], list[int]],
-    budget: int,
-    keep: int | None = None,
-    trim_to: float = 1.0,
-) -> Prompt:
-    """The system prompt plus the newest turns whose rendered prompt fits in `budget` tokens.
-
-    The last turn (the message being answered) must fit; older turns are dropped oldest first.
-    `keep`: the newest turns to use if they fit (where the conversation's previous prompt
-    started), so consecutive prompts begin alike. When turns must be dropped, the prompt is cut
-    to fit `trim_to` x budget, which leaves room for the next turns before the next cut.
-    MessageTooLongError when even the last turn alone does not fit.
-    """
-    if not turns:
-        raise ValueError("build_prompt needs at least the turn being answered")
-    named = len({t.author_id for t in turns if t.role == Role.USER}) > 1
-
-    def attempt(count: int) -> tuple[str, list[int]]:
-        text = render(chat_messages(system, turns[len(turns) - count :], named=named))
-        return text, encode(text)
-
-    first = keep if keep is not None and 0 < keep <= len(turns) else len(turns)
-    text, ids = attempt(first)  # the window or everything: the common case is one render
-    if len(ids) <= budget:
-        return Prompt(text, ids, first, len(turns) - first, named)
-    text, ids = attempt(1)  # `first` turns do not fit, so no more than first - 1 can
-    if len(ids) > budget:
-        raise MessageTooLongError(
-            f"prompt of {len(ids)} tokens with only the newest turn exceeds the budget {budget}",
-            f"That message is too long for me to read ({len(ids)} tokens with my instructions; "
-            f"the limit is {budget}). Please shorten it.",
-        )
-    target = max(int(budget * trim_to), len(ids))
-    low, high = 1, max(1, first - 1)  # low always fits; find the largest count that fits
-    best = (text, ids)
-    while low < high:
-        mid = (low + high + 1) // 2
-        candidate = attempt(mid)
-        if len(candidate[1]) <= target:
-            low, best = mid, candidate
-        else:
-            high = mid - 1
-    return Prompt(best[0], best[1], low, len(turns) - low, named)
-
-
-def plain_transcript(messages: list[dict]) -> str:
-    """A conversation for a model without a chat template: "Role: text" lines, then "Assistant:"."""
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join([*lines, "Assistant:"])
-
-
-def sampling_params(s: ChannelSettings, stop: tuple[str, ...] = ()) -> SamplingParams:
-    """Channel settings in the engine's terms (top_p 0, its limit, keeps only the top token)."""
-    return SamplingParams(
-        stop=stop,
-        temperature=s.temperature,
-        top_p=s.top_p if s.top_p > 0 else 1.0,
-        top_k=s.top_k if s.top_p > 0 else 1,
-        max_new_tokens=s.max_tokens,
-        repetition_penalty=s.repetition_penalty,
-        no_repeat_ngram_size=s.no_repeat_ngram,
-        seed=s.seed,
-    )
-
-
-def generation_settings(model: LoadedModel, overrides: dict[str, Any]) -> ChannelSettings:
-    """A channel's settings for one request: the reply budget never takes over half the context."""
-    settings = effective_settings(model.manifest.generation, overrides)
-    cap = max(1, model.max_context // 2)
-    return settings.model_copy(update={"max_tokens": min(settings.max_tokens, cap)})
-
-
-def encode(model: LoadedModel, text: str) -> list[int]:
-    """Token ids of text as it appears in a rendered prompt (no BOS/EOS added)."""
-    return model.encode(text, add_special_tokens=False)
-
-
-def default_system(model: LoadedModel) -> str | None:
-    """The model's own system prompt if its manifest names one (else the template's default)."""
-    value = model.manifest.generation.get("system_prompt")
-    return value if isinstance(value, str) and value.strip() else None
-
-
-# ---- one reply ----------------------------------------------------------------------------------
 class _ChannelQueues:
     """One FIFO lock per channel (asyncio.Lock wakes waiters in arrival order); idle ones go."""
 
@@ -414,7 +208,7 @@ class ChatService:
     `ask` uses the channel's sampling settings but neither its persona nor its history.
     """
 
-    def __init__(self, db: Database, engine: Engine, settings: Settings) -> None:
+    def __init__(self, db: Database, engine: Engine, settings: BotConfig) -> None:
         self.db = db
         self.engine = engine
         self.settings = settings
