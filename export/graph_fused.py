@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model
+from onnx import TensorProto, helper
 
 from export.manifest import PRECISIONS
+from export.onnx_graph import GraphWriter
 from export.quantize import BITS, quantize_blockwise
 
-OPSET = 21
-IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is what opset 21 needs
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # MatMulNBits int8 activations: int4 decode 152 vs 34 tok/s, same accuracy
 SYMMETRIC = False  # zero points per block: closer to fp32 than symmetric (docs/performance.md)
-MS = "com.microsoft"
 
 
 class Source(Protocol):
@@ -28,39 +24,14 @@ class Source(Protocol):
     tensors: dict[str, np.ndarray]
 
 
-class _Graph:
-    """Collects nodes, initializers and names while the graph is written layer by layer."""
+class FusedWriter(GraphWriter):
+    """The graph writer plus the layers whose form depends on the precision: linears
+    (MatMul or MatMulNBits), the embedding table and the head."""
 
     def __init__(self, precision: str) -> None:
+        super().__init__(np.float16 if precision == "fp16" else np.float32)
         self.precision = precision
-        self.float_type = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
-        self.np_float = np.float16 if precision == "fp16" else np.float32
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._names: set[str] = set()
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        """Add an initializer (as given: callers choose the dtype)."""
-        if name in self._names:
-            raise ValueError(f"duplicate initializer {name}")
-        self._names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """A float initializer in the graph's float type (fp16 for the fp16 precision)."""
-        return self.const(name, np.asarray(array, dtype=self.np_float))
-
-    def op(
-        self, op_type: str, inputs: list[str], name: str, outputs: int = 1, **attrs
-    ) -> list[str]:
-        """Add one node; returns its output names (`name`, `name/1`, ...)."""
-        outs = [name if i == 0 else f"{name}/{i}" for i in range(outputs)]
-        domain = MS if op_type in _MS_OPS else ""
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs)
-        )
-        return outs
+        self.onnx_float = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
 
     def linear(self, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
         """y = x @ w.T (+ bias) for a [out, in] weight, as MatMul or MatMulNBits by precision."""
@@ -79,11 +50,11 @@ class _Graph:
                 inputs.append(self.const(f"{name}.zero_points", q.zero_points))
             attrs = dict(K=k, N=n, bits=q.bits, block_size=q.block_size)
             attrs["accuracy_level"] = ACCURACY_LEVEL
-            (y,) = self.op("MatMulNBits", inputs, name, **attrs)
+            y = self.op("MatMulNBits", inputs, name, **attrs)
         else:
-            (y,) = self.op("MatMul", [x, self.weight(f"{name}.weight_t", w.T)], name)
+            y = self.op("MatMul", [x, self.weight(f"{name}.weight_t", w.T)], name)
         if bias is not None:
-            (y,) = self.op("Add", [y, self.weight(f"{name}.bias", bias)], f"{name}/bias")
+            y = self.op("Add", [y, self.weight(f"{name}.bias", bias)], f"{name}/bias")
         return y
 
     def embedding(self, ids: str, table: np.ndarray, name: str) -> tuple[str, str | None]:
@@ -105,10 +76,10 @@ class _Graph:
             if q.zero_points is not None:
                 inputs.append(self.const(f"{name}.zero_points", q.zero_points.reshape(vocab, -1)))
             attrs = dict(gather_axis=0, quantize_axis=1, block_size=q.block_size, bits=q.bits)
-            (y,) = self.op("GatherBlockQuantized", inputs, name, **attrs)
+            y = self.op("GatherBlockQuantized", inputs, name, **attrs)
             return y, None
         weight = self.weight(f"{name}.weight", table)
-        (y,) = self.op("Gather", [weight, ids], name)
+        y = self.op("Gather", [weight, ids], name)
         return y, weight
 
     def lm_head(self, x: str, w: np.ndarray, name: str, tied_to: str | None = None) -> str:
@@ -120,18 +91,8 @@ class _Graph:
         if self.precision in BITS:
             return self.linear(x, w, name)
         weight = tied_to or self.weight(f"{name}.weight", w)
-        (y,) = self.op("Gemm", [x, weight], name, transB=1)
+        y = self.op("Gemm", [x, weight], name, transB=1)
         return y
-
-
-_MS_OPS = {
-    "GroupQueryAttention",
-    "SkipSimplifiedLayerNormalization",
-    "SkipLayerNormalization",
-    "MatMulNBits",
-    "FastGelu",
-    "GatherBlockQuantized",
-}
 
 
 def _check(src: Source, precision: str, max_context: int) -> None:
@@ -156,14 +117,14 @@ def _check(src: Source, precision: str, max_context: int) -> None:
         raise ValueError(f"{precision} needs hidden_size divisible by {BLOCK_SIZE}")
 
 
-def _rotary_caches(head_dim: int, theta: float, max_context: int) -> tuple[np.ndarray, np.ndarray]:
+def rotary_caches(head_dim: int, theta: float, max_context: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [max_context, head_dim/2] for the rotate-half (non-interleaved) rotary of Llama."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     angles = np.outer(np.arange(max_context, dtype=np.float64), inv_freq)
     return np.cos(angles), np.sin(angles)
 
 
-def _inputs_outputs(cfg: Any, g: _Graph, max_context: int) -> tuple[list, list]:
+def _inputs_outputs(cfg: Any, g: FusedWriter, max_context: int) -> tuple[list, list]:
     kv_shape = ["batch", cfg.num_kv_heads, max_context, cfg.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
     if cfg.family == "gpt2":
@@ -180,10 +141,10 @@ def _inputs_outputs(cfg: Any, g: _Graph, max_context: int) -> tuple[list, list]:
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
             inputs.append(
-                helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", g.float_type, kv_shape)
+                helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", g.onnx_float, kv_shape)
             )
             outputs.append(
-                helper.make_tensor_value_info(f"present.{i}.{kind}", g.float_type, kv_shape)
+                helper.make_tensor_value_info(f"present.{i}.{kind}", g.onnx_float, kv_shape)
             )
     return inputs, outputs
 
@@ -208,9 +169,9 @@ def _packed_qkv(
     return weight, bias
 
 
-def _attention(g: _Graph, cfg: Any, i: int, qkv: str, rotary: bool) -> str:
+def attention(g: FusedWriter, cfg: Any, i: int, qkv: str, rotary: bool) -> str:
     """GroupQueryAttention on packed QKV; reads and writes layer i's shared KV buffer in place."""
-    (out, _, _) = g.op(
+    out, _, _ = g.node(
         "GroupQueryAttention",
         [
             qkv,
@@ -237,32 +198,32 @@ def _attention(g: _Graph, cfg: Any, i: int, qkv: str, rotary: bool) -> str:
     return out
 
 
-def _last_positions(g: _Graph, names: list[str], hidden: int) -> list[str]:
+def _last_positions(g: FusedWriter, names: list[str], hidden: int) -> list[str]:
     """Keep only the position whose logits are needed in each row: min(seqlens_k, seq - 1).
 
     First prompt (right-padded rows): seqlens_k is the row's last index. A decode step (seq 1)
     or a later chunk (seq > 1 on top of a past) ends at seq - 1.
     """
-    shape = g.op("Shape", [names[0]], "last/shape")[0]
-    seq = g.op("Gather", [shape, g.const("last/one", np.array(1, np.int64))], "last/seq")[0]
-    seq_m1 = g.op("Sub", [seq, "last/one"], "last/seq_m1")[0]
-    lens = g.op("Cast", ["seqlens_k"], "last/lens", to=TensorProto.INT64)[0]
-    idx = g.op("Min", [lens, seq_m1], "last/idx")[0]
-    idx = g.op("Unsqueeze", [idx, g.const("last/axes", np.array([1, 2], np.int64))], "last/idx3")[0]
-    batch = g.op("Gather", [shape, g.const("last/zero", np.array([0], np.int64))], "last/batch")[0]
+    shape = g.op("Shape", [names[0]], "last/shape")
+    seq = g.op("Gather", [shape, g.const("last/one", np.array(1, np.int64))], "last/seq")
+    seq_m1 = g.op("Sub", [seq, "last/one"], "last/seq_m1")
+    lens = g.op("Cast", ["seqlens_k"], "last/lens", to=TensorProto.INT64)
+    idx = g.op("Min", [lens, seq_m1], "last/idx")
+    idx = g.op("Unsqueeze", [idx, g.const("last/axes", np.array([1, 2], np.int64))], "last/idx3")
+    batch = g.op("Gather", [shape, g.const("last/zero", np.array([0], np.int64))], "last/batch")
     tail = g.const("last/tail", np.array([1, hidden], np.int64))
-    target = g.op("Concat", [batch, tail], "last/target", axis=0)[0]
-    idx = g.op("Expand", [idx, target], "last/idx_b")[0]
+    target = g.op("Concat", [batch, tail], "last/target", axis=0)
+    idx = g.op("Expand", [idx, target], "last/idx_b")
     flat = g.const("last/flat", np.array([0, hidden], np.int64))
     out = []
     for n in names:
-        picked = g.op("GatherElements", [n, idx], f"{n}/last", axis=1)[0]
-        out.append(g.op("Reshape", [picked, flat], f"{n}/last2d")[0])
+        picked = g.op("GatherElements", [n, idx], f"{n}/last", axis=1)
+        out.append(g.op("Reshape", [picked, flat], f"{n}/last2d"))
     return out
 
 
-def _llama(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> str:
-    cos, sin = _rotary_caches(cfg.head_dim, cfg.rope_theta, max_context)
+def _llama(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> str:
+    cos, sin = rotary_caches(cfg.head_dim, cfg.rope_theta, max_context)
     g.weight("cos_cache", cos)
     g.weight("sin_cache", sin)
     embed = t["model.embed_tokens.weight"]
@@ -273,7 +234,7 @@ def _llama(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> s
         p = f"model.layers.{i}."
         ln1 = g.weight(f"layers.{i}.input_layernorm", t[p + "input_layernorm.weight"])
         if pending is None:
-            (h,) = g.op(
+            h = g.op(
                 "SimplifiedLayerNormalization",
                 [residual, ln1],
                 f"layers.{i}.ln1",
@@ -281,7 +242,7 @@ def _llama(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> s
                 axis=-1,
             )
         else:
-            h, _, _, residual = g.op(
+            h, _, _, residual = g.node(
                 "SkipSimplifiedLayerNormalization",
                 [pending, residual, ln1],
                 f"layers.{i}.ln1",
@@ -299,13 +260,13 @@ def _llama(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> s
             )
         wqkv, bias = _packed_qkv(cfg, wqkv, bias)
         qkv = g.linear(h, wqkv, f"layers.{i}.qkv_proj", bias)
-        attn = _attention(g, cfg, i, qkv, rotary=True)
+        attn = attention(g, cfg, i, qkv, rotary=True)
         # Llama with attention_bias also has an o_proj bias (as transformers); Qwen2 does not
         o = g.linear(attn, t[a + "o_proj.weight"], f"layers.{i}.o_proj", t.get(a + "o_proj.bias"))
         ln2 = g.weight(
             f"layers.{i}.post_attention_layernorm", t[p + "post_attention_layernorm.weight"]
         )
-        h, _, _, residual = g.op(
+        h, _, _, residual = g.node(
             "SkipSimplifiedLayerNormalization",
             [o, residual, ln2],
             f"layers.{i}.ln2",
@@ -316,14 +277,14 @@ def _llama(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> s
         w_gu = np.concatenate([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]])
         gu = g.linear(h, w_gu, f"layers.{i}.gate_up_proj")
         half = g.const(f"layers.{i}.split", np.array([cfg.intermediate_size] * 2, np.int64))
-        gate, up = g.op("Split", [gu, half], f"layers.{i}.gate_up", outputs=2, axis=-1)
-        (sig,) = g.op("Sigmoid", [gate], f"layers.{i}.sigmoid")
-        (silu,) = g.op("Mul", [gate, sig], f"layers.{i}.silu")
-        (act,) = g.op("Mul", [silu, up], f"layers.{i}.act")
+        gate, up = g.node("Split", [gu, half], f"layers.{i}.gate_up", outputs=2, axis=-1)
+        sig = g.op("Sigmoid", [gate], f"layers.{i}.sigmoid")
+        silu = g.op("Mul", [gate, sig], f"layers.{i}.silu")
+        act = g.op("Mul", [silu, up], f"layers.{i}.act")
         pending = g.linear(act, t[m + "down_proj.weight"], f"layers.{i}.down_proj")
     pending, residual = _last_positions(g, [pending, residual], cfg.hidden_size)
     norm = g.weight("norm", t["model.norm.weight"])
-    (h, *_) = g.op(
+    h = g.op(
         "SkipSimplifiedLayerNormalization", [pending, residual, norm], "final_norm", epsilon=eps
     )
     if cfg.tie_word_embeddings:
@@ -331,12 +292,12 @@ def _llama(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> s
     return g.lm_head(h, t["lm_head.weight"], "lm_head")
 
 
-def _gpt2(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> str:
+def _gpt2(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> str:
     wte = t["transformer.wte.weight"]
     tok, table = g.embedding("input_ids", wte, "wte")
     wpe = g.weight("wpe.weight", t["transformer.wpe.weight"][:max_context])
-    (pos,) = g.op("Gather", [wpe, "position_ids"], "wpe")
-    (residual,) = g.op("Add", [tok, pos], "embed")
+    pos = g.op("Gather", [wpe, "position_ids"], "wpe")
+    residual = g.op("Add", [tok, pos], "embed")
     eps = float(cfg.norm_eps)
     pending, pending_bias = None, None
     for i in range(cfg.num_layers):
@@ -346,9 +307,9 @@ def _gpt2(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> st
             g.weight(f"h.{i}.ln_1.bias", t[p + "ln_1.bias"]),
         ]
         if pending is None:
-            (h,) = g.op("LayerNormalization", [residual, *ln1], f"h.{i}.ln_1", epsilon=eps, axis=-1)
+            h = g.op("LayerNormalization", [residual, *ln1], f"h.{i}.ln_1", epsilon=eps, axis=-1)
         else:
-            h, _, _, residual = g.op(
+            h, _, _, residual = g.node(
                 "SkipLayerNormalization",
                 [pending, residual, *ln1, pending_bias],
                 f"h.{i}.ln_1",
@@ -358,19 +319,19 @@ def _gpt2(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> st
         # Conv1D weights are [in, out]
         wqkv, bias = _packed_qkv(cfg, t[p + "attn.c_attn.weight"].T, t[p + "attn.c_attn.bias"])
         qkv = g.linear(h, wqkv, f"h.{i}.c_attn", bias)
-        attn = _attention(g, cfg, i, qkv, rotary=False)
+        attn = attention(g, cfg, i, qkv, rotary=False)
         o = g.linear(attn, t[p + "attn.c_proj.weight"].T, f"h.{i}.attn_c_proj")
         ln2 = [
             g.weight(f"h.{i}.ln_2.weight", t[p + "ln_2.weight"]),
             g.weight(f"h.{i}.ln_2.bias", t[p + "ln_2.bias"]),
             g.weight(f"h.{i}.attn_c_proj.bias", t[p + "attn.c_proj.bias"]),
         ]
-        h, _, _, residual = g.op(
+        h, _, _, residual = g.node(
             "SkipLayerNormalization", [o, residual, *ln2], f"h.{i}.ln_2", outputs=4, epsilon=eps
         )
         fc = g.linear(h, t[p + "mlp.c_fc.weight"].T, f"h.{i}.c_fc")
         fc_bias = g.weight(f"h.{i}.c_fc.bias", t[p + "mlp.c_fc.bias"])
-        (act,) = g.op("FastGelu", [fc, fc_bias], f"h.{i}.gelu")
+        act = g.op("FastGelu", [fc, fc_bias], f"h.{i}.gelu")
         pending = g.linear(act, t[p + "mlp.c_proj.weight"].T, f"h.{i}.mlp_c_proj")
         pending_bias = g.weight(f"h.{i}.mlp_c_proj.bias", t[p + "mlp.c_proj.bias"])
     pending, residual = _last_positions(g, [pending, residual], cfg.hidden_size)
@@ -378,7 +339,7 @@ def _gpt2(g: _Graph, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> st
         g.weight("ln_f.weight", t["transformer.ln_f.weight"]),
         g.weight("ln_f.bias", t["transformer.ln_f.bias"]),
     ]
-    (h, *_) = g.op(
+    h = g.op(
         "SkipLayerNormalization", [pending, residual, *ln_f, pending_bias], "ln_f", epsilon=eps
     )
     return g.lm_head(h, wte, "lm_head", tied_to=table)
@@ -390,39 +351,16 @@ def build_fused_graph(
     """The engine's graph from checkpoint tensors (I/O: docs/architecture.md, "The fused graph")."""
     _check(src, precision, max_context)
     cfg = src.config
-    g = _Graph(precision)
+    g = FusedWriter(precision)
     build = _llama if cfg.family == "llama" else _gpt2
     logits = build(g, cfg, src.tensors, max_context)
     if precision == "fp16":
-        (logits,) = g.op("Cast", [logits], "logits/float", to=TensorProto.FLOAT)
+        logits = g.op("Cast", [logits], "logits/float", to=TensorProto.FLOAT)
     g.op("Identity", [logits], "logits")
     inputs, outputs = _inputs_outputs(cfg, g, max_context)
-    graph = helper.make_graph(
-        g.nodes, f"{cfg.model_type}-fused-{precision}", inputs, outputs, g.initializers
+    return g.model(
+        f"{cfg.model_type}-fused-{precision}",
+        inputs,
+        outputs,
+        doc=f"fused {precision} graph, max_context={max_context}",
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-        ir_version=IR_VERSION,
-        producer_name="discord-llm export",
-    )
-    model.doc_string = f"fused {precision} graph, max_context={max_context}"
-    return model
-
-
-def save_graph(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write `path` (model.onnx) plus one external data file beside it (model.onnx.data).
-
-    onnx moves the tensors out of `model` while saving; they are read back so `model` stays usable.
-    """
-    path = Path(path)
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=1024,
-    )
-    load_external_data_for_model(model, str(path.parent))
-    return path

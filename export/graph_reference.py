@@ -3,53 +3,32 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-OPSET = 17
-IR_VERSION = 8  # what opset 17 needs; any onnxruntime >= 1.13 reads it
-GRAPH_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
+from export.onnx_graph import PORTABLE_OPSET, GraphWriter
+
 NEG_INF = float(np.finfo(np.float32).min)  # added to masked scores, as transformers does
 
 
-class _Builder:
-    """Collects nodes and initializers; every op gets a unique, readable output name."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def ints(self, name: str, values: list[int]) -> str:
-        return self.const(name, np.array(values, dtype=np.int64))
-
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, **attrs) -> Any:
-        """Add a node; returns its output name (or a list of names when outputs > 1)."""
-        outs = [name if i == 0 else f"{name}:{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
-        return outs[0] if outputs == 1 else outs
-
-    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
-        """x @ weight (+ bias) for a weight already laid out [in, out]."""
-        y = self.op("MatMul", [x, self.const(f"{name}.weight", weight)], f"{name}/matmul")
-        if bias is not None:
-            y = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{name}/bias")
-        return y
+def _linear(
+    b: GraphWriter, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None
+) -> str:
+    """x @ weight (+ bias) for a weight already laid out [in, out]."""
+    y = b.op("MatMul", [x, b.const(f"{name}.weight", weight)], f"{name}/matmul")
+    if bias is not None:
+        y = b.op("Add", [y, b.const(f"{name}.bias", bias)], f"{name}/bias")
+    return y
 
 
 # -----------------------------------------------------------------------------
 # shared pieces
 
 
-def _attention_mask(b: _Builder) -> str:
+def _attention_mask(b: GraphWriter) -> str:
     """Additive mask [batch, 1, seq, past+seq]: 0 where a query may attend, NEG_INF elsewhere.
 
     Causal over absolute columns (query t sits at column past+t), and padding columns (mask 0)
@@ -83,7 +62,7 @@ def _attention_mask(b: _Builder) -> str:
     )
 
 
-def _heads(b: _Builder, x: str, heads: int, head_dim: int, name: str) -> str:
+def _heads(b: GraphWriter, x: str, heads: int, head_dim: int, name: str) -> str:
     """[B, T, heads*head_dim] -> [B, heads, T, head_dim]."""
     shape = b.ints(f"{name}/shape", [0, 0, heads, head_dim])
     return b.op(
@@ -91,7 +70,7 @@ def _heads(b: _Builder, x: str, heads: int, head_dim: int, name: str) -> str:
     )
 
 
-def _repeat_kv(b: _Builder, cfg: Any, x: str, rep: int, name: str) -> str:
+def _repeat_kv(b: GraphWriter, cfg: Any, x: str, rep: int, name: str) -> str:
     """[B, KV, S, D] -> [B, KV*rep, S, D]: each kv head serves `rep` query heads, in order."""
     x = b.op("Unsqueeze", [x, b.ints(f"{name}/axis", [2])], f"{name}/5d")
     x = b.op("Expand", [x, b.ints(f"{name}/rep", [1, 1, rep, 1, 1])], f"{name}/expanded")
@@ -102,7 +81,7 @@ def _repeat_kv(b: _Builder, cfg: Any, x: str, rep: int, name: str) -> str:
     )
 
 
-def _attend(b: _Builder, cfg: Any, i: int, q: str, k: str, v: str, mask: str) -> str:
+def _attend(b: GraphWriter, cfg: Any, i: int, q: str, k: str, v: str, mask: str) -> str:
     """Concatenate the cache, attend over it (GQA by repeating kv heads); returns [B, T, H*D]."""
     p = f"layers.{i}.attn"
     k = b.op("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
@@ -125,7 +104,7 @@ def _attend(b: _Builder, cfg: Any, i: int, q: str, k: str, v: str, mask: str) ->
 # Llama family
 
 
-def _rms_norm(b: _Builder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+def _rms_norm(b: GraphWriter, x: str, weight: np.ndarray, eps: float, name: str) -> str:
     sq = b.op("Mul", [x, x], f"{name}/sq")
     mean = b.op("ReduceMean", [sq], f"{name}/mean", axes=[-1], keepdims=1)
     var = b.op("Add", [mean, b.const(f"{name}/eps", np.array(eps, np.float32))], f"{name}/var")
@@ -134,7 +113,7 @@ def _rms_norm(b: _Builder, x: str, weight: np.ndarray, eps: float, name: str) ->
     return b.op("Mul", [y, b.const(f"{name}.weight", weight)], name)
 
 
-def _rotary(b: _Builder, cfg: Any) -> tuple[str, str]:
+def _rotary(b: GraphWriter, cfg: Any) -> tuple[str, str]:
     """cos, sin [B, 1, T, head_dim] from position_ids and the checkpoint's rope theta."""
     exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
     inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
@@ -148,16 +127,16 @@ def _rotary(b: _Builder, cfg: Any) -> tuple[str, str]:
     return cos, sin
 
 
-def _apply_rotary(b: _Builder, x: str, cos: str, sin: str, name: str) -> str:
+def _apply_rotary(b: GraphWriter, x: str, cos: str, sin: str, name: str) -> str:
     """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1)."""
-    x1, x2 = b.op("Split", [x], f"{name}/halves", outputs=2, axis=-1)
+    x1, x2 = b.node("Split", [x], f"{name}/halves", outputs=2, axis=-1)
     rotated = b.op("Concat", [b.op("Neg", [x2], f"{name}/neg"), x1], f"{name}/rotated", axis=-1)
     a = b.op("Mul", [x, cos], f"{name}/cos")
     c = b.op("Mul", [rotated, sin], f"{name}/sin")
     return b.op("Add", [a, c], name)
 
 
-def _llama(b: _Builder, cfg: Any, t: dict[str, np.ndarray]) -> str:
+def _llama(b: GraphWriter, cfg: Any, t: dict[str, np.ndarray]) -> str:
     embed = b.const("model.embed_tokens.weight", t["model.embed_tokens.weight"])
     x = b.op("Gather", [embed, "input_ids"], "embed")
     mask = _attention_mask(b)
@@ -167,9 +146,9 @@ def _llama(b: _Builder, cfg: Any, t: dict[str, np.ndarray]) -> str:
         p = f"model.layers.{i}."
         h = _rms_norm(b, x, t[p + "input_layernorm.weight"], eps, p + "input_layernorm")
         a = p + "self_attn."
-        q = b.linear(h, t[a + "q_proj.weight"].T, a + "q_proj", t.get(a + "q_proj.bias"))
-        k = b.linear(h, t[a + "k_proj.weight"].T, a + "k_proj", t.get(a + "k_proj.bias"))
-        v = b.linear(h, t[a + "v_proj.weight"].T, a + "v_proj", t.get(a + "v_proj.bias"))
+        q = _linear(b, h, t[a + "q_proj.weight"].T, a + "q_proj", t.get(a + "q_proj.bias"))
+        k = _linear(b, h, t[a + "k_proj.weight"].T, a + "k_proj", t.get(a + "k_proj.bias"))
+        v = _linear(b, h, t[a + "v_proj.weight"].T, a + "v_proj", t.get(a + "v_proj.bias"))
         q = _apply_rotary(
             b, _heads(b, q, cfg.num_heads, cfg.head_dim, a + "q"), cos, sin, a + "q_rot"
         )
@@ -178,31 +157,31 @@ def _llama(b: _Builder, cfg: Any, t: dict[str, np.ndarray]) -> str:
         )
         v = _heads(b, v, cfg.num_kv_heads, cfg.head_dim, a + "v")
         y = _attend(b, cfg, i, q, k, v, mask)
-        y = b.linear(y, t[a + "o_proj.weight"].T, a + "o_proj", t.get(a + "o_proj.bias"))
+        y = _linear(b, y, t[a + "o_proj.weight"].T, a + "o_proj", t.get(a + "o_proj.bias"))
         x = b.op("Add", [x, y], f"{p}attn_residual")
         h = _rms_norm(
             b, x, t[p + "post_attention_layernorm.weight"], eps, p + "post_attention_layernorm"
         )
         m = p + "mlp."
-        gate = b.linear(h, t[m + "gate_proj.weight"].T, m + "gate_proj")
-        up = b.linear(h, t[m + "up_proj.weight"].T, m + "up_proj")
+        gate = _linear(b, h, t[m + "gate_proj.weight"].T, m + "gate_proj")
+        up = _linear(b, h, t[m + "up_proj.weight"].T, m + "up_proj")
         silu = b.op("Mul", [gate, b.op("Sigmoid", [gate], m + "sigmoid")], m + "silu")
-        h = b.linear(
-            b.op("Mul", [silu, up], m + "act"), t[m + "down_proj.weight"].T, m + "down_proj"
+        h = _linear(
+            b, b.op("Mul", [silu, up], m + "act"), t[m + "down_proj.weight"].T, m + "down_proj"
         )
         x = b.op("Add", [x, h], f"{p}mlp_residual")
     x = _rms_norm(b, x, t["model.norm.weight"], eps, "model.norm")
     if cfg.tie_word_embeddings:
         head = b.op("Transpose", [embed], "lm_head.weight_t", perm=[1, 0])
         return b.op("MatMul", [x, head], "lm_head")
-    return b.linear(x, t["lm_head.weight"].T, "lm_head")
+    return _linear(b, x, t["lm_head.weight"].T, "lm_head")
 
 
 # -----------------------------------------------------------------------------
 # GPT-2 family
 
 
-def _layer_norm(b: _Builder, x: str, t: dict[str, np.ndarray], prefix: str, eps: float) -> str:
+def _layer_norm(b: GraphWriter, x: str, t: dict[str, np.ndarray], prefix: str, eps: float) -> str:
     w, bias = (
         b.const(prefix + ".weight", t[prefix + ".weight"]),
         b.const(prefix + ".bias", t[prefix + ".bias"]),
@@ -210,7 +189,7 @@ def _layer_norm(b: _Builder, x: str, t: dict[str, np.ndarray], prefix: str, eps:
     return b.op("LayerNormalization", [x, w, bias], prefix, axis=-1, epsilon=eps)
 
 
-def _gelu_new(b: _Builder, x: str, name: str) -> str:
+def _gelu_new(b: GraphWriter, x: str, name: str) -> str:
     """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's activation."""
     cube = b.op("Mul", [b.op("Mul", [x, x], f"{name}/sq"), x], f"{name}/cube")
     inner = b.op("Mul", [cube, b.const(f"{name}/c", np.array(0.044715, np.float32))], f"{name}/c3")
@@ -226,7 +205,7 @@ def _gelu_new(b: _Builder, x: str, name: str) -> str:
     return b.op("Mul", [half, one], name)
 
 
-def _gpt2(b: _Builder, cfg: Any, t: dict[str, np.ndarray]) -> str:
+def _gpt2(b: GraphWriter, cfg: Any, t: dict[str, np.ndarray]) -> str:
     wte = b.const("transformer.wte.weight", t["transformer.wte.weight"])
     wpe = b.const("transformer.wpe.weight", t["transformer.wpe.weight"])
     tok = b.op("Gather", [wte, "input_ids"], "wte")
@@ -236,20 +215,22 @@ def _gpt2(b: _Builder, cfg: Any, t: dict[str, np.ndarray]) -> str:
     for i in range(cfg.num_layers):
         p = f"transformer.h.{i}."
         h = _layer_norm(b, x, t, p + "ln_1", eps)
-        qkv = b.linear(h, t[p + "attn.c_attn.weight"], p + "attn.c_attn", t[p + "attn.c_attn.bias"])
+        qkv = _linear(
+            b, h, t[p + "attn.c_attn.weight"], p + "attn.c_attn", t[p + "attn.c_attn.bias"]
+        )
         split = b.ints(p + "attn/split", [d, d, d])
-        q, k, v = b.op("Split", [qkv, split], p + "attn/qkv", outputs=3, axis=-1)
+        q, k, v = b.node("Split", [qkv, split], p + "attn/qkv", outputs=3, axis=-1)
         q, k, v = (
             _heads(b, n, cfg.num_heads, cfg.head_dim, f"{p}attn.{c}")
             for n, c in zip((q, k, v), "qkv", strict=True)
         )
         y = _attend(b, cfg, i, q, k, v, mask)
-        y = b.linear(y, t[p + "attn.c_proj.weight"], p + "attn.c_proj", t[p + "attn.c_proj.bias"])
+        y = _linear(b, y, t[p + "attn.c_proj.weight"], p + "attn.c_proj", t[p + "attn.c_proj.bias"])
         x = b.op("Add", [x, y], f"{p}attn_residual")
         h = _layer_norm(b, x, t, p + "ln_2", eps)
-        h = b.linear(h, t[p + "mlp.c_fc.weight"], p + "mlp.c_fc", t[p + "mlp.c_fc.bias"])
+        h = _linear(b, h, t[p + "mlp.c_fc.weight"], p + "mlp.c_fc", t[p + "mlp.c_fc.bias"])
         h = _gelu_new(b, h, p + "mlp.gelu")
-        h = b.linear(h, t[p + "mlp.c_proj.weight"], p + "mlp.c_proj", t[p + "mlp.c_proj.bias"])
+        h = _linear(b, h, t[p + "mlp.c_proj.weight"], p + "mlp.c_proj", t[p + "mlp.c_proj.bias"])
         x = b.op("Add", [x, h], f"{p}mlp_residual")
     x = _layer_norm(b, x, t, "transformer.ln_f", eps)
     head = b.op("Transpose", [wte], "lm_head.weight_t", perm=[1, 0])
@@ -289,32 +270,14 @@ def build_reference_graph(src: Any) -> onnx.ModelProto:
     cfg = src.config
     if cfg.family not in ("llama", "gpt2"):
         raise ValueError(f"unsupported family {cfg.family!r} (supported: llama, gpt2)")
-    b = _Builder()
+    b = GraphWriter()
     logits = (_llama if cfg.family == "llama" else _gpt2)(b, cfg, src.tensors)
     b.op("Identity", [logits], "logits")
     inputs, outputs = io_spec(cfg)
-    graph = helper.make_graph(
-        b.nodes, f"{cfg.model_type}-reference", inputs, outputs, b.initializers
+    return b.model(
+        f"{cfg.model_type}-reference",
+        inputs,
+        outputs,
+        opset=PORTABLE_OPSET,
+        doc="reference fp32 graph (standard ONNX ops, concatenating KV cache)",
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        ir_version=IR_VERSION,
-        producer_name="discord-llm export",
-    )
-    model.doc_string = "reference fp32 graph (standard ONNX ops, concatenating KV cache)"
-    return model
-
-
-def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
-    """Write out_dir/model.onnx plus one external data file, model.onnx.data; returns the graph."""
-    path = Path(out_dir) / GRAPH_FILE
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,  # small constants (shapes, axes) stay inline for shape inference
-    )
-    return path

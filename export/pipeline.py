@@ -128,9 +128,9 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
                 model = _build_graph(src, req, max_context)
                 graph_info = _graph_info(model, req, max_context)
             with stage("save"):
-                from export.graph_reference import save_model
+                from export.onnx_graph import GRAPH_FILE, save_model
 
-                save_model(model, folder)
+                save_model(model, folder / GRAPH_FILE)
                 del model
                 src.tokenizer.save(folder)
             with stage("verify"):
@@ -176,9 +176,10 @@ def _build_graph(src: Any, req: ExportRequest, max_context: int) -> Any:
 
 
 def _verify(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any]:
+    from export.onnx_graph import GRAPH_FILE
     from export.verify import verify
 
-    return verify(folder / "model.onnx", src, flavour=req.flavour, precision=req.precision)
+    return verify(folder / GRAPH_FILE, src, flavour=req.flavour, precision=req.precision)
 
 
 # ---- the manifest ------------------------------------------------------------------------------

@@ -46,16 +46,6 @@ class VerifyOptions:
     seed: int = 0
 
 
-def _session(graph: Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-
-
 class _ReferenceRunner:
     """A plain ORT loop over the reference graph: present = Concat(past, new), fed back as past."""
 
@@ -89,54 +79,29 @@ class _ReferenceRunner:
         return results[0]
 
 
-class _FusedRunner:
-    """Drives the fused graph as the engine does: one KV buffer per layer, as past and present."""
+class _FusedSteps:
+    """The fused graph through export.runner (as the engine drives it), all rows in step."""
 
     def __init__(self, session: Any, cfg: Any) -> None:
-        import onnxruntime as ort
-
-        self.ort, self.session, self.cfg = ort, session, cfg
-        inputs = {i.name: i for i in session.get_inputs()}
-        first = inputs["past_key_values.0.key"]
-        self.kv_dtype = np.float16 if "float16" in first.type else np.float32
-        self.max_context = int(first.shape[2])
-        self.has_positions = "position_ids" in inputs
-        self.kv_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.session = session
 
     def start(self, batch: int) -> None:
-        shape = (batch, self.cfg.num_kv_heads, self.max_context, self.cfg.head_dim)
-        self.binding = self.session.io_binding()
-        self.logits = np.zeros((batch, self.cfg.vocab_size), np.float32)
-        self.buffers = [self.ort.OrtValue.ortvalue_from_numpy(self.logits)]
-        self.binding.bind_ortvalue_output("logits", self.buffers[0])
-        for name in self.kv_names:
-            value = self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype))
-            self.buffers.append(value)  # keep alive while bound
-            self.binding.bind_ortvalue_input(name, value)
-            self.binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        from export.runner import FusedRunner
+
+        self.runner = FusedRunner(self.session, batch)
         self.length = 0
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """Feed ids [B, T] (rows of equal length); returns the last logits [B, 1, vocab]."""
         batch, t = ids.shape
-        total = self.length + t
-        if total > self.max_context:
+        if self.length + t > self.runner.max_context:
             raise ValueError(
-                f"verification needs {total} positions but max_context is {self.max_context}"
+                f"verification needs {self.length + t} positions but max_context is "
+                f"{self.runner.max_context}"
             )
-        small = {
-            "input_ids": ids,
-            "seqlens_k": np.full(batch, total - 1, np.int32),
-            "total_sequence_length": np.array(total, np.int32),
-        }
-        if self.has_positions:
-            positions = np.arange(self.length, total, dtype=np.int64)
-            small["position_ids"] = np.broadcast_to(positions, (batch, t)).copy()
-        for name, array in small.items():
-            self.binding.bind_cpu_input(name, array)
-        self.session.run_with_iobinding(self.binding)
-        self.length = total
-        return self.logits[:, None].copy()
+        logits = self.runner.run(0, ids, np.full(batch, self.length))
+        self.length += t
+        return logits[:, None]
 
 
 def _figures(step: int, got: np.ndarray, want: np.ndarray) -> dict[str, float]:
@@ -201,6 +166,7 @@ def verify(
     """
     import torch
 
+    from export.runner import cpu_session
     from export.weights import reference_model
 
     started = time.perf_counter()
@@ -208,8 +174,8 @@ def verify(
         raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(THRESHOLDS)})")
     cfg = src.config
     model = model if model is not None else reference_model(src)
-    session = _session(Path(graph))
-    runner = (_FusedRunner if flavour == "fused" else _ReferenceRunner)(session, cfg)
+    session = cpu_session(Path(graph))
+    runner = (_FusedSteps if flavour == "fused" else _ReferenceRunner)(session, cfg)
     length, steps = settings.prompt_length, settings.steps
     tokens = _prompt_tokens(src, settings.prompts, length + steps, settings.seed)
     with torch.no_grad():  # one causal pass gives the logits of every position the graph sees

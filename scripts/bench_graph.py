@@ -18,16 +18,16 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.graph_fused import build_fused_graph, save_graph
+from export.graph_fused import build_fused_graph
+from export.onnx_graph import save_model
+from export.runner import FusedRunner
 from export.weights import load_export_source
 
 
 class Runner:
-    """One session, one preallocated KV buffer per layer bound as past and present."""
+    """One session driven by export.runner (shared KV buffers bound as past and present)."""
 
-    def __init__(
-        self, model_path: Path, batch: int, max_context: int, opts: argparse.Namespace
-    ) -> None:
+    def __init__(self, model_path: Path, batch: int, opts: argparse.Namespace) -> None:
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.threads
         so.inter_op_num_threads = 1
@@ -37,73 +37,28 @@ class Runner:
         )
         if opts.no_prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
-        self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-        names = {i.name: i for i in self.sess.get_inputs()}
-        first_kv = names["past_key_values.0.key"]
-        kv_dtype = np.float16 if "float16" in first_kv.type else np.float32
-        _, heads, _, head_dim = first_kv.shape
-        self.has_positions = "position_ids" in names
-        self.batch, self.max_context = batch, max_context
-        self.kv = {}
-        self.binding = self.sess.io_binding()
-        for name in names:
-            if name.startswith("past_key_values."):
-                buf = np.zeros((batch, heads, max_context, head_dim), kv_dtype)
-                value = ort.OrtValue.ortvalue_from_numpy(buf)
-                self.kv[name] = (buf, value)
-                self.binding.bind_ortvalue_input(name, value)
-                present = name.replace("past_key_values.", "present.")
-                self.binding.bind_ortvalue_output(present, value)
-        vocab = self.sess.get_outputs()[0].shape[1]
-        self.logits = np.zeros((batch, vocab), np.float32)
-        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
-        self.seqlens = np.zeros(batch, np.int32)
-        self.total = np.zeros((), np.int32)
-        self.binding.bind_ortvalue_input(
-            "seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.seqlens)
-        )
-        self.binding.bind_ortvalue_input(
-            "total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self.total)
-        )
-        self._step_ids = np.zeros((batch, 1), np.int64)
-        self._step_pos = np.zeros((batch, 1), np.int64)
-        self._step_values = (
-            ort.OrtValue.ortvalue_from_numpy(self._step_ids),
-            ort.OrtValue.ortvalue_from_numpy(self._step_pos),
-        )
-
-    def _bind_tokens(self, ids_value: ort.OrtValue, pos_value: ort.OrtValue) -> None:
-        self.binding.bind_ortvalue_input("input_ids", ids_value)
-        if self.has_positions:
-            self.binding.bind_ortvalue_input("position_ids", pos_value)
+        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        self.graph, self.batch = FusedRunner(sess, batch), batch
 
     def prefill(self, prompt: np.ndarray) -> np.ndarray:
         """Prompt [batch, S] from an empty cache; returns the next tokens."""
-        s = prompt.shape[1]
-        pos = np.broadcast_to(np.arange(s, dtype=np.int64), prompt.shape).copy()
-        self._bind_tokens(
-            ort.OrtValue.ortvalue_from_numpy(prompt), ort.OrtValue.ortvalue_from_numpy(pos)
-        )
-        self.seqlens[:] = s - 1
-        self.total[...] = s
-        self.sess.run_with_iobinding(self.binding)
-        self._bind_tokens(*self._step_values)
-        return self.logits.argmax(-1)
+        logits = self.graph.run(0, prompt, np.zeros(self.batch, np.int64))
+        self.graph.seqlens[:] = prompt.shape[1]
+        return logits.argmax(-1)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        """One decode step for every row; inputs are updated in place."""
-        self._step_ids[:, 0] = tokens
-        self._step_pos[:, 0] = self.seqlens + 1
-        self.seqlens += 1
-        self.total[...] = self.seqlens.max() + 1
-        self.sess.run_with_iobinding(self.binding)
-        return self.logits.argmax(-1)
+        """One decode step for every row (its inputs are written in place)."""
+        self.graph.ids[:, 0] = tokens
+        logits = self.graph.decode(0, self.batch)
+        self.graph.seqlens += 1
+        return logits.argmax(-1)
 
 
 def timed_generation(
     runner: Runner, prompt_len: int, new_tokens: int, rng: np.random.Generator
 ) -> dict:
-    prompt = rng.integers(3, 1000, (runner.batch, prompt_len), dtype=np.int64)
+    high = min(1000, runner.graph.vocab)
+    prompt = rng.integers(3, high, (runner.batch, prompt_len), dtype=np.int64)
     t0 = time.perf_counter()
     tokens = runner.prefill(prompt)
     t1 = time.perf_counter()
@@ -114,7 +69,7 @@ def timed_generation(
 
 
 def bench(model_path: Path, batch: int, args: argparse.Namespace) -> dict:
-    runner = Runner(model_path, batch, args.max_context, args)
+    runner = Runner(model_path, batch, args)
     rng = np.random.default_rng(0)
     timed_generation(runner, args.prompt_tokens, 8, rng)  # warm-up
     runs = [
@@ -179,7 +134,7 @@ def main() -> None:
             src = src or load_export_source(args.checkpoint)
             path.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            save_graph(
+            save_model(
                 build_fused_graph(src, precision=precision, max_context=args.max_context), path
             )
             print(

@@ -28,8 +28,9 @@ from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.graph_fused import IR_VERSION, MS, OPSET, _attention, _Graph, _rotary_caches
-from tests.checkpoints import SMOLLM2_135M
+from export.graph_fused import FusedWriter, attention, rotary_caches
+from export.runner import PAST, present_name
+from models.random_checkpoint import SMOLLM2_135M
 
 K = SMOLLM2_135M["hidden_size"]
 N, CHAIN = 2 * SMOLLM2_135M["intermediate_size"], 10  # gate|up; nodes per run, all distinct
@@ -44,12 +45,8 @@ SLOTS = 2048  # the fused graph's default max context
 QKV_WIDTH = (SMOLLM2.num_heads + 2 * SMOLLM2.num_kv_heads) * SMOLLM2.head_dim
 
 
-def _model(g: _Graph, inputs: list, outputs: list) -> bytes:
-    graph = helper.make_graph(g.nodes, "kernels", inputs, outputs, g.initializers)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = IR_VERSION
-    return model.SerializeToString()
+def _model(g: FusedWriter, inputs: list, outputs: list) -> bytes:
+    return g.model("kernels", inputs, outputs).SerializeToString()
 
 
 def _value(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
@@ -59,7 +56,7 @@ def _value(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
 def matmul_model(precision: str) -> bytes:
     """CHAIN [N, K] linears written by the exporter's own graph writer (so int4 is exactly the
     MatMulNBits node, block and accuracy level that `python -m export` emits)."""
-    g, rng = _Graph(precision), np.random.default_rng(0)
+    g, rng = FusedWriter(precision), np.random.default_rng(0)
     ys = [g.linear("x", rng.standard_normal((N, K)) * 0.02, f"mm{i}") for i in range(CHAIN)]
     outputs = [_value(y, TensorProto.FLOAT, ["m", N]) for y in ys]
     return _model(g, [_value("x", TensorProto.FLOAT, ["m", K])], outputs)
@@ -68,8 +65,8 @@ def matmul_model(precision: str) -> bytes:
 def attention_model() -> bytes:
     """LAYERS GroupQueryAttention nodes as the fused graph writes them, all on the same packed
     QKV input, each on its own KV buffers (the names of the graph contract)."""
-    g, cfg = _Graph("fp32"), SMOLLM2
-    cos, sin = _rotary_caches(cfg.head_dim, cfg.rope_theta, SLOTS)
+    g, cfg = FusedWriter("fp32"), SMOLLM2
+    cos, sin = rotary_caches(cfg.head_dim, cfg.rope_theta, SLOTS)
     g.weight("cos_cache", cos)
     g.weight("sin_cache", sin)
     kv_shape = ["b", cfg.num_kv_heads, SLOTS, cfg.head_dim]
@@ -80,11 +77,12 @@ def attention_model() -> bytes:
     ]
     outputs = []
     for i in range(LAYERS):
-        out = _attention(g, cfg, i, "qkv", rotary=True)
+        out = attention(g, cfg, i, "qkv", rotary=True)
         outputs.append(_value(out, TensorProto.FLOAT, ["b", 1, cfg.num_heads * cfg.head_dim]))
         for kind in ("key", "value"):
-            inputs.append(_value(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
-            outputs.append(_value(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+            past = f"{PAST}{i}.{kind}"
+            inputs.append(_value(past, TensorProto.FLOAT, kv_shape))
+            outputs.append(_value(present_name(past), TensorProto.FLOAT, kv_shape))
     return _model(g, inputs, outputs)
 
 
@@ -132,8 +130,9 @@ def _attention_binding(sess: ort.InferenceSession, rows: int, cached: int):
     for i in range(LAYERS):
         for kind in ("key", "value"):
             buf = rng.random((rows, cfg.num_kv_heads, SLOTS, cfg.head_dim), np.float32)
-            bind(f"past_key_values.{i}.{kind}", buf)  # filled: zeros would read the zero page
-            bind(f"present.{i}.{kind}", buf, output=True)
+            past = f"{PAST}{i}.{kind}"
+            bind(past, buf)  # filled: zeros would read the zero page
+            bind(present_name(past), buf, output=True)
         width = cfg.num_heads * cfg.head_dim
         bind(f"layers.{i}.attn", np.zeros((rows, 1, width), np.float32), output=True)
     bind("qkv", rng.random((rows, 1, QKV_WIDTH), np.float32))

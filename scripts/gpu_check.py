@@ -38,7 +38,7 @@ from bot.engine.loader import load_model
 from bot.engine.session import GraphRunner, create_session, preload_cuda_libraries
 from export.pipeline import ExportRequest, export_checkpoint
 from export.registry import Registry
-from tests.checkpoints import make_checkpoint
+from models.random_checkpoint import make_checkpoint
 
 TARGETS = {  # issue 4 on an H100, fp16, prompt 128, 128 new tokens
     "one_stream_tok_s": 1000.0,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import make_checkpoint
+from models.random_checkpoint import make_checkpoint
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime session for the fused graph: provider choice, shared KV buffers, IO binding."""
+"""The engine's ONNX Runtime session: provider choice, CUDA libraries, session options."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
+
+from export.runner import CPU, FusedRunner
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -111,123 +111,10 @@ def create_session(
     return session, SessionInfo("cpu", threads, reason)
 
 
-class GraphRunner:
-    """Drives the fused graph over `slots` KV rows that live for the whole session.
-
-    One buffer per layer and kind, [slots, kv_heads, max_context, head_dim], is bound both as
-    past input and present output (GroupQueryAttention writes new entries in place). A decode
-    step runs rows 0..n-1; a prefill chunk runs one slot through pointers into its rows. The small
-    inputs are preallocated numpy arrays written in place, and decode bindings are made once per
-    row count, so a step allocates nothing.
-    """
+class GraphRunner(FusedRunner):
+    """The fused-graph runner (export.runner) on the engine's session, with what the engine
+    reports about it: which provider runs it and why."""
 
     def __init__(self, session: ort.InferenceSession, info: SessionInfo, slots: int) -> None:
-        self.session, self.info, self.slots = session, info, slots
-        inputs = {i.name: i for i in session.get_inputs()}
-        self.has_positions = "position_ids" in inputs
-        kv = inputs["past_key_values.0.key"]
-        _, self.kv_heads, self.max_context, self.head_dim = kv.shape
-        self.kv_dtype = np.float16 if kv.type == "tensor(float16)" else np.float32
-        self.vocab = session.get_outputs()[0].shape[1]
-        self.kv_names = sorted(n for n in inputs if n.startswith("past_key_values."))
-        shape = (slots, self.kv_heads, self.max_context, self.head_dim)
-        self.slot_bytes = int(np.prod(shape[1:])) * np.dtype(self.kv_dtype).itemsize
-        self.device = "cuda" if info.provider == "cuda" else "cpu"
-        self._kv_cpu: dict[str, np.ndarray] = {}
-        self._kv_gpu: dict[str, ort.OrtValue] = {}
-        self._kv_ptr: dict[str, int] = {}
-        for name in self.kv_names:
-            if self.device == "cuda":
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
-                self._kv_gpu[name] = value
-                self._kv_ptr[name] = value.data_ptr()
-            else:
-                buf = np.zeros(shape, self.kv_dtype)
-                self._kv_cpu[name] = buf
-                self._kv_ptr[name] = buf.ctypes.data
-        # decode inputs (rows 0..n-1 are used) and outputs
-        self.ids = np.zeros((slots, 1), np.int64)
-        self.positions = np.zeros((slots, 1), np.int64)
-        self.seqlens = np.zeros(slots, np.int32)
-        self.total = np.zeros((), np.int32)
-        self.logits = np.zeros((slots, self.vocab), np.float32)
-        self._decode_bindings: dict[tuple[int, int], ort.IOBinding] = {}
-        # prefill (one slot) inputs and outputs
-        self.chunk_ids = np.zeros((1, self.max_context), np.int64)
-        self.chunk_positions = np.zeros((1, self.max_context), np.int64)
-        self.chunk_seqlens = np.zeros(1, np.int32)
-        self.chunk_total = np.zeros((), np.int32)
-        self.chunk_logits = np.zeros((1, self.vocab), np.float32)
-
-    # ---- binding helpers ---------------------------------------------------------------------
-    @staticmethod
-    def _bind_cpu(binding: ort.IOBinding, name: str, array: np.ndarray, output: bool = False):
-        bind = binding.bind_output if output else binding.bind_input
-        bind(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
-
-    def _bind_kv(self, binding: ort.IOBinding, first: int, rows: int) -> None:
-        shape = [rows, self.kv_heads, self.max_context, self.head_dim]
-        for name in self.kv_names:
-            ptr = self._kv_ptr[name] + first * self.slot_bytes
-            present = name.replace("past_key_values.", "present.")
-            binding.bind_input(name, self.device, 0, self.kv_dtype, shape, ptr)
-            binding.bind_output(present, self.device, 0, self.kv_dtype, shape, ptr)
-
-    def _decode_binding(self, first: int, n: int) -> ort.IOBinding:
-        binding = self._decode_bindings.get((first, n))
-        if binding is None:
-            rows = slice(first, first + n)
-            binding = self.session.io_binding()
-            self._bind_cpu(binding, "input_ids", self.ids[rows])
-            if self.has_positions:
-                self._bind_cpu(binding, "position_ids", self.positions[rows])
-            self._bind_cpu(binding, "seqlens_k", self.seqlens[rows])
-            self._bind_cpu(binding, "total_sequence_length", self.total)
-            self._bind_cpu(binding, "logits", self.logits[rows], output=True)
-            self._bind_kv(binding, first, n)
-            self._decode_bindings[first, n] = binding
-        return binding
-
-    # ---- running -----------------------------------------------------------------------------
-    def decode(self, first: int, n: int) -> np.ndarray:
-        """One token for each of rows first..first+n-1, from `ids` and `seqlens` (the tokens and
-        the cached lengths, written there by the caller).
-
-        Rows that are not generating pass any token; they write one entry at their own length,
-        which is beyond what they hold, so nothing they keep is touched. Returns the logits of
-        all slots [slots, V] (rows outside the range are stale; a buffer the next step overwrites).
-        """
-        rows = slice(first, first + n)
-        if self.has_positions:
-            self.positions[rows, 0] = self.seqlens[rows]
-        self.total[...] = int(self.seqlens[rows].max()) + 1
-        self.session.run_with_iobinding(self._decode_binding(first, n))
-        return self.logits
-
-    def prefill(self, slot: int, tokens: np.ndarray, past: int) -> np.ndarray:
-        """Feed `tokens` to one slot on top of its `past` cached tokens; logits [V] of the last."""
-        s = len(tokens)
-        if past + s > self.max_context:
-            raise ValueError(f"{past + s} tokens do not fit max_context {self.max_context}")
-        self.chunk_ids[0, :s] = tokens
-        self.chunk_seqlens[0] = past + s - 1
-        self.chunk_total[...] = past + s
-        binding = self.session.io_binding()
-        self._bind_cpu(binding, "input_ids", self.chunk_ids[:, :s])
-        if self.has_positions:
-            self.chunk_positions[0, :s] = np.arange(past, past + s)
-            self._bind_cpu(binding, "position_ids", self.chunk_positions[:, :s])
-        self._bind_cpu(binding, "seqlens_k", self.chunk_seqlens)
-        self._bind_cpu(binding, "total_sequence_length", self.chunk_total)
-        self._bind_cpu(binding, "logits", self.chunk_logits, output=True)
-        self._bind_kv(binding, slot, 1)
-        self.session.run_with_iobinding(binding)
-        return self.chunk_logits[0]
-
-    def release(self) -> None:
-        """Drop the session and the KV buffers (after a hot swap)."""
-        self._decode_bindings.clear()
-        self._kv_cpu.clear()
-        self._kv_gpu.clear()
-        self._kv_ptr.clear()
-        self.session = None  # type: ignore[assignment]
+        super().__init__(session, slots, device="cuda" if info.provider == "cuda" else "cpu")
+        self.info = info

@@ -182,7 +182,7 @@ def test_prefill_writes_only_its_own_slot(engine_registry):
     session, info = create_session(model.graph_path, "cpu")
     runner = GraphRunner(session, info, slots=3)
     logits = runner.prefill(1, np.array([1, 2, 3, 4, 5]), 0).copy()
-    kv = runner._kv_cpu["past_key_values.0.key"]
+    kv = runner._kv["past_key_values.0.key"]
     assert not kv[0].any() and not kv[2].any()
     assert kv[1, :, :5].any() and not kv[1, :, 5:].any()
     # the same tokens through a decode step of every slot continue identically in slot 1
@@ -255,7 +255,7 @@ def test_the_next_turn_reuses_the_kept_prefix_and_gives_the_same_tokens(engine_r
 
     async def go():
         engine = await _start(engine_registry, kind, slots=2)
-        kv = engine._scheduler.current.runner._kv_cpu
+        kv = engine._scheduler.current.runner._kv
         try:
             a = await engine.generate(first, _greedy(8))
             held = len(first) + len(a.token_ids) - 1

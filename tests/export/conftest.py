@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from export.graph_reference import build_reference_graph, save_model
+from export.graph_reference import build_reference_graph
+from export.onnx_graph import save_model
 from export.pipeline import ExportRequest, export_checkpoint
 from export.registry import Registry
 from export.weights import ExportSource, load_export_source
@@ -27,7 +28,7 @@ def reference_graphs(sources, tmp_path_factory) -> dict[str, Path]:
     graphs = {}
     for kind, src in sources.items():
         (root / kind).mkdir()
-        graphs[kind] = save_model(build_reference_graph(src), root / kind)
+        graphs[kind] = save_model(build_reference_graph(src), root / kind / "model.onnx")
     return graphs
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import export.graph_reference as graph_reference
+import export.onnx_graph as onnx_graph
 from export.__main__ import main, serving_precision
 from export.manifest import Manifest
 from export.registry import Registry
@@ -258,13 +259,11 @@ def test_user_errors_exit_2_with_one_line(capsys, seeded, tiny_checkpoints, argv
 
 
 def test_disk_full_exits_2_and_publishes_nothing(capsys, seeded, tiny_checkpoints, monkeypatch):
-    def full(model, out_dir):
-        (Path(out_dir) / "model.onnx").write_bytes(b"partial")
-        raise OSError(
-            errno.ENOSPC, "No space left on device", str(Path(out_dir) / "model.onnx.data")
-        )
+    def full(model, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", f"{path}.data")
 
-    monkeypatch.setattr(graph_reference, "save_model", full)
+    monkeypatch.setattr(onnx_graph, "save_model", full)
     before = _snapshot(seeded)
     code, _, err = _run(
         capsys,

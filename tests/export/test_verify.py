@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.graph_reference import save_model
 from export.manifest import PRECISIONS
+from export.onnx_graph import save_model
 from export.verify import THRESHOLDS, VerifyOptions, describe_failure, verify
 
 SMALL = VerifyOptions(prompts=2, prompt_length=6, steps=4)
@@ -37,7 +37,7 @@ def _perturbed(graph_path, out_dir, name: str, scale: float):
     else:
         raise AssertionError(f"no initializer {name}")
     out_dir.mkdir()
-    return save_model(model, out_dir)
+    return save_model(model, out_dir / "model.onnx")
 
 
 def test_perturbed_weight_fails_verification(sources, reference_graphs, tmp_path):
@@ -63,7 +63,8 @@ def test_thresholds_cover_every_precision_and_tighten_with_bits():
 def test_fused_graph_passes_verification(kind, sources, tmp_path):
     from export.graph_fused import build_fused_graph
 
-    graph = save_model(build_fused_graph(sources[kind], precision="fp32", max_context=64), tmp_path)
+    model = build_fused_graph(sources[kind], precision="fp32", max_context=64)
+    graph = save_model(model, tmp_path / "model.onnx")
     figures = verify(graph, sources[kind], flavour="fused", settings=SMALL)
     assert figures["passed"] is True, describe_failure(figures)
     assert figures["top1_agreement"] == 1.0

@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from export.graph_fused import build_fused_graph, save_graph
+from export.graph_fused import build_fused_graph
+from export.onnx_graph import save_model
 from tests.fused.conftest import KINDS, MAX_CONTEXT
-from tests.fused.runner import FusedRunner
+from tests.fused.runner import TrackedRunner
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
@@ -61,7 +62,7 @@ def test_io_contract(kind, precision, fused_graph, sources):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp32_cached_steps_match_pytorch(kind, fused_graph, reference):
-    runner = FusedRunner(fused_graph(kind, "fp32"), slots=1)
+    runner = TrackedRunner(fused_graph(kind, "fp32"), slots=1)
     ids = prompt(1, 9)
     logits = runner.run(np.array([ids]))[0]
     for step in range(12):
@@ -76,7 +77,7 @@ def test_fp32_cached_steps_match_pytorch(kind, fused_graph, reference):
 def test_ragged_batch_equals_rows_alone(kind, fused_graph):
     graph = fused_graph(kind, "fp32")
     rows = [prompt(10 + r, n) for r, n in enumerate((3, 8, 5))]
-    batched = FusedRunner(graph, slots=3)
+    batched = TrackedRunner(graph, slots=3)
     width = max(map(len, rows))
     padded = np.zeros((3, width), np.int64)
     for r, ids in enumerate(rows):
@@ -85,7 +86,7 @@ def test_ragged_batch_equals_rows_alone(kind, fused_graph):
     for t in range(5):
         steps.append(batched.run(np.array([[7 + t], [50 + t], [200 + t]])))
     for r, ids in enumerate(rows):
-        alone = FusedRunner(graph, slots=1)
+        alone = TrackedRunner(graph, slots=1)
         got = [alone.run(np.array([ids]))[0]]
         for t in range(5):
             got.append(alone.run(np.array([[(7, 50, 200)[r] + t]]))[0])
@@ -97,7 +98,7 @@ def test_ragged_batch_equals_rows_alone(kind, fused_graph):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_prefill_on_one_slot_matches_pytorch(kind, fused_graph, reference):
-    runner = FusedRunner(fused_graph(kind, "fp32"), slots=2)
+    runner = TrackedRunner(fused_graph(kind, "fp32"), slots=2)
     runner.run(np.array([[5], [6]]))  # the other slot holds a sequence too
     ids = prompt(3, 14)
     first = runner.run(np.array([ids[:6]]), slot=0)[0]
@@ -112,10 +113,10 @@ def test_chunked_prefill_on_one_slot_matches_pytorch(kind, fused_graph, referenc
 
 
 def test_save_graph_writes_one_data_file(tmp_path, sources, fused_graph, reference):
-    path = save_graph(fused_graph("llama", "fp32"), tmp_path / "model.onnx")
+    path = save_model(fused_graph("llama", "fp32"), tmp_path / "model.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert path.stat().st_size < 200_000  # the weights live in the data file
-    runner = FusedRunner(onnx.load(str(path)), slots=1)
+    runner = TrackedRunner(onnx.load(str(path)), slots=1)
     ids = prompt(4, 5)
     assert rel_err(runner.run(np.array([ids]))[0], reference("llama", ids)) < 1e-4
 
@@ -135,9 +136,9 @@ def test_bad_arguments_are_one_line_errors(sources, kwargs, message):
 
 def test_saved_model_stays_usable_in_memory(tmp_path, fused_graph):
     model = fused_graph("gpt2", "fp32")
-    before = FusedRunner(model, slots=1).run(np.array([prompt(5, 4)]))
-    save_graph(model, tmp_path / "model.onnx")
-    after = FusedRunner(model, slots=1).run(np.array([prompt(5, 4)]))
+    before = TrackedRunner(model, slots=1).run(np.array([prompt(5, 4)]))
+    save_model(model, tmp_path / "model.onnx")
+    after = TrackedRunner(model, slots=1).run(np.array([prompt(5, 4)]))
     np.testing.assert_array_equal(before, after)
 
 
@@ -164,7 +165,7 @@ def test_llama_with_attention_bias_matches_transformers(tmp_path, tiny_checkpoin
     src = load_export_source(tmp_path)
     graph = build_fused_graph(src, precision="fp32", max_context=32)
     assert {"layers.0.qkv_proj/bias", "layers.0.o_proj/bias"} <= {n.name for n in graph.graph.node}
-    runner = FusedRunner(graph, slots=1)
+    runner = TrackedRunner(graph, slots=1)
     ids = prompt(6, 7)
     got = [runner.run(np.array([ids]))[0], runner.run(np.array([[5]]))[0]]
     with torch.no_grad():

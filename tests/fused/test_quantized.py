@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.quantize import quantize_blockwise
 from tests.fused.conftest import KINDS
-from tests.fused.runner import FusedRunner
+from tests.fused.runner import TrackedRunner
 
 # Bounds from measurement (docs/performance.md, "Accuracy"): worst relative logit error over a
 # prefill plus 16 steps on the tiny checkpoints, about 2x margin. Tiny random models have small
@@ -90,8 +90,8 @@ def test_bad_quantization_arguments(kwargs, message):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_precision_within_measured_bounds(kind, precision, fused_graph):
-    fp32 = FusedRunner(fused_graph(kind, "fp32"), slots=1)
-    other = FusedRunner(fused_graph(kind, precision), slots=1)
+    fp32 = TrackedRunner(fused_graph(kind, "fp32"), slots=1)
+    other = TrackedRunner(fused_graph(kind, precision), slots=1)
     ids = np.random.default_rng(0).integers(3, 384, 20)
     pairs = [(other.run(ids[None, :4])[0], fp32.run(ids[None, :4])[0])]
     for t in range(4, 20):

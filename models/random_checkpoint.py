@@ -1,10 +1,11 @@
-"""Random-weight Hugging Face checkpoints built with transformers (an implementation independent
-of ours), for the tests and for the scripts that need a model of a real shape."""
+"""Random-weight Hugging Face checkpoints, built with transformers (not with our model code)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from models.errors import ModelError
 
 CHATML = (
     "{% for message in messages %}"
@@ -52,6 +53,8 @@ def write_tokenizer(out: Path, vocab_size: int, max_length: int = 256) -> None:
     )
 
 
+KINDS = ("llama", "llama-untied", "qwen2", "gpt2", "smollm2-135m")
+
 # SmolLM2-135M-Instruct's config.json (the default model): a random checkpoint of its shape is a
 # fair speed workload (scripts/gpu_check.py) and gives the kernels' shapes (bench_kernels.py)
 SMOLLM2_135M = dict(
@@ -70,9 +73,17 @@ SMOLLM2_135M = dict(
 
 def make_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
     """A random-weight HF folder: tiny llama (GQA), qwen2 (qkv bias), llama-untied or gpt2, or
-    smollm2-135m (the default model's shape)."""
-    import torch
-    import transformers as tf
+    smollm2-135m (the default model's shape). Used by the test fixtures and by the scripts that
+    need a model of a real shape; needs transformers (the `dev` extra)."""
+    if kind not in KINDS:
+        raise ModelError(
+            f"unknown random checkpoint kind {kind!r}; choose one of {', '.join(KINDS)}"
+        )
+    try:
+        import torch
+        import transformers as tf
+    except ImportError as exc:
+        raise ModelError(f"random checkpoints need torch and transformers: {exc}") from exc
 
     torch.manual_seed(seed)
     vocab = 384
@@ -95,11 +106,9 @@ def make_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
     elif kind == "qwen2":
         cfg = tf.Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=False, **gqa_shape, **common)
         model = tf.Qwen2ForCausalLM(cfg)
-    elif kind == "gpt2":
+    else:  # gpt2
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
         model = tf.GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(kind)
     # random init is small; widen it so logits differ meaningfully between tokens
     with torch.no_grad():
         for p in model.parameters():
