@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from models.errors import ModelError, first_line, listing
+from models.gguf import read_gguf
 from models.model import ModelConfig, hf_tensor_shapes
 from models.tokenizer import read_json
 
@@ -52,8 +53,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ModelError(f"{path}: no such checkpoint folder or file")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            from models.gguf import load_gguf
-
             return load_gguf(path)
         raise ModelError(
             f"{path}: not a checkpoint (expected a Hugging Face folder or a .gguf file)"
@@ -64,6 +63,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     generation_file = path / GENERATION_NAME
     generation = read_json(generation_file) if generation_file.is_file() else {}
     return Checkpoint(config, tensors, tokenizer, generation, source=path, source_files=files)
+
+
+def load_gguf(path: str | Path) -> Checkpoint:
+    """A Llama-architecture GGUF file as a Checkpoint (float32 tensors in HF names)."""
+    contents = read_gguf(path)
+    config = ModelConfig.from_hf(contents.hf_config)
+    shapes = {name: tuple(values.shape) for name, values in contents.tensors.items()}
+    check_tensors(config, shapes, contents.path)
+    return Checkpoint(
+        config=config,
+        tensors={k: torch.from_numpy(v) for k, v in contents.tensors.items()},
+        tokenizer=contents.tokenizer,
+        generation_config=contents.generation_config,
+        source=contents.path,
+        source_files=[contents.path],
+    )
 
 
 def read_config(folder: Path) -> ModelConfig:

@@ -137,8 +137,7 @@ def fetch_default(
         raise ModelError(f"{out}: exists and is not a fetch-default output (--force replaces it)")
 
     gguf = fetch_gguf(cache_dir, progress=progress)
-    from models.checkpoint import replace_dir, save_hf_folder
-    from models.gguf import load_gguf
+    from models.checkpoint import load_gguf, replace_dir, save_hf_folder
 
     _say(progress, f"converting {gguf.name} (dequantizing to float32)")
     ckpt = load_gguf(gguf)

@@ -18,8 +18,6 @@ from models.tokenizer import TokenizerBundle
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
 
-    from models.checkpoint import Checkpoint
-
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 # GGUF tensor names -> HF names. Per layer: blk.N.<key>.{weight,bias} -> model.layers.N.<value>.
@@ -369,7 +367,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
             values = _unpermute_rows(values, kv_heads)
         tensors[name] = values
 
-    if tokenizer.vocab_size > config["vocab_size"]:  # tensor shapes: load_gguf checks them
+    if tokenizer.vocab_size > config["vocab_size"]:  # tensor shapes: load_checkpoint checks them
         raise ModelError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{config['vocab_size']}"
@@ -380,24 +378,3 @@ def read_gguf(path: str | Path) -> GGUFModel:
         if config[k] is not None
     }
     return GGUFModel(path, config, tensors, tokenizer, generation)
-
-
-def load_gguf(path: str | Path) -> Checkpoint:
-    """A Llama-architecture GGUF file as a Checkpoint (float32 tensors in HF names)."""
-    import torch
-
-    from models.checkpoint import Checkpoint, check_tensors
-    from models.model import ModelConfig
-
-    contents = read_gguf(path)
-    config = ModelConfig.from_hf(contents.hf_config)
-    shapes = {name: tuple(values.shape) for name, values in contents.tensors.items()}
-    check_tensors(config, shapes, contents.path)
-    return Checkpoint(
-        config=config,
-        tensors={k: torch.from_numpy(v) for k, v in contents.tensors.items()},
-        tokenizer=contents.tokenizer,
-        generation_config=contents.generation_config,
-        source=contents.path,
-        source_files=[contents.path],
-    )

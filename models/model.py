@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.errors import ModelError, listing
-
-if TYPE_CHECKING:
-    from models.checkpoint import Checkpoint
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ARCHITECTURES = {
@@ -254,6 +251,13 @@ def attend(
     is_causal = mask is None and q.shape[2] > 1  # no mask with T > 1 only happens without a past
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     return y, present
+
+
+class Weights(Protocol):
+    """What a model is built from: a config and its tensors in HF names (a Checkpoint is one)."""
+
+    config: ModelConfig
+    tensors: dict[str, Tensor]
 
 
 # -----------------------------------------------------------------------------
@@ -525,7 +529,7 @@ class CausalLM(nn.Module):
         return self.lm_head(x), presents
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint) -> CausalLM:
+    def from_checkpoint(cls, ckpt: Weights) -> CausalLM:
         """A float32 model in eval mode holding the checkpoint's weights."""
         with torch.device("meta"):
             model = cls(ckpt.config)

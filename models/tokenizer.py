@@ -9,7 +9,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
-from bot.chat_template import ChatTemplateError, render_chat
+from models.chat_template import ChatTemplateError, render_chat
 from models.errors import ModelError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -8,10 +8,10 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from bot.chat_template import render_chat
 from bot.engine.types import ModelLoadError
 from export.manifest import Manifest, ManifestError
 from export.registry import Registry, RegistryError, default_registry
+from models.chat_template import render_chat
 
 
 @dataclass

@@ -11,6 +11,7 @@ from alembic.util import CommandError
 
 from bot.config import ConfigError, load_settings
 from bot.storage.db import Database, DatabaseError
+from bot.storage.migrate import run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,16 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(url: str, action: str, revision: str | None) -> None:
-    from bot.storage.migrate import run_command
-
     db = Database(url)
     try:
         if action in ("upgrade", "downgrade"):
-            await run_command(db, action, revision)
+            await run_command(db.engine, action, revision)
         elif action == "current":
-            await run_command(db, "current", verbose=False)
+            await run_command(db.engine, "current", verbose=False)
         else:
-            await run_command(db, "history")
+            await run_command(db.engine, "history")
     finally:
         await db.close()
 

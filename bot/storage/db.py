@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from bot.storage.migrate import run_command
 from bot.storage.models import Message, Status
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,7 @@ class Database:
 
     async def upgrade(self, revision: str = "head") -> None:
         """Alembic upgrade on this engine (the same code as `python -m bot db upgrade`)."""
-        from bot.storage.migrate import run_command
-
-        await run_command(self, "upgrade", revision)
+        await run_command(self.engine, "upgrade", revision)
 
     async def mark_interrupted(self) -> int:
         """Replies still in progress from an earlier run become `interrupted`; returns how many."""

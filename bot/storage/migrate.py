@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import as_file, files
 from typing import TYPE_CHECKING, Any
 
 from alembic import command
@@ -10,11 +10,7 @@ from alembic.config import Config
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
-
-    from bot.storage.db import Database
-
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
-ALEMBIC_INI = MIGRATIONS_DIR / "alembic.ini"
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 COMMANDS = {
     "upgrade": command.upgrade,
@@ -24,27 +20,38 @@ COMMANDS = {
 }
 
 
+def migrations_dir() -> str:
+    """The folder of the `migrations` package (env.py, versions/), installed or in a checkout."""
+    # a package installed from a wheel or a checkout is a plain folder, never a zip: as_file
+    # gives its own path
+    with as_file(files("migrations")) as folder:
+        return str(folder)
+
+
 def alembic_config(url: str | None = None) -> Config:
-    """The Alembic config of migrations/; `url` wins over BotConfig.database_url in env.py."""
-    cfg = Config(str(ALEMBIC_INI))
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    """The Alembic config of the migrations package; `url` wins over BotConfig.database_url in
+    env.py."""
+    folder = migrations_dir()
+    cfg = Config(f"{folder}/alembic.ini")
+    cfg.set_main_option("script_location", folder)
     if url is not None:
         cfg.attributes["url"] = url
     return cfg
 
 
-async def run_command(db: Database, name: str, *args: Any, **kwargs: Any) -> None:
-    """Run an Alembic command (upgrade, downgrade, current, history) on one connection of `db`.
+async def run_command(engine: AsyncEngine, name: str, *args: Any, **kwargs: Any) -> None:
+    """Run an Alembic command (upgrade, downgrade, current, history) on one connection of
+    `engine`.
 
     env.py sees the connection in `config.attributes` and runs the migrations on it, so an
-    already running event loop is fine and the SQLite pragmas of the Database apply.
+    already running event loop is fine and the engine's connect hooks (SQLite pragmas) apply.
     """
-    cfg = alembic_config(db.url)
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     fn = COMMANDS[name]
 
     def run(connection: Connection) -> None:
         cfg.attributes["connection"] = connection
         fn(cfg, *args, **kwargs)
 
-    async with db.engine.begin() as connection:
+    async with engine.begin() as connection:
         await connection.run_sync(run)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from bot.chat_template import render_chat
 from bot.engine import GenerationResult, PromptTooLongError, QueueFullError, SamplingParams
+from models.chat_template import render_chat
 
 CHATML = (
     "{% for message in messages %}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from bot.storage.db import Database
@@ -37,7 +39,7 @@ async def test_upgrade_downgrade_upgrade_on_a_fresh_file(db_url: str):
         await db.upgrade()
         assert await tables(db) == TABLES | {"alembic_version"}
         assert await revision(db) == "0001"
-        await run_command(db, "downgrade", "base")
+        await run_command(db.engine, "downgrade", "base")
         assert await tables(db) == {"alembic_version"}
         assert await revision(db) is None
         await db.upgrade()
@@ -105,3 +107,73 @@ def test_offline_sql_for_postgresql(capsys):
     assert "CREATE TABLE messages" in sql and "id BIGSERIAL NOT NULL" in sql
     assert "CREATE INDEX ix_messages_channel_history ON messages (channel_id, forgotten, id)" in sql
     assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in sql
+
+
+INSTALLED_CHECK = """
+import asyncio, sys
+from pathlib import Path
+import bot, migrations
+from bot.storage.db import Database
+from bot.storage.migrate import migrations_dir
+
+target = Path(sys.argv[1]).resolve()
+for module in (bot, migrations):
+    assert target in Path(module.__file__).resolve().parents, module.__file__
+assert target in Path(migrations_dir()).resolve().parents, migrations_dir()
+
+async def main():
+    db = await Database.open(sys.argv[2])  # migrates to head
+    try:
+        async with db.engine.connect() as c:
+            rows = await c.exec_driver_sql("SELECT version_num FROM alembic_version")
+            print(rows.scalar_one())
+    finally:
+        await db.close()
+
+asyncio.run(main())
+"""
+
+
+def test_an_installed_wheel_carries_and_finds_its_migrations(tmp_path: Path):
+    """Built as a wheel and installed elsewhere, the bot migrates a database to head without the
+    source checkout (cwd elsewhere, only the install on the path)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for package in ("bot", "export", "models", "migrations"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    quiet = {"capture_output": True, "text": True, "timeout": 120}
+    wheel = subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        **quiet,
+    )
+    assert wheel.returncode == 0, wheel.stderr
+    (built,) = (tmp_path / "dist").glob("*.whl")
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(built)], **quiet
+    )
+    assert install.returncode == 0, install.stderr
+    shutil.rmtree(src)  # nothing of the sources is left to fall back on
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_CONFIG")}
+    env["PYTHONPATH"] = str(target)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'installed.db'}"
+    done = subprocess.run(
+        [sys.executable, "-c", INSTALLED_CHECK, str(target), url], cwd=elsewhere, env=env, **quiet
+    )
+    assert done.returncode == 0, done.stderr
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert done.stdout.split() == [head]

@@ -33,11 +33,11 @@ BIG = 1_234_567_890_123_456_789
 @pytest.fixture
 async def pg():
     db = Database(URL)
-    await run_command(db, "downgrade", "base")
+    await run_command(db.engine, "downgrade", "base")
     await db.close()
     db = await Database.open(URL)
     yield db
-    await run_command(db, "downgrade", "base")
+    await run_command(db.engine, "downgrade", "base")
     await db.close()
 
 

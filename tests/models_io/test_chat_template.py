@@ -1,11 +1,11 @@
-"""bot.chat_template renders exactly what transformers' apply_chat_template renders."""
+"""models.chat_template renders exactly what transformers' apply_chat_template renders."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import AutoTokenizer
 
-from bot.chat_template import ChatTemplateError, compile_template, render_chat
+from models.chat_template import ChatTemplateError, compile_template, render_chat
 from models.tokenizer import TokenizerBundle
 
 from .conftest import CONVERSATIONS
