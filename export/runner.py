@@ -98,6 +98,14 @@ class FusedRunner:
             self._decode_bindings[first, n] = binding
         return binding
 
+    def cached(self, slot: int, length: int) -> dict[str, np.ndarray]:
+        """A copy of the first `length` cached entries of `slot`, per KV buffer (CPU runners)."""
+        if self.device != "cpu":
+            raise ValueError(
+                "cached() reads host buffers; this runner keeps its cache on the device"
+            )
+        return {name: buf[slot, :, :length].copy() for name, buf in self._kv.items()}
+
     # ---- running -----------------------------------------------------------------------------
     def decode(self, first: int, n: int) -> np.ndarray:
         """One token for each of rows first..first+n-1, from `ids` and `seqlens` (the tokens and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from bot.engine.types import EngineStats, GenerationResult, PromptTooLongError, 
 
 log = logging.getLogger(__name__)
 
+WrapRunner = Callable[[GraphRunner], GraphRunner]  # a test seam: see Engine.start
+
 
 def _load_worker(
     ref: str | Path | None,
@@ -27,10 +30,12 @@ def _load_worker(
     slots: int,
     threads: int | None,
     spin: bool = False,
+    wrap_runner: WrapRunner | None = None,
 ) -> Worker:
     model = load_model(ref, registry)
     session, info = create_session(model.graph_path, device, threads, spin)
-    return Worker(model, GraphRunner(session, info, slots))
+    runner = GraphRunner(session, info, slots)
+    return Worker(model, wrap_runner(runner) if wrap_runner else runner)
 
 
 class Engine:
@@ -50,10 +55,14 @@ class Engine:
         threads: int | None,
         spin: bool,
         prefill_chunk: int,
+        wrap_runner: WrapRunner | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._registry, self._device, self._slots, self._threads = registry, device, slots, threads
-        self._spin = spin
-        self._scheduler = Scheduler(worker, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        self._spin, self._wrap_runner, self._clock = spin, wrap_runner, clock
+        self._scheduler = Scheduler(
+            worker, max_queue=max_queue, prefill_chunk=prefill_chunk, clock=clock
+        )
 
     @classmethod
     async def start(
@@ -67,16 +76,22 @@ class Engine:
         threads: int | None = None,
         spin: bool = False,
         prefill_chunk: int = 256,
+        wrap_runner: WrapRunner | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> Engine:
         """Load `ref` (NAME, NAME@N, a folder; None: the registry's active version).
 
         `threads`: CPU intra-op threads (default: the cores this process may use); `spin`: let
         idle ORT workers spin (faster only on a dedicated machine); `prefill_chunk`: prompt tokens
         fed per engine step, so long prompts do not stall running streams.
+        Test seams: `wrap_runner` wraps the graph runner of every version loaded (to watch, block
+        or fail its steps); `clock` replaces `time.perf_counter` for deadlines and timings.
         """
         if slots < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError("slots, max_queue and prefill_chunk must be >= 1")
-        worker = await asyncio.to_thread(_load_worker, ref, registry, device, slots, threads, spin)
+        worker = await asyncio.to_thread(
+            _load_worker, ref, registry, device, slots, threads, spin, wrap_runner
+        )
         return cls(
             worker,
             registry=registry,
@@ -86,6 +101,8 @@ class Engine:
             threads=threads,
             spin=spin,
             prefill_chunk=prefill_chunk,
+            wrap_runner=wrap_runner,
+            clock=clock,
         )
 
     @property
@@ -153,7 +170,7 @@ class Engine:
                 f"({model.max_context} context - {params.max_new_tokens} new tokens)"
             )
         stop_ids = model.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
-        now = time.perf_counter()
+        now = self._clock()
         request: Request
         stream = Stream(loop, lambda: self._scheduler.cancel(request))
         request = Request(
@@ -181,7 +198,14 @@ class Engine:
         """Load `ref` beside the current version; new requests go to it, in-flight ones finish
         on the old one, which is then released."""
         worker = await asyncio.to_thread(
-            _load_worker, ref, self._registry, self._device, self._slots, self._threads, self._spin
+            _load_worker,
+            ref,
+            self._registry,
+            self._device,
+            self._slots,
+            self._threads,
+            self._spin,
+            self._wrap_runner,
         )
         old = self._scheduler.add_worker(worker)
         log.info("engine: swapped %s -> %s", old.model.ref, worker.model.ref)

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,8 +122,14 @@ class Scheduler:
     """Owns the engine thread. `submit`, `cancel`, `add_worker`, `load` and `stop` are
     thread-safe."""
 
-    def __init__(self, worker: Worker, max_queue: int = 64, prefill_chunk: int = 256) -> None:
-        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+    def __init__(
+        self,
+        worker: Worker,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.max_queue, self.prefill_chunk, self.clock = max_queue, prefill_chunk, clock
         self.pending: deque[Request] = deque()
         self.workers: list[Worker] = [worker]
         self.current = worker
@@ -179,10 +186,10 @@ class Scheduler:
             with self.cond:
                 while not self._stopping and not self._has_work():
                     self.cond.wait(timeout=self._next_deadline())
-                    self._expire_pending(time.perf_counter())
+                    self._expire_pending(self.clock())
                 if self._stopping:
                     break
-                self._expire_pending(time.perf_counter())
+                self._expire_pending(self.clock())
                 self._admit()
                 workers = list(self.workers)
             for worker in workers:
@@ -209,7 +216,7 @@ class Scheduler:
 
     def _next_deadline(self) -> float | None:
         deadlines = [r.deadline for r in self.pending if r.deadline is not None]
-        return max(0.0, min(deadlines) - time.perf_counter()) if deadlines else None
+        return max(0.0, min(deadlines) - self.clock()) if deadlines else None
 
     def _expire_pending(self, now: float) -> None:
         for r in [r for r in self.pending if r.cancelled or (r.deadline and now >= r.deadline)]:
@@ -224,7 +231,7 @@ class Scheduler:
                 continue
             self.pending.remove(r)
             r.slot, r.cached = taken
-            r.reused, r.admitted = r.cached, time.perf_counter()
+            r.reused, r.admitted = r.cached, self.clock()
             r.worker.slots[r.slot] = r
             r.worker.order.append(r)
 
@@ -239,7 +246,7 @@ class Scheduler:
                     log.info("engine: released %s after the swap", w.model.ref)
 
     def _step(self, w: Worker) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         for r in w.active():
             if r.cancelled:
                 self._finish(r, "cancelled")
@@ -284,7 +291,7 @@ class Scheduler:
 
     def _emit(self, r: Request, token: int) -> None:
         """Record a sampled token, stream its text, and end the request if it is done."""
-        r.last = time.perf_counter()
+        r.last = self.clock()
         if r.first is None:
             r.first = r.last
         r.tokens.append(token)
@@ -319,7 +326,7 @@ class Scheduler:
             r.worker.keep(r.slot, fed)
             r.worker.slots[r.slot] = None
         r.next_token = None
-        now = time.perf_counter()
+        now = self.clock()
         n = len(r.tokens)
         span = (r.last - r.first) if r.first is not None and r.last is not None else 0.0
         result = GenerationResult(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -16,101 +15,122 @@ from bot.engine import (
     SamplingParams,
 )
 from tests.engine.conftest import run
+from tests.engine.fakes import WAIT_S, FakeClock, Gate, Runners, fail, start_engine
 
 LONG = SamplingParams(greedy=True, max_new_tokens=200, ignore_eos=True)
 SHORT = SamplingParams(greedy=True, max_new_tokens=6, ignore_eos=True)
 
 
 async def _start(registry, ref="llama", **kw) -> Engine:
-    kw.setdefault("slots", 1)
-    return await Engine.start(ref, registry=registry.root, device="cpu", **kw)
+    return await start_engine(registry, ref, **kw)
 
 
 def test_cancel_ends_the_stream_and_frees_the_slot(engine_registry):
+    """A is held in its first decode step while B queues for the only slot; cancelling A frees
+    it for B, whose queue time is exactly the engine time it waited."""
+
     async def go():
-        engine = await _start(engine_registry)
+        gate, clock = Gate(), FakeClock()
+        engine = await _start(engine_registry, runners=Runners(gate), clock=clock)
         try:
             a = engine.submit([1, 2, 3], LONG)
-            b = engine.submit([1, 4, 5], SHORT)  # waits for the only slot
-            got = []
-            async for piece in a:
-                got.append(piece)
-                if len(got) == 3:
-                    a.cancel()
-            ra = a.result
-            rb = await asyncio.wait_for(b.collect(), 10)
+            await gate.wait()  # A holds the slot: its prompt is in, one token sampled
+            b = engine.submit([1, 4, 5], SHORT)
+            clock.advance(2.5)
+            a.cancel()
+            gate.open()
+            ra = await asyncio.wait_for(a.collect(), 30)
+            rb = await asyncio.wait_for(b.collect(), 30)
             return ra, rb
         finally:
+            gate.open()
             await engine.close()
 
     ra, rb = run(go())
-    assert ra.finish_reason == "cancelled" and 3 <= ra.completion_tokens < 200
+    # the step A was held in still finishes (its second token), then the cancel ends it
+    assert (ra.finish_reason, ra.completion_tokens) == ("cancelled", 2)
     assert rb.finish_reason == "length" and rb.completion_tokens == 6
-    assert rb.queue_ms > 0
+    assert ra.queue_ms == 0.0  # a free slot: admitted before any engine time passed
+    assert rb.queue_ms == pytest.approx(2500.0)  # waited from its submit to A's cancel
 
 
 def test_cancel_while_queued(engine_registry):
     async def go():
-        engine = await _start(engine_registry)
+        gate = Gate()
+        engine = await _start(engine_registry, runners=Runners(gate))
         try:
             a = engine.submit([1, 2, 3], LONG)
+            await gate.wait()
             b = engine.submit([1, 4, 5], SHORT)
             b.cancel()
-            rb = await asyncio.wait_for(b.collect(), 10)
             a.cancel()
-            return rb, await a.collect()
+            gate.open()
+            return await asyncio.wait_for(b.collect(), 30), await a.collect()
         finally:
+            gate.open()
             await engine.close()
 
     rb, ra = run(go())
     assert (rb.finish_reason, rb.completion_tokens) == ("cancelled", 0)
-    assert ra.finish_reason == "cancelled"
+    assert (ra.finish_reason, ra.completion_tokens) == ("cancelled", 2)
 
 
 def test_timeout_running_and_queued(engine_registry):
+    """Deadlines on the engine's clock: while A is held mid-generation, the clock moves past
+    both A's deadline and that of B, which waits for the only slot."""
+
     async def go():
-        engine = await _start(engine_registry)
-        runner = engine._scheduler.current.runner
-        real = runner.decode
-
-        def slow(first, n):  # 5 ms a step: 250 tokens cannot finish within the 200 ms limit
-            time.sleep(0.005)
-            return real(first, n)
-
-        runner.decode = slow
+        gate, clock = Gate(), FakeClock()
+        engine = await _start(engine_registry, runners=Runners(gate), clock=clock)
         try:
-            a = engine.submit(
-                [1, 2, 3],
-                SamplingParams(greedy=True, max_new_tokens=250, ignore_eos=True),
-                timeout_s=0.2,
-            )
-            b = engine.submit([1, 4], SHORT, timeout_s=0.01)
-            return await asyncio.gather(a.collect(), b.collect())
+            a = engine.submit([1, 2, 3], LONG, timeout_s=10.0)
+            await gate.wait()
+            b = engine.submit([1, 4], SHORT, timeout_s=1.0)
+            clock.advance(10.0)
+            gate.open()
+            return await asyncio.wait_for(asyncio.gather(a.collect(), b.collect()), 30)
         finally:
+            gate.open()
             await engine.close()
 
     ra, rb = run(go())
-    assert rb.finish_reason == "timeout" and rb.completion_tokens == 0
-    assert ra.finish_reason == "timeout" and 1 <= ra.completion_tokens < 250
+    assert (rb.finish_reason, rb.completion_tokens) == ("timeout", 0)
+    assert (ra.finish_reason, ra.completion_tokens) == ("timeout", 2)
+
+
+def test_a_deadline_not_reached_does_not_end_a_request(engine_registry):
+    async def go():
+        clock = FakeClock()
+        engine = await _start(engine_registry, clock=clock)
+        try:
+            return await engine.generate([1, 2, 3], SHORT, timeout_s=0.001)  # time stands still
+        finally:
+            await engine.close()
+
+    result = run(go())
+    assert (result.finish_reason, result.completion_tokens) == ("length", 6)
 
 
 def test_queue_full_is_a_clear_busy_error(engine_registry):
     async def go():
-        engine = await _start(engine_registry, max_queue=2)
+        gate = Gate()
+        engine = await _start(engine_registry, runners=Runners(gate), max_queue=2)
         try:
             streams = [engine.submit([1, 2], LONG)]
-            await streams[0].__anext__()  # running in the only slot
+            await gate.wait()  # running in the only slot
             streams += [engine.submit([1, 2], LONG) for _ in range(2)]  # the queue is full
             with pytest.raises(QueueFullError, match="busy"):
                 engine.submit([1, 2], LONG)
             for s in streams:
                 s.cancel()
+            gate.open()
             return [await s.collect() for s in streams]
         finally:
+            gate.open()
             await engine.close()
 
     results = run(go())
-    assert all(r.finish_reason == "cancelled" for r in results)
+    assert [r.finish_reason for r in results] == ["cancelled"] * 3
 
 
 def test_prompt_too_long_and_bad_ids(engine_registry):
@@ -136,6 +156,10 @@ def test_prompt_too_long_and_bad_ids(engine_registry):
 
 
 def test_hot_swap_while_streaming(engine_registry):
+    """The old version's request is held mid-step while the engine swaps to the new version and
+    a request starts there; both then finish, each on its own version, and the old one's
+    session is released."""
+
     async def alone(ref, prompt, params):
         engine = await _start(engine_registry, ref)
         try:
@@ -146,31 +170,32 @@ def test_hot_swap_while_streaming(engine_registry):
     params = SamplingParams(greedy=True, max_new_tokens=60, ignore_eos=True)
 
     async def go():
-        engine = await _start(engine_registry, "llama", slots=2)
+        gate, runners = Gate(), Runners()
+        engine = await _start(engine_registry, "llama", slots=2, runners=runners)
+        runners.first.hook = gate  # only the old version's steps are held
         try:
             old = engine.submit([1, 2, 3], params)
-            first = await old.__anext__()
+            await gate.wait()
             with pytest.raises(ModelLoadError, match="nope"):
                 await engine.swap("nope")  # a failed load leaves the engine as it was
-            assert engine.model.ref == "llama@1"
+            assert engine.model.ref == "llama@1" and len(runners.all) == 1
             model = await engine.swap("qwen2")
             assert engine.model.ref == model.ref == "qwen2@1"
             new = engine.submit([1, 2, 3], params)
-            r_old, r_new = await asyncio.gather(old.collect(), new.collect())
-            for _ in range(100):  # the old session is released once its request is done
-                if len(engine._scheduler.workers) == 1:
-                    break
-                await asyncio.sleep(0.01)
-            return first, r_old, r_new, len(engine._scheduler.workers)
+            assert not runners.first.released.is_set()  # its request is still running
+            gate.open()
+            r_old, r_new = await asyncio.wait_for(asyncio.gather(old.collect(), new.collect()), 60)
+            released = await asyncio.to_thread(runners.first.released.wait, WAIT_S)
+            return r_old, r_new, released, runners.all[1].released.is_set()
         finally:
+            gate.open()
             await engine.close()
 
-    first, r_old, r_new, workers = run(go())
+    r_old, r_new, old_released, new_released = run(go())
     assert r_old.model == "llama@1" and r_new.model == "qwen2@1"
     assert r_old.token_ids == run(alone("llama", [1, 2, 3], params)).token_ids
     assert r_new.token_ids == run(alone("qwen2", [1, 2, 3], params)).token_ids
-    assert r_old.text.startswith(first)
-    assert workers == 1
+    assert old_released and not new_released
 
 
 def test_prefill_writes_only_its_own_slot(engine_registry):
@@ -202,30 +227,27 @@ def test_prefill_writes_only_its_own_slot(engine_registry):
 
 def test_close_ends_running_requests(engine_registry):
     async def go():
-        engine = await _start(engine_registry)
+        gate = Gate()
+        engine = await _start(engine_registry, runners=Runners(gate))
         s = engine.submit([1, 2, 3], LONG)
-        await s.__anext__()
-        t = time.perf_counter()
-        await engine.close()
-        return await asyncio.wait_for(s.collect(), 5), time.perf_counter() - t
+        await gate.wait()  # mid-generation
+        closing = asyncio.create_task(engine.close())
+        await asyncio.sleep(0)  # close has asked the engine thread to stop
+        gate.open()
+        await asyncio.wait_for(closing, 30)
+        return await asyncio.wait_for(s.collect(), 30)
 
-    result, took = run(go())
-    assert result.finish_reason == "cancelled" and took < 5
+    result = run(go())
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 200
 
 
 def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(engine_registry):
     async def go():
-        engine = await _start(engine_registry)
-        runner = engine._scheduler.current.runner
-        real = runner.decode
-
-        def broken(first, n):
-            raise RuntimeError("simulated ORT failure")
-
+        runners = Runners(fail("decode"))
+        engine = await _start(engine_registry, runners=runners)
         try:
-            runner.decode = broken
             failed = await engine.generate([1, 2, 3], SHORT)
-            runner.decode = real
+            runners.first.hook = None
             ok = await engine.generate([1, 2, 3], SHORT)
             return failed, ok
         finally:
@@ -248,39 +270,50 @@ def _greedy(n: int) -> SamplingParams:
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_the_next_turn_reuses_the_kept_prefix_and_gives_the_same_tokens(engine_registry, kind):
     """A prompt that starts with an earlier request's prompt and reply prefills only the rest,
-    even after an unrelated request ran beside the kept slot (a free row riding along in decode
-    steps writes after what the slot keeps), and its seeded samples equal a cold engine's."""
+    even after requests in the slots on both sides decoded together (the free row between them
+    rides along and writes after what it keeps), and its seeded samples equal a cold engine's."""
     first = list(range(3, 40))
-    other = list(range(100, 130))
+    shorter = list(range(40, 60))  # kept in slot 0, shorter than `first`: evicted before it
 
     async def go():
-        engine = await _start(engine_registry, kind, slots=2)
-        kv = engine._scheduler.current.runner._kv
+        gate = Gate("prefill")
+        runners = Runners()
+        engine = await _start(engine_registry, kind, slots=3, runners=runners)
         try:
-            a = await engine.generate(first, _greedy(8))
+            await engine.generate(shorter, _greedy(2))  # slot 0
+            a = await engine.generate(first, _greedy(8))  # slot 1 (empty before)
             held = len(first) + len(a.token_ids) - 1
-            before = {name: buf[0, :, :held].copy() for name, buf in kv.items()}
-            b = await engine.generate(other, _greedy(20))  # slot 1; free slot 0 rides along
-            for name, buf in kv.items():  # slot 0's kept entries were not touched
-                np.testing.assert_array_equal(buf[0, :, :held], before[name])
+            before = runners.first.kv_rows(1, held)
+            runners.first.hook = gate
+            b = engine.submit(list(range(100, 130)), _greedy(20))  # slot 2, held at its prefill
+            await gate.wait()
+            c = engine.submit(list(range(130, 160)), _greedy(20))  # slot 0: decodes beside b
+            gate.open()
+            b, c = await asyncio.wait_for(asyncio.gather(b.collect(), c.collect()), 60)
+            runners.first.hook = None
+            after = runners.first.kv_rows(1, held)
             follow = first + a.token_ids + [7, 8, 9]
-            c = await engine.generate(follow, SAMPLED)
+            d = await engine.generate(follow, SAMPLED)
             again = await engine.generate(follow, SAMPLED)  # all but the last token kept
         finally:
+            gate.open()
             await engine.close()
         cold = await _start(engine_registry, kind, slots=1)
         try:
             want = await cold.generate(follow, SAMPLED)
         finally:
             await cold.close()
-        return a, b, c, again, want, follow
+        return a, (b, c), before, after, runners.first.decodes(), d, again, want, follow
 
-    a, b, c, again, want, follow = run(go())
-    assert (a.cached_tokens, b.cached_tokens) == (0, 0)  # nothing shared with anything kept
-    assert c.cached_tokens == len(first) + len(a.token_ids) - 1  # the last sampled one was not fed
+    a, others, before, after, decodes, d, again, want, follow = run(go())
+    assert [r.cached_tokens for r in (a, *others)] == [0, 0, 0]  # nothing shared with the kept
+    assert (0, 3) in decodes  # slots 0 and 2 decoded in one run, over the free slot 1
+    for name, rows in before.items():  # and slot 1's kept entries were not touched
+        np.testing.assert_array_equal(after[name], rows)
+    assert d.cached_tokens == len(first) + len(a.token_ids) - 1  # the last sampled one: not fed
     assert again.cached_tokens == len(follow) - 1
     assert want.cached_tokens == 0
-    assert c.token_ids == want.token_ids == again.token_ids
+    assert d.token_ids == want.token_ids == again.token_ids
 
 
 def test_a_new_prompt_takes_an_empty_slot_before_evicting_a_kept_one(engine_registry):
@@ -298,25 +331,25 @@ def test_a_new_prompt_takes_an_empty_slot_before_evicting_a_kept_one(engine_regi
 
 
 def test_a_failed_step_forgets_every_kept_prefix(engine_registry):
+    """The failing request reused the kept prefix and its slot would keep it again, but after a
+    failed run nothing in the buffers is trusted: the next turn prefills from scratch."""
+
     async def go():
-        engine = await _start(engine_registry, slots=1)
-        runner = engine._scheduler.current.runner
-        real = runner.decode
+        runners = Runners()
+        engine = await _start(engine_registry, slots=1, runners=runners)
         prompt = list(range(3, 40))
         try:
             await engine.generate(prompt, _greedy(4))
-
-            def broken(first, n):
-                raise RuntimeError("simulated ORT failure")
-
-            runner.decode = broken
-            await engine.generate(list(range(50, 90)), _greedy(4))
-            runner.decode = real
-            return await engine.generate(prompt, _greedy(4))
+            runners.first.hook = fail("decode")
+            failed = await engine.generate([*prompt, 1], _greedy(4))
+            runners.first.hook = None
+            return failed, await engine.generate([*prompt, 2], _greedy(4))
         finally:
             await engine.close()
 
-    assert run(go()).cached_tokens == 0
+    failed, again = run(go())
+    assert failed.finish_reason == "error" and failed.cached_tokens == 37
+    assert again.cached_tokens == 0
 
 
 def test_a_shared_system_prompt_alone_does_not_evict_another_conversation(engine_registry):
@@ -341,22 +374,16 @@ def test_a_lone_stream_in_a_high_slot_decodes_only_its_own_row(engine_registry):
     step then runs from the lowest to the highest decoding slot, not from slot 0."""
 
     async def go():
-        engine = await _start(engine_registry, slots=3)
-        runner = engine._scheduler.current.runner
-        real, ranges = runner.decode, []
-
-        def spy(first, n):
-            ranges.append((first, n))
-            return real(first, n)
-
+        runners = Runners()
+        engine = await _start(engine_registry, slots=3, runners=runners)
         try:
             for start in (3, 100, 200):  # three unrelated prompts fill slots 0, 1, 2
                 await engine.generate(list(range(start, start + 30)), _greedy(4))
-            runner.decode = spy
+            before = len(runners.first.decodes())
             third = await engine.generate([*range(200, 230), 7], _greedy(6))
         finally:
             await engine.close()
-        return third, ranges
+        return third, runners.first.decodes()[before:]
 
     third, ranges = run(go())
     assert third.cached_tokens == 30  # back in slot 2

@@ -12,6 +12,7 @@ from bot.engine import Engine, ModelLoadError, SamplingParams
 from bot.engine.loader import load_model
 from bot.engine.session import CUDA, create_session, preload_cuda_libraries
 from tests.engine.conftest import run
+from tests.engine.fakes import Runners, start_engine
 
 CUDA_USABLE = CUDA in ort.get_available_providers() and ort.get_device() == "GPU"
 
@@ -120,16 +121,17 @@ def test_fp16_graph_runs_with_fp16_kv_on_the_cpu(tiny_checkpoints, tmp_path, eng
     export_checkpoint(req, registry)
 
     async def go(ref, reg):
-        engine = await Engine.start(ref, registry=reg, device="cpu", slots=2)
+        runners = Runners()
+        engine = await start_engine(reg, ref, slots=2, runners=runners)
         try:
-            kv = engine._scheduler.current.runner.kv_dtype
             params = SamplingParams(greedy=True, max_new_tokens=10, ignore_eos=True)
-            return kv, [(await engine.generate(p, params)).token_ids for p in ([1, 5, 9], [1, 77])]
+            ids = [(await engine.generate(p, params)).token_ids for p in ([1, 5, 9], [1, 77])]
+            return runners.first.kv_dtype, ids
         finally:
             await engine.close()
 
-    kv16, half = run(go("half", registry.root))
-    kv32, full = run(go("llama", engine_registry.root))
+    kv16, half = run(go("half", registry))
+    kv32, full = run(go("llama", engine_registry))
     assert kv16 == np.float16 and kv32 == np.float32
     assert half == full  # the tiny model's fp16 error (~1e-3) does not flip its greedy choice
 
