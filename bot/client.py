@@ -61,7 +61,7 @@ APOLOGY = "Sorry, that command failed; the cause is in the bot's log."
 def user_error(error: Exception) -> str | None:
     """The one-line message for errors users cause (refused checks, bad values), else None."""
     from bot.errors import ReplyError
-    from bot.storage.settings import SettingsError
+    from bot.generation import SettingsError
     from export.registry import RegistryError
 
     if isinstance(error, app_commands.CommandInvokeError):

@@ -8,6 +8,7 @@ import contextlib
 import getpass
 import logging
 import sys
+import textwrap
 from typing import TYPE_CHECKING, TextIO
 
 from bot.config import BotConfig, ConfigError, load_settings
@@ -19,18 +20,28 @@ CONSOLE_CHANNEL_ID = 1  # the console's own "channel" in the database (Discord i
 CONSOLE_USER_ID = 1
 CONSOLE_BOT_ID = 0
 
-HELP = """\
+
+def _help() -> str:
+    """The console's commands; the settings and their ranges come from bot.generation."""
+    from bot.generation import SETTINGS
+
+    ranges = ", ".join(  # NUL keeps a name and its range on one line
+        f"{s.shown_name}\0{'N|none' if s.optional else s.range_text()}" for s in SETTINGS.values()
+    )
+    indent = " " * 29
+    wrapped = textwrap.fill("change one: " + ranges, width=100 - len(indent))
+    settings_set = wrapped.replace("\n", "\n" + indent).replace("\0", " ")
+    return f"""\
 Type a message and press Enter to chat. Commands:
   /help                      this list
   /settings show             the generation settings of this conversation
-  /settings set KEY VALUE    change one: temperature 0-2, top_p 0-1, top_k 0-1000,
-                             max_tokens 1-1024, repetition_penalty 1-2, no_repeat_ngram 0-10,
-                             seed N|none
+  /settings set KEY VALUE    {settings_set}
   /settings reset            back to the model's defaults
   /persona set TEXT          the system prompt of this conversation
   /persona show | clear
   /forget                    start over: earlier turns leave the conversation memory
   /quit                      leave (so does end of input)"""
+
 
 NO_MODEL = (
     "no model version in the registry {registry}: create one with `make model` "
@@ -67,7 +78,7 @@ class Console:
     async def handle(self, line: str) -> bool:
         """One input line; False when the user asked to quit."""
         from bot.errors import ReplyError
-        from bot.storage.settings import SettingsError
+        from bot.generation import SettingsError
 
         text = line.strip()
         if not text:
@@ -108,7 +119,7 @@ class Console:
         if name in ("quit", "exit", "q"):
             return False
         if name == "help":
-            self.say(HELP)
+            self.say(_help())
         elif name == "settings" and sub in ("", "show"):
             self.say("\n".join((await self.service.get_settings(channel)).describe()))
         elif name == "settings" and sub == "set":
@@ -117,7 +128,7 @@ class Console:
                 self.say("usage: /settings set KEY VALUE (e.g. /settings set temperature 0.5)")
             else:
                 updated = await self.service.update_settings(channel, actor, **{key: value})
-                self.say(f"{key.lower()} = {updated.values()[key.lower()]}")
+                self.say(updated.shown(key.strip().lower()))
         elif name == "settings" and sub == "reset":
             await self.service.reset_settings(channel, actor)
             self.say("settings reset to the model's defaults")

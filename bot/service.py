@@ -17,16 +17,17 @@ from bot.errors import (
     ReplyCutError,
     ReplyError,
 )
-from bot.generation import generation_settings, sampling_params
-from bot.prompt import PLAIN_STOP, TRIM_TO, build_prompt, default_system, encode, plain_transcript
-from bot.storage import repo
-from bot.storage.models import Message, Role, Status
-from bot.storage.settings import (
+from bot.generation import (
     ChannelSettings,
     SettingsError,
     effective_settings,
+    generation_settings,
+    sampling_params,
     validate_changes,
 )
+from bot.prompt import PLAIN_STOP, TRIM_TO, build_prompt, default_system, encode, plain_transcript
+from bot.storage import repo
+from bot.storage.models import Message, Role, Status
 from bot.turns import IncomingMessage, Prompt, Speaker, Turn
 
 if TYPE_CHECKING:
@@ -305,7 +306,7 @@ class ChatService:
                 system=system,
                 render=render,
                 encode=lambda text: encode(model, text),
-                budget=model.max_context - settings.max_tokens,
+                budget=model.max_context - settings.max_new_tokens,
                 keep=keep,
                 trim_to=TRIM_TO,
             )

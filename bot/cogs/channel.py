@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -10,6 +10,7 @@ from discord.ext import commands
 
 from bot.cogs.checks import managers_only
 from bot.errors import ReplyError
+from bot.generation import SETTINGS
 from bot.replies import InteractionReply, split_message
 from bot.turns import Speaker
 
@@ -20,8 +21,28 @@ NONE = discord.AllowedMentions.none()
 EMPTY_ANSWER = "(the model gave an empty answer)"
 
 
-def _bot(interaction: discord.Interaction) -> ChatBot:
-    return interaction.client  # type: ignore[return-value]
+def _option(name: str) -> Any:
+    """A Discord option typed and ranged as the setting is (Discord enforces the range too)."""
+    setting = SETTINGS[name]
+    kind = setting.kind
+    return app_commands.Range[kind, kind(setting.low), kind(setting.high)]  # type: ignore[valid-type]
+
+
+# /settings set's options (seed is the console's only); their names are the settings' labels
+OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
+Temperature = _option("temperature")
+TopP = _option("top_p")
+TopK = _option("top_k")
+MaxTokens = _option("max_new_tokens")
+RepetitionPenalty = _option("repetition_penalty")
+NoRepeatNgram = _option("no_repeat_ngram_size")
 
 
 def _channel(interaction: discord.Interaction) -> int:
@@ -53,22 +74,17 @@ class ChannelCommands(commands.Cog):
 
     @settings_group.command(name="set", description="Change generation settings for this channel")
     @app_commands.describe(
-        temperature="randomness, 0 = greedy (0-2)",
-        top_p="nucleus sampling mass (0-1)",
-        top_k="sample among the k likeliest tokens, 0 = all (0-1000)",
-        max_tokens="longest reply in tokens (1-1024)",
-        repetition_penalty="penalty on repeated tokens, 1 = none (1-2)",
-        no_repeat_ngram="forbid repeating n-grams of this size, 0 = off (0-10)",
+        **{SETTINGS[key].shown_name: SETTINGS[key].describe() for key in OPTIONS}
     )
     async def settings_set(
         self,
         interaction: discord.Interaction,
-        temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
-        top_p: app_commands.Range[float, 0.0, 1.0] | None = None,
-        top_k: app_commands.Range[int, 0, 1000] | None = None,
-        max_tokens: app_commands.Range[int, 1, 1024] | None = None,
-        repetition_penalty: app_commands.Range[float, 1.0, 2.0] | None = None,
-        no_repeat_ngram: app_commands.Range[int, 0, 10] | None = None,
+        temperature: Temperature | None = None,
+        top_p: TopP | None = None,
+        top_k: TopK | None = None,
+        max_tokens: MaxTokens | None = None,
+        repetition_penalty: RepetitionPenalty | None = None,
+        no_repeat_ngram: NoRepeatNgram | None = None,
     ) -> None:
         given = {
             "temperature": temperature,

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.engine.engine import Engine
+from bot.engine.loader import LoadedModel
 from bot.engine.session import DEVICES
 from bot.engine.types import EngineError, GenerationResult, QueueFullError, SamplingParams
+from bot.generation import SETTINGS, version_params
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,21 +45,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help='.jsonl: one {"prompt_ids": [...]} or {"prompt": "..."} per line, run batched',
     )
-    s = parser.add_argument_group("sampling (default: the version's generation defaults)")
+    s = parser.add_argument_group("sampling (default: the version's, as the bot samples it)")
     s.add_argument("--greedy", action="store_true", help="argmax decoding")
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--top-k", type=int)
+    for setting in SETTINGS.values():  # the bot's generation settings, with their ranges
+        flag = "--" + setting.name.replace("_", "-")
+        s.add_argument(flag, type=setting.kind, help=setting.describe())
     s.add_argument("--min-p", type=float)
-    s.add_argument("--repetition-penalty", type=float)
     s.add_argument("--frequency-penalty", type=float)
     s.add_argument("--presence-penalty", type=float)
-    s.add_argument("--no-repeat-ngram-size", type=int)
     s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--min-new-tokens", type=int)
     s.add_argument("--ignore-eos", action="store_true", help="do not stop on stop tokens")
-    s.add_argument("--seed", type=int)
     parser.add_argument("--slots", type=int, default=8, help="concurrent sequences")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per request")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -98,23 +96,18 @@ def _prompts(args: argparse.Namespace, engine: Engine) -> list[list[int]]:
     return prompts
 
 
-def sampling_from_args(args: argparse.Namespace, engine: Engine) -> SamplingParams:
-    """The version's defaults, overridden by the flags given."""
-    return engine.default_params(
+def sampling_from_args(args: argparse.Namespace, model: LoadedModel) -> SamplingParams:
+    """The version's defaults as the bot samples them, overridden by the flags given."""
+    return version_params(
+        model,
+        **{name: getattr(args, name) for name in SETTINGS},
         greedy=True if args.greedy else None,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
         min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
         stop=tuple(args.stop) if args.stop else None,
-        max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,
         ignore_eos=True if args.ignore_eos else None,
-        seed=args.seed,
     )
 
 
@@ -150,7 +143,7 @@ async def _generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         prompts = _prompts(args, engine)
-        params = sampling_from_args(args, engine)
+        params = sampling_from_args(args, engine.model)
         streams = []
         for p in prompts:  # all at once: they run batched
             while True:

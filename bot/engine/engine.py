@@ -131,20 +131,6 @@ class Engine:
             provider=worker.runner.info.provider,
         )
 
-    def default_params(self, **overrides) -> SamplingParams:
-        """SamplingParams from the version's generation defaults, then `overrides`."""
-        gen = self.model.generation
-        values: dict = {}
-        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            if gen.get(key) is not None:
-                values[key] = gen[key]
-        if gen.get("do_sample") is False:
-            values["greedy"] = True
-        if gen.get("max_new_tokens"):
-            values["max_new_tokens"] = int(gen["max_new_tokens"])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return SamplingParams(**values)
-
     def submit(
         self,
         prompt_ids: list[int] | np.ndarray,

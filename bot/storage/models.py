@@ -135,9 +135,10 @@ class ChannelSettingsRow(Base):
     temperature: Mapped[float | None] = mapped_column(Float)
     top_p: Mapped[float | None] = mapped_column(Float)
     top_k: Mapped[int | None] = mapped_column(Integer)
-    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    # named as the engine's fields; the columns keep the names the first migration gave them
+    max_new_tokens: Mapped[int | None] = mapped_column("max_tokens", Integer)
     repetition_penalty: Mapped[float | None] = mapped_column(Float)
-    no_repeat_ngram: Mapped[int | None] = mapped_column(Integer)
+    no_repeat_ngram_size: Mapped[int | None] = mapped_column("no_repeat_ngram", Integer)
     seed: Mapped[int | None] = mapped_column(BigInteger)
     updated_by: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -8,8 +8,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.generation import SETTINGS
 from bot.storage.models import AuditEntry, Channel, ChannelSettingsRow, Message, Role, Status
-from bot.storage.settings import LIMITS
 
 
 async def ensure_channel(s: AsyncSession, channel_id: int, guild_id: int | None = None) -> None:
@@ -95,7 +95,7 @@ async def count_messages(s: AsyncSession, channel_id: int) -> int:
 async def settings_overrides(s: AsyncSession, channel_id: int) -> dict[str, Any]:
     """The channel's own values (None where it uses the model's default)."""
     row = await s.get(ChannelSettingsRow, channel_id)
-    return {key: getattr(row, key) if row else None for key in LIMITS}
+    return {key: getattr(row, key) if row else None for key in SETTINGS}
 
 
 async def set_overrides(
@@ -113,7 +113,7 @@ async def set_overrides(
 
 
 async def clear_overrides(s: AsyncSession, channel_id: int, actor_id: int | None) -> None:
-    await set_overrides(s, channel_id, actor_id, dict.fromkeys(LIMITS))
+    await set_overrides(s, channel_id, actor_id, dict.fromkeys(SETTINGS))
 
 
 async def set_channel_fields(s: AsyncSession, channel_id: int, **fields: Any) -> None:

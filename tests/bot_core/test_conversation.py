@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import select
 
 from bot.errors import BusyError, GenerationFailedError, MessageTooLongError, ReplyCutError
+from bot.generation import SettingsError
 from bot.service import ChatService
 from bot.storage import repo
 from bot.storage.db import Database
 from bot.storage.models import Message
-from bot.storage.settings import SettingsError
 from bot.turns import IncomingMessage, Speaker
 from tests.bot_core.fakes import FakeEngine
 
@@ -120,7 +120,7 @@ async def test_persona_comes_first_and_forget_empties_the_memory(
 async def test_settings_are_stored_validated_and_used(service: ChatService, engine: FakeEngine):
     default = await service.get_settings(10)
     updated = await service.update_settings(10, 3, temperature=0.2, max_tokens="5", seed=42)
-    assert (updated.temperature, updated.max_tokens, updated.seed) == (0.2, 5, 42)
+    assert (updated.temperature, updated.max_new_tokens, updated.seed) == (0.2, 5, 42)
     assert updated.top_p == default.top_p
     with pytest.raises(SettingsError, match="temperature must be between 0 and 2"):
         await service.update_settings(10, 3, temperature=2.5)
@@ -137,7 +137,7 @@ async def test_model_defaults_come_from_the_manifest(db: Database, settings):
     engine = FakeEngine(generation={"temperature": 0.33, "max_new_tokens": 2000})
     service = ChatService(db, engine, settings)
     s = await service.get_settings(10)
-    assert s.temperature == 0.33 and s.max_tokens == 1024
+    assert s.temperature == 0.33 and s.max_new_tokens == 1024
 
 
 async def test_replies_in_one_channel_run_in_arrival_order(db: Database, settings):
@@ -288,7 +288,7 @@ async def test_autoreply_channels_are_read_from_the_database_once(db: Database, 
 async def test_the_reply_budget_never_takes_over_half_the_context(db: Database, settings):
     engine = FakeEngine(max_context=300)
     service = ChatService(db, engine, settings)
-    assert (await service.get_settings(10)).max_tokens == 256  # the channel's own value
+    assert (await service.get_settings(10)).max_new_tokens == 256  # the channel's own value
     await converse(service, message("hi"))
     assert engine.submitted[0][1].max_new_tokens == 150
     await service.update_settings(10, 1, max_tokens=20, top_p=0)

@@ -14,12 +14,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
+from bot.generation import SettingsError
 from bot.service import ChatService
 from bot.storage import repo
 from bot.storage.db import Database
 from bot.storage.migrate import run_command
 from bot.storage.models import Base, Message, Status
-from bot.storage.settings import SettingsError
 from bot.turns import IncomingMessage, Speaker
 from tests.bot_core.fakes import FakeEngine
 

@@ -1,19 +1,25 @@
-"""Channel settings: the ranges Discord also enforces, edges, friendly one-line errors, defaults."""
+"""Generation settings: ranges (Discord enforces them too), one-line errors, one mapping."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
 
-from bot.storage.settings import (
-    LIMITS,
+from bot.engine.cli import add_generate_arguments, sampling_from_args
+from bot.generation import (
+    SETTINGS,
     SettingsError,
     effective_settings,
+    find_setting,
     model_defaults,
     validate_changes,
     validate_setting,
 )
+from bot.service import ChatService
+from bot.turns import Speaker
+from tests.bot_core.fakes import FakeEngine
 
 RANGES = {
     "temperature": (0, 2),
@@ -30,7 +36,7 @@ def test_bounds_are_inclusive_and_just_outside_is_refused(key, bounds):
     low, high = bounds
     assert validate_setting(key, low) == low
     assert validate_setting(key, high) == high
-    step = 1 if LIMITS[key].kind is int else 0.001
+    step = 1 if find_setting(key).kind is int else 0.001
     for bad in (low - step, high + step):
         with pytest.raises(SettingsError) as info:
             validate_setting(key, bad)
@@ -86,11 +92,11 @@ def test_model_defaults_come_from_the_manifest_and_are_clamped():
         }
     )
     assert values["temperature"] == 0.3 and values["top_p"] == 0.95
-    assert values["max_tokens"] == 1024  # clamped to the channel range
+    assert values["max_new_tokens"] == 1024  # clamped to the channel range
     assert values["repetition_penalty"] == 1.0
-    assert values["top_k"] == LIMITS["top_k"].default  # unusable value ignored
-    assert values["no_repeat_ngram"] == 3
-    assert model_defaults(None)["temperature"] == LIMITS["temperature"].default
+    assert values["top_k"] == SETTINGS["top_k"].default  # unusable value ignored
+    assert values["no_repeat_ngram_size"] == 3
+    assert model_defaults(None)["temperature"] == SETTINGS["temperature"].default
 
 
 def test_effective_settings_layer_overrides_on_defaults():
@@ -99,3 +105,44 @@ def test_effective_settings_layer_overrides_on_defaults():
     assert s.overridden == frozenset({"top_k"})
     lines = s.describe()
     assert "top_k = 7 (set here)" in lines and "temperature = 0.3" in lines
+
+
+def test_a_huge_number_is_a_one_line_settings_error_not_an_overflow():
+    for key in ("max_tokens", "temperature"):
+        for value in (10**400, -(10**400), str(10**400)):
+            with pytest.raises(SettingsError) as info:
+                validate_setting(key, value)
+            message = str(info.value)
+            assert message.startswith(f"{key} must be between") and len(message) < 100
+
+
+def test_users_may_type_the_label_or_the_engine_name():
+    assert validate_changes({"max_tokens": 5, "no_repeat_ngram_size": "2"}) == {
+        "max_new_tokens": 5,
+        "no_repeat_ngram_size": 2,
+    }
+    assert effective_settings(None, {"max_new_tokens": 9}).describe()[3] == (
+        "max_tokens = 9 (set here)"
+    )
+
+
+async def test_the_cli_and_discord_sample_a_version_the_same_way(db, settings):
+    """`python -m bot generate` and a channel without overrides turn one manifest (SmolLM2's
+    generation section: no top_k, no repetition penalty) into the same sampling parameters."""
+    generation = {"temperature": 0.2, "top_p": 0.9, "do_sample": True, "max_new_tokens": 300}
+    engine = FakeEngine(generation=generation)
+    service = ChatService(db, engine, settings)
+    async with service.ask("hi", channel_id=5, author=Speaker(1, "ann")) as reply:
+        async for _ in reply:
+            pass
+    parser = argparse.ArgumentParser()
+    add_generate_arguments(parser)
+    from_cli = sampling_from_args(parser.parse_args(["--prompt", "hi"]), engine.model)
+    assert from_cli == engine.submitted[0][1]
+    assert (from_cli.top_k, from_cli.repetition_penalty) == (50, 1.1)  # the schema's defaults
+    assert (from_cli.temperature, from_cli.max_new_tokens) == (0.2, 300)
+    flags = ["--prompt", "hi", "--top-p", "0", "--max-new-tokens", "7"]
+    chosen = sampling_from_args(parser.parse_args(flags), engine.model)
+    assert (chosen.top_p, chosen.top_k, chosen.max_new_tokens) == (1.0, 1, 7)  # as a channel's
+    with pytest.raises(SettingsError, match="top_k must be between 0 and 1000"):
+        sampling_from_args(parser.parse_args(["--prompt", "hi", "--top-k", "5000"]), engine.model)

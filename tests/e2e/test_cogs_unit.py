@@ -20,7 +20,7 @@ from bot.cogs.chat import APOLOGY, Chat
 from bot.cogs.checks import NotAllowed, can_manage, is_admin
 from bot.cogs.triggers import ChatLimits, RateLimiter, answer_reason, strip_mention
 from bot.errors import BusyError
-from bot.storage.settings import SettingsError
+from bot.generation import SettingsError
 from export.registry import RegistryError
 
 BASE = dict(from_bot=False, is_dm=False, mentioned=False, replying_to_bot=False, autoreply=False)

@@ -52,7 +52,7 @@ async def test_default_model_knows_the_capital_of_france(
     )
     await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{interaction['id']}/"))
     settings = await bot.chat.get_settings(channel)
-    assert (settings.temperature, settings.max_tokens) == (0.0, 24)  # greedy: a stable answer
+    assert (settings.temperature, settings.max_new_tokens) == (0.0, 24)  # greedy: a stable answer
 
     question = f"<@{fake.bot_user['id']}> What is the capital of France?"
     await fake.dispatch_message(channel, alice, question, [fake.bot_user])

@@ -194,7 +194,7 @@ async def test_settings_set_is_stored_and_changes_generation(
     _, callback = await _command(fake, channel, alice, "settings", [sub])
     assert callback.json["type"] == 4
     assert "max_tokens" in callback.json["data"]["content"]
-    assert (await bot.chat.get_settings(channel)).max_tokens == 1
+    assert (await bot.chat.get_settings(channel)).max_new_tokens == 1
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> talk a lot", [fake.bot_user]
     )
@@ -276,7 +276,7 @@ async def test_history_survives_a_restart(fake: FakeDiscord, start_bot: Start) -
     )
     await _reply_done(fake, bot, channel, n_before=1)
     after = await _stored(bot, channel)
-    assert (await bot.chat.get_settings(channel)).max_tokens == 8  # settings survive too
+    assert (await bot.chat.get_settings(channel)).max_new_tokens == 8  # settings survive too
     assert [r.content for r in after[:2]] == [r.content for r in before]
     assert [r.role for r in after] == ["user", "assistant", "user", "assistant"]
     assert after[3].prompt_tokens > before[1].prompt_tokens  # earlier turns are in the prompt
