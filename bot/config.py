@@ -43,19 +43,20 @@ class BotConfig(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     engine_slots: int = Field(8, ge=1, le=256)
     engine_max_queue: int = Field(64, ge=1)
-    engine_threads: int = Field(0, ge=0)  # 0: the cores this process may use
+    engine_threads: int = Field(0, ge=0, le=1024)  # 0: the cores this process may use
     engine_spin: bool = False  # ORT workers spin within a run: faster only with the CPU to itself
-    request_timeout_s: float = Field(120.0, gt=0)
+    # finite and at most a day: threading and asyncio overflow on longer waits
+    request_timeout_s: float = Field(120.0, gt=0, le=86_400, allow_inf_nan=False)
     admin_user_ids: IdList = Field(default_factory=list)
     command_guild_ids: IdList = Field(default_factory=list)
     discord_api_base: str = "https://discord.com/api/v10"
     discord_gateway_url: str | None = None  # None: ask the API (GET /gateway/bot)
     reply_in_dms: bool = True
     export_allowed_dir: Path | None = None  # None -> {data_dir}/checkpoints
-    user_rate_per_min: int = Field(6, ge=0)
-    channel_rate_per_min: int = Field(20, ge=0)
-    edit_interval_s: float = Field(1.0, ge=0)
-    shutdown_grace_s: float = Field(10.0, ge=0)
+    user_rate_per_min: int = Field(6, ge=0)  # 0: no limit
+    channel_rate_per_min: int = Field(20, ge=0)  # 0: no limit
+    edit_interval_s: float = Field(1.0, ge=0, le=60, allow_inf_nan=False)
+    shutdown_grace_s: float = Field(10.0, ge=0, le=3600, allow_inf_nan=False)
 
     @classmethod
     def settings_customise_sources(

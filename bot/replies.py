@@ -4,53 +4,133 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
-from typing import Any
+import unicodedata
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import discord
 
 MAX_LEN = 2000
+MIN_LEN = 100  # the smallest limit split_message accepts: room for a reopened fence and text
 FENCE = "```"
+CLOSE = "\n" + FENCE  # added at the end of a chunk whose code block is still open
+MAX_LANG = 32  # longest language tag carried into a reopened fence; a longer one reopens bare
 _FENCE_RE = re.compile(r"```(\w*)")
+_LOOKBACK = 16  # at most this many characters back from a hard cut to keep an emoji whole
 
 
-def _open_fence(text: str) -> str | None:
-    """The language of a code fence still open at the end of text ('' for none given), else None."""
-    lang: str | None = None
-    for m in _FENCE_RE.finditer(text):
-        lang = m.group(1) if lang is None else None
-    return lang
+def reopen_marker(lang: str) -> str:
+    """What starts a chunk that continues an open code block of language `lang`."""
+    return f"{FENCE}{lang if len(lang) <= MAX_LANG else ''}\n"
 
 
-def _cut_point(text: str, budget: int, floor: int) -> tuple[int, int]:
-    """(end of this chunk, start of the next): at the last newline, else space, else a hard cut."""
-    for sep in ("\n", " "):
-        i = text.rfind(sep, floor, budget + 1)
-        if i > floor:
-            return i, i + 1
-    return budget, budget
+def _joins_previous(ch: str) -> bool:
+    """A character that belongs to the grapheme before it (combining mark, ZWJ, variation
+    selector, skin tone, tag)."""
+    o = ord(ch)
+    return (
+        unicodedata.category(ch) in ("Mn", "Mc", "Me")
+        or o == 0x200D
+        or 0xFE00 <= o <= 0xFE0F
+        or 0x1F3FB <= o <= 0x1F3FF
+        or 0xE0020 <= o <= 0xE007F
+        or 0xE0100 <= o <= 0xE01EF
+    )
+
+
+def _grapheme_cut(text: str, cut: int, floor: int) -> int:
+    """`cut` moved back (a little, never to `floor`) so it does not split an emoji or a letter
+    from its accents; `cut` itself when no such point is near."""
+    c = cut
+    while c > floor + 1 and cut - c < _LOOKBACK:
+        if not (_joins_previous(text[c]) or text[c - 1] == "\u200d"):
+            return c
+        c -= 1
+    return cut
+
+
+class Part(NamedTuple):
+    """One message of a split text: `chunk` is reopen_marker (when a code block was open at
+    `start`) + text[start:end] + CLOSE (when one is open at `end` and the chunk is not the last)."""
+
+    chunk: str
+    start: int
+    end: int
+    next_start: int  # end, or end + 1 where the chunk was cut at a line break or space
+    open_lang: str | None  # the language of a code block open at `end`, else None
+
+
+def message_parts(text: str, limit: int, start: int = 0, lang: str | None = None) -> Iterator[Part]:
+    """The chunks of text[start:] (`lang`: a code block open at `start`), each of at most
+    `limit` characters. Each chunk makes progress, and each costs O(limit): linear in the text.
+
+    Fences are the regex matches of _FENCE_RE over the text, taken once from `start`; a hard cut
+    never falls inside a "```" (it moves before it), so each chunk sees the same fences as the
+    whole text does and the chunks' code blocks open and close as the text's do.
+    """
+    if limit < MIN_LEN:
+        raise ValueError(f"messages need a limit of at least {MIN_LEN} characters")
+    fences = _FENCE_RE.finditer(text, start)
+    fence = next(fences, None)
+    pos, n = start, len(text)
+    while True:
+        reopen = "" if lang is None else reopen_marker(lang)
+        if len(reopen) + n - pos <= limit:
+            yield Part(reopen + text[pos:], pos, n, n, None)  # the last: nothing resumes from it
+            return
+        room = limit - len(reopen) - len(CLOSE)
+        for sep in ("\n", " "):  # the last line break, else space, in reach; else a hard cut
+            cut = text.rfind(sep, pos + 1, pos + room + 1)
+            if cut > pos:
+                next_start = cut + 1
+                break
+        else:
+            cut = _grapheme_cut(text, pos + room, pos)
+            next_start = cut
+        while fence is not None and fence.start() < cut:
+            if fence.start() > pos and cut < fence.end() and next_start == cut:
+                cut = next_start = fence.start()  # a hard cut inside a fence: cut before it
+                break
+            lang = fence.group(1) if lang is None else None
+            fence = next(fences, None)
+        close = "" if lang is None else CLOSE
+        yield Part(reopen + text[pos:cut] + close, pos, cut, next_start, lang)
+        pos = next_start
 
 
 def split_message(text: str, limit: int = MAX_LEN) -> list[str]:
-    """Split text into messages of at most limit chars, never inside a word; code fences are
-    closed at the end of a chunk and reopened (same language) at the start of the next."""
-    chunks: list[str] = []
-    reopen = ""
-    rest = text
-    while True:
-        body = reopen + rest
-        if len(body) <= limit:
-            chunks.append(body)
-            return chunks
-        end, start = _cut_point(body, limit - len(FENCE) - 1, len(reopen))
-        head, rest = body[:end], body[start:]
-        lang = _open_fence(head)
-        if lang is not None:
-            head += "\n" + FENCE
-            reopen = f"{FENCE}{lang}\n"
-        else:
-            reopen = ""
-        chunks.append(head)
+    """Split text into messages of at most `limit` characters, at a line break or space where
+    one is in reach (the one cut at is dropped), else between two characters (keeping emoji whole
+    where it can); in linear time for any text.
+
+    A code block still open at the end of a chunk is closed there (CLOSE) and reopened at the
+    start of the next (reopen_marker, same language). So each chunk is reopen marker (or "") +
+    a slice of the text + CLOSE (or ""), as `message_parts` tells; the slices, in order, are the
+    text less the dropped separators. Every chunk but the last has its fences balanced; the last
+    is balanced when the text is.
+    """
+    return [part.chunk for part in message_parts(text, limit)]
+
+
+class Splitter:
+    """split_message of a text that only grows, in time linear in its final length: chunks
+    before the last never change as text is appended, so they are kept and not split again."""
+
+    def __init__(self, limit: int = MAX_LEN) -> None:
+        if limit < MIN_LEN:
+            raise ValueError(f"a Splitter needs a limit of at least {MIN_LEN} characters")
+        self.limit = limit
+        self._done: list[str] = []  # the final chunks
+        self._start = 0  # where the rest of the text starts
+        self._lang: str | None = None  # the code block open there, if any
+
+    def split(self, text: str) -> list[str]:
+        """split_message(text, limit); `text` must extend every text given before."""
+        parts = list(message_parts(text, self.limit, self._start, self._lang))
+        for part in parts[:-1]:
+            self._done.append(part.chunk)
+            self._start, self._lang = part.next_start, part.open_lang
+        return [*self._done, parts[-1].chunk]
 
 
 class StreamedReply:
@@ -72,6 +152,8 @@ class StreamedReply:
         self.messages: list[discord.Message] = []
         self._shown: list[str] = []
         self._last_edit = 0.0
+        self._splitter = Splitter()
+        self._visible = False  # any text besides whitespace yet
 
     @property
     def message_ids(self) -> list[int]:
@@ -80,17 +162,19 @@ class StreamedReply:
     async def push(self, piece: str) -> None:
         """Add a piece of text; updates Discord if the edit interval allows."""
         self.text += piece
+        self._visible = self._visible or bool(piece.strip())
         await self._sync(force=False)
 
     async def finish(self, suffix: str = "") -> None:
         """Show the final text (plus an optional note such as an apology)."""
         self.text += suffix
+        self._visible = self._visible or bool(suffix.strip())
         await self._sync(force=True)
 
     async def _sync(self, *, force: bool) -> None:
-        if not self.text.strip():
+        if not self._visible:
             return
-        chunks = split_message(self.text)
+        chunks = self._splitter.split(self.text)
         due = force or self.clock() - self._last_edit >= self.edit_interval_s
         for i, chunk in enumerate(chunks):
             is_last = i == len(chunks) - 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,39 +40,61 @@ def strip_mention(content: str, bot_id: int) -> str:
     return re.sub(rf"<@!?{bot_id}>", " ", content).strip()
 
 
+MAX_KEYS = 10_000  # keys a RateLimiter tracks at most; beyond, the longest idle is forgotten
+
+
 @dataclass
 class RateLimiter:
-    """At most `limit` events per key in any `window_s` seconds (a sliding window)."""
+    """At most `limit` events per key in any `window_s` seconds (a sliding window); limit 0: no
+    limit. Memory stays bounded: a key idle for a whole window is forgotten (it could not be
+    refused anyway), and past `max_keys` keys the one idle longest is forgotten."""
 
     limit: int
     window_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
-    _events: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+    max_keys: int = MAX_KEYS
+    _events: OrderedDict[int, deque[float]] = field(default_factory=OrderedDict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.limit < 1 or self.window_s <= 0:
-            raise ValueError("a rate limit needs limit >= 1 and window_s > 0")
+        if self.limit < 0 or not self.window_s > 0 or self.max_keys < 1:
+            raise ValueError("a rate limit needs limit >= 0, window_s > 0 and max_keys >= 1")
 
-    def _recent(self, key: int, now: float) -> deque[float]:
-        events = self._events.setdefault(key, deque())
-        while events and now - events[0] >= self.window_s:
-            events.popleft()
-        return events
+    def __len__(self) -> int:
+        """Keys tracked now."""
+        return len(self._events)
+
+    def _expire(self, now: float) -> None:
+        """Forget keys whose newest event left the window (idlest first; amortised O(1))."""
+        while self._events:
+            key, events = next(iter(self._events.items()))
+            if now - events[-1] < self.window_s:
+                return
+            del self._events[key]
 
     def retry_after(self, key: int) -> float:
         """Seconds until `key` may act again (0 when it may act now); records nothing."""
-        now = self.clock()
-        events = self._recent(key, now)
-        if len(events) < self.limit:
-            if not events:
-                del self._events[key]  # keep the table small: only keys with recent events
+        if not self.limit:
             return 0.0
-        return self.window_s - (now - events[0])
+        now = self.clock()
+        self._expire(now)
+        events = self._events.get(key)
+        if not events:
+            return 0.0
+        while now - events[0] >= self.window_s:
+            events.popleft()  # never empties: the newest event is within the window
+        return 0.0 if len(events) < self.limit else self.window_s - (now - events[0])
 
     def record(self, key: int) -> None:
         """Count one event for `key` now."""
+        if not self.limit:
+            return
         now = self.clock()
-        self._recent(key, now).append(now)
+        self._expire(now)
+        events = self._events.setdefault(key, deque(maxlen=self.limit))
+        events.append(now)
+        self._events.move_to_end(key)  # ordered by newest event, idlest first
+        while len(self._events) > self.max_keys:
+            self._events.popitem(last=False)
 
 
 @dataclass

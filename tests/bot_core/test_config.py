@@ -90,6 +90,20 @@ def test_missing_toml_file_is_one_line_error(monkeypatch, tmp_path: Path):
         ("ENGINE_SLOTS", "many", "ENGINE_SLOTS"),
         ("DEVICE", "tpu", "DEVICE"),
         ("ADMIN_USER_IDS", "1,x", "ADMIN_USER_IDS"),
+        ("USER_RATE_PER_MIN", "-1", "USER_RATE_PER_MIN"),
+        ("CHANNEL_RATE_PER_MIN", "-5", "CHANNEL_RATE_PER_MIN"),
+        ("REQUEST_TIMEOUT_S", "0", "REQUEST_TIMEOUT_S"),
+        ("REQUEST_TIMEOUT_S", "inf", "REQUEST_TIMEOUT_S"),  # overflowed the scheduler's wait
+        ("REQUEST_TIMEOUT_S", "1e300", "REQUEST_TIMEOUT_S"),
+        ("REQUEST_TIMEOUT_S", "nan", "REQUEST_TIMEOUT_S"),
+        ("SHUTDOWN_GRACE_S", "inf", "SHUTDOWN_GRACE_S"),
+        ("SHUTDOWN_GRACE_S", "-1", "SHUTDOWN_GRACE_S"),
+        ("EDIT_INTERVAL_S", "inf", "EDIT_INTERVAL_S"),
+        ("EDIT_INTERVAL_S", "-0.5", "EDIT_INTERVAL_S"),
+        ("ENGINE_THREADS", "100000000", "ENGINE_THREADS"),
+        ("ENGINE_THREADS", "-1", "ENGINE_THREADS"),
+        ("ENGINE_SLOTS", "0", "ENGINE_SLOTS"),
+        ("ENGINE_MAX_QUEUE", "0", "ENGINE_MAX_QUEUE"),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch, name, value, fragment):
@@ -97,6 +111,13 @@ def test_invalid_values_name_the_variable(monkeypatch, name, value, fragment):
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_zero_rate_limits_mean_no_limit_and_load(monkeypatch):
+    monkeypatch.setenv("USER_RATE_PER_MIN", "0")
+    monkeypatch.setenv("CHANNEL_RATE_PER_MIN", "0")
+    s = load_settings()
+    assert (s.user_rate_per_min, s.channel_rate_per_min) == (0, 0)
 
 
 def test_get_settings_is_cached(monkeypatch):

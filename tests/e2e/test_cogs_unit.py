@@ -81,8 +81,57 @@ def test_sliding_window_allows_limit_then_waits_for_the_oldest_event() -> None:
 
 
 def test_rate_limiter_rejects_nonsense_limits() -> None:
-    with pytest.raises(ValueError, match="limit"):
-        RateLimiter(0)
+    for bad in ({"limit": -1}, {"limit": 1, "window_s": 0}, {"limit": 1, "max_keys": 0}):
+        with pytest.raises(ValueError, match="limit"):
+            RateLimiter(**bad)  # type: ignore[arg-type]
+
+
+def test_rate_limit_zero_means_no_limit_and_tracks_nothing() -> None:
+    limiter = RateLimiter(0, 60.0, Clock())
+    for _ in range(1000):
+        assert limiter.retry_after(1) == 0
+        limiter.record(1)
+    assert len(limiter) == 0
+    limits = ChatLimits.per_minute(user_rate=0, channel_rate=0, clock=Clock())
+    assert all(limits.check(user_id=1, channel_id=9) is None for _ in range(1000))
+
+
+def test_one_off_keys_are_forgotten_once_idle_for_a_window() -> None:
+    clock = Clock()
+    limiter = RateLimiter(2, 60.0, clock)
+    for key in range(5000):  # one message each from many users, over 50 seconds
+        limiter.record(key)
+        clock.now += 0.01
+    assert len(limiter) == 5000
+    clock.now += 30  # now 80 s after the first: those of the first 20 s are idle for a window
+    limiter.record(99_999)
+    assert 2998 <= len(limiter) <= 3001
+    clock.now += 60
+    assert limiter.retry_after(1) == 0 and len(limiter) == 0  # all idle: nothing kept
+
+
+def test_rate_limiter_keeps_at_most_max_keys_forgetting_the_idlest() -> None:
+    clock = Clock()
+    limiter = RateLimiter(1, 60.0, clock, max_keys=3)
+    for key in (1, 2, 3):
+        limiter.record(key)
+        clock.now += 1
+    limiter.record(1)  # not recorded over its limit by ChatLimits, but it makes 1 the newest
+    limiter.record(4)  # a fourth key: 2, the idlest, is forgotten
+    assert len(limiter) == 3
+    assert limiter.retry_after(2) == 0
+    assert all(limiter.retry_after(k) > 0 for k in (1, 3, 4))
+    for key in range(10, 1000):
+        limiter.record(key)
+    assert len(limiter) == 3
+
+
+def test_a_limited_key_keeps_only_limit_events() -> None:
+    clock = Clock()
+    limiter = RateLimiter(3, 60.0, clock)
+    for _ in range(10_000):
+        limiter.record(1)
+    assert len(limiter._events[1]) == 3 and limiter.retry_after(1) == pytest.approx(60.0)
 
 
 def test_chat_limits_user_then_channel_and_refusals_do_not_count() -> None:
@@ -299,3 +348,21 @@ async def test_create_bot_points_discord_py_at_the_configured_server(tmp_path: P
         await bot.close()
     finally:
         Route.BASE = saved
+
+
+async def test_chat_cog_loads_with_zero_rate_limits_and_never_refuses() -> None:
+    """USER_RATE_PER_MIN=0 passed config validation, then the cog raised at load (issue 11)."""
+    service = FakeService(["ok"])
+    bot = FakeBot(service)
+    bot.settings = SimpleNamespace(
+        user_rate_per_min=0, channel_rate_per_min=0, edit_interval_s=0, reply_in_dms=True
+    )
+    bot.accepting = True  # type: ignore[attr-defined]
+    bot.in_flight = contextlib.nullcontext  # type: ignore[attr-defined]
+    cog = Chat(bot)  # type: ignore[arg-type]
+    channel, message = _incoming()
+    message.mentions = [bot.user]  # type: ignore[attr-defined]
+    for _ in range(30):
+        await cog.on_message(message)  # type: ignore[arg-type]
+    assert len(service.incoming) == len(channel.sent) == 30
+    assert message.replies == []  # no "slow down" notes

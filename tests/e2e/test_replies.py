@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import itertools
+import re
+import subprocess
+import sys
 
 import discord
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bot.replies import MAX_LEN, InteractionReply, StreamedReply, split_message
+from bot.replies import (
+    CLOSE,
+    FENCE,
+    MAX_LANG,
+    MAX_LEN,
+    MIN_LEN,
+    InteractionReply,
+    Splitter,
+    StreamedReply,
+    message_parts,
+    split_message,
+)
 
 
 def test_short_text_is_one_message() -> None:
@@ -134,3 +150,116 @@ async def test_interaction_reply_streams_into_the_original_then_followups() -> N
     final = {mid: c for _, mid, c, *_ in it.log}
     text = " ".join(final[m] for m in r.message_ids)
     assert text.split()[:-2] == ["word"] * 500 and text.endswith("*cut short*")
+
+
+# ---- splitting any text: terminates, linear, lossless, fences balanced ---------------------------
+_FENCE = re.compile(r"```(\w*)")  # the fence rule split_message documents, restated
+
+
+def _fence_state(text: str, lang: str | None = None) -> str | None:
+    """The language of a code block open at the end of text (`lang`: one open at its start)."""
+    for m in _FENCE.finditer(text):
+        lang = m.group(1) if lang is None else None
+    return lang
+
+
+def _check_split(text: str, limit: int) -> list[str]:
+    """split_message's contract: each chunk at most `limit` characters; its slices of the text,
+    in order, are the text less at most one line break or space between two of them; each chunk
+    is its slice with a reopen marker added before it exactly when a code block was open at the
+    slice's start, and CLOSE after it exactly when one is open at its end (except the last);
+    every chunk but the last balanced."""
+    parts = list(message_parts(text, limit))
+    assert [p.chunk for p in parts] == split_message(text, limit)
+    assert parts[0].start == 0 and parts[-1].end == len(text) == parts[-1].next_start
+    lang = None
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        assert len(part.chunk) <= limit
+        assert part.start < part.end or (last and part.start == part.end)  # progress
+        if not last:
+            assert parts[i + 1].start == part.next_start
+            assert part.next_start == part.end or text[part.end] in ("\n", " ")
+            assert part.next_start <= part.end + 1
+        piece = text[part.start : part.end]
+        reopen = "" if lang is None else FENCE + (lang if len(lang) <= MAX_LANG else "") + "\n"
+        lang = _fence_state(piece, lang)
+        close = CLOSE if lang is not None and not last else ""
+        assert part.chunk == reopen + piece + close, (i, part.chunk[:40], part.chunk[-40:])
+        if not last:
+            assert _fence_state(part.chunk) is None, part.chunk[-80:]
+    assert (_fence_state(parts[-1].chunk) is None) == (_fence_state(text) is None)
+    assert len(parts) <= 2 * len(text) / (limit - 60) + 1  # two chunks cover a chunk's room
+    return [p.chunk for p in parts]
+
+
+_atoms = st.one_of(
+    st.text(max_size=30),
+    st.text(alphabet="ab \n", max_size=30),
+    st.sampled_from(["```", "`", "``", "```py\n", "```python\n", "\n```\n", " ", "\n"]),
+    st.builds(lambda n: "```" + "x" * n, st.integers(0, 2500)),  # long language tags
+    st.builds(lambda n: "w" * n, st.integers(1, 2500)),  # words longer than a message
+    st.builds(lambda n: "漢字かな" * n, st.integers(1, 600)),
+    st.builds(lambda n: "👨‍👩‍👧‍👦🇫🇷👍🏽e\u0301" * n, st.integers(1, 300)),
+)
+_texts = st.lists(_atoms, max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_texts, limit=st.sampled_from([MIN_LEN, 157, 500, MAX_LEN]))
+def test_split_message_bounds_and_gives_back_any_text(text: str, limit: int) -> None:
+    _check_split(text, limit)
+
+
+@settings(max_examples=100, deadline=None)
+@given(blocks=st.lists(st.tuples(_texts, st.sampled_from(["", "py", "x" * 40]), _texts)))
+def test_split_message_keeps_every_chunk_of_balanced_code_balanced(
+    blocks: list[tuple[str, str, str]],
+) -> None:
+    text = "".join(
+        f"{prose.replace('`', '')}\n```{lang}\n{code.replace('`', '')}\n```\n"
+        for prose, lang, code in blocks
+    )
+    for c in _check_split(text, MAX_LEN):
+        assert _fence_state(c) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=_texts, cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_splitter_of_a_growing_text_agrees_with_split_message(text: str, cuts: list[int]) -> None:
+    splitter = Splitter(MIN_LEN)
+    for cut in [*sorted(c % (len(text) + 1) for c in cuts), len(text)]:
+        assert splitter.split(text[:cut]) == split_message(text[:cut], MIN_LEN)
+
+
+def test_emoji_and_accents_are_not_cut_apart() -> None:
+    family = "👨‍👩‍👧‍👦"
+    chunks = split_message(family * 700)
+    assert all(len(c) <= MAX_LEN for c in chunks) and "".join(chunks) == family * 700
+    assert all(c.startswith("👨") and c.endswith("👦") for c in chunks)
+
+
+_REPORTED = "```" + "a" * 2100  # issue 11: a persona of ``` and ~2,100 letters, then /persona show
+
+
+def test_reported_persona_splits_into_bounded_chunks() -> None:
+    chunks = _check_split(_REPORTED, MAX_LEN)
+    assert len(chunks) == 2 and chunks[1] == "```\n" + "a" * (2100 - (MAX_LEN - 7))
+
+
+def test_reported_persona_does_not_hang_the_process() -> None:
+    """The same input in a child process with a memory cap, so that a regression (on main it spun
+    forever, allocating) fails this test instead of hanging the suite or the machine."""
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from bot.replies import split_message\n"
+        f"chunks = split_message({_REPORTED!r} + '\\n/persona show ' * 3)\n"
+        "print(len(chunks), max(map(len, chunks)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    count, longest = map(int, done.stdout.split())
+    assert count == 2 and longest <= MAX_LEN
