@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -79,7 +78,7 @@ class FakeModel:
 
 
 class FakeStream:
-    """Yields the scripted pieces with a delay between them; records what ran when."""
+    """Yields the scripted pieces with a delay between them; counts the streams running at once."""
 
     def __init__(
         self, engine: FakeEngine, prompt_ids: list[int], params: SamplingParams, pieces: list[str]
@@ -120,7 +119,6 @@ class FakeStream:
             self._end(text, reason)
         finally:
             self.engine.active -= 1
-            self.engine.finished.append((time.monotonic(), self.prompt_ids))
 
 
 @dataclass
@@ -143,7 +141,6 @@ class FakeEngine:
             self.max_context, self.generation, self.name, self.version, self.chat_template
         )
         self.submitted: list[tuple[list[int], SamplingParams]] = []
-        self.finished: list[tuple[float, list[int]]] = []
         self.active = 0
         self.max_active = 0
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import test_scenarios as scenarios
-from tests.e2e.test_scenarios import fake, start_bot  # noqa: F401 (fixtures, used by name)
+from tests.e2e.helpers import Start, option, pings_nobody, reply_done, stored
 from tests.fakediscord import FakeDiscord
 from tests.models_io.conftest import cache_dir, default_gguf, default_model_dir  # noqa: F401
 
@@ -36,8 +35,8 @@ def default_registry(request, default_model_dir: Path, tmp_path_factory):  # noq
 
 @pytest.mark.slow
 async def test_default_model_knows_the_capital_of_france(
-    fake: FakeDiscord,  # noqa: F811
-    start_bot: scenarios.Start,  # noqa: F811
+    fake: FakeDiscord,
+    start_bot: Start,
     default_registry,
 ) -> None:
     bot = await start_bot(model_registry=default_registry.root, engine_slots=1)
@@ -46,7 +45,7 @@ async def test_default_model_knows_the_capital_of_france(
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[0]
 
-    options = [scenarios._option("temperature", 0.0, 10), scenarios._option("max_tokens", 24, 4)]
+    options = [option("temperature", 0.0, 10), option("max_tokens", 24, 4)]
     interaction = await fake.dispatch_interaction(
         channel, alice, "settings", [{"type": 1, "name": "set", "options": options}]
     )
@@ -56,14 +55,14 @@ async def test_default_model_knows_the_capital_of_france(
 
     question = f"<@{fake.bot_user['id']}> What is the capital of France?"
     await fake.dispatch_message(channel, alice, question, [fake.bot_user])
-    await scenarios._reply_done(fake, bot, channel)
+    await reply_done(fake, bot, channel)
 
     posts = fake.find("POST", f"/channels/{channel}/messages")
     edits = fake.find("PATCH", f"/channels/{channel}/messages/")
     assert len(posts) == 1 and edits, "expected one message, then edits while streaming"
     for request in posts + edits:
-        assert scenarios._pings_nobody(request.json["allowed_mentions"]), request
-    rows = await scenarios._stored(bot, channel)
+        assert pings_nobody(request.json["allowed_mentions"]), request
+    rows = await stored(bot, channel)
     assert [r.role for r in rows] == ["user", "assistant"]
     final = fake.messages[int(rows[1].discord_message_id)]["content"]
     assert "Paris" in final, final

@@ -4,114 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from discord.gateway import DiscordWebSocket
-from discord.http import Route
 
-from tests.fakediscord import FakeDiscord, Recorded
-
-client = pytest.importorskip("bot.client")
-if not hasattr(client, "create_bot"):
-    pytest.skip("bot.client has no in-process create_bot yet", allow_module_level=True)
-
-from bot.config import BotConfig  # noqa: E402
-from bot.storage import repo  # noqa: E402
-from bot.storage.db import Database  # noqa: E402
-
-Start = Callable[..., Awaitable[Any]]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    base, gateway = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
-    async with FakeDiscord(n_channels=20) as server:
-        yield server
-    Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
-
-
-@pytest.fixture
-async def start_bot(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> AsyncIterator[Start]:
-    """start_bot(**settings) -> a connected ChatBot on the tiny model; all are closed at the end."""
-    running: list[tuple[Any, asyncio.Task]] = []
-
-    async def start(**overrides: Any) -> Any:
-        values: dict[str, Any] = dict(
-            discord_api_base=fake.api_base,
-            discord_gateway_url=fake.gateway_url,
-            data_dir=tmp_path,
-            database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
-            model_registry=tiny_registry.root,
-            device="cpu",
-            command_guild_ids=[fake.guild_id],
-            edit_interval_s=0.0,
-            user_rate_per_min=1000,
-            channel_rate_per_min=1000,
-            engine_slots=4,
-        )
-        values.update(overrides)
-        bot = await client.create_bot(BotConfig(**values))
-        task = asyncio.create_task(bot.start("fake-token"))
-        ready = asyncio.create_task(bot.wait_until_ready())
-        await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            ready.cancel()
-            task.result()
-        assert ready.done(), "the bot did not become ready"
-        running.append((bot, task))
-        return bot
-
-    async def stop(bot: Any) -> None:
-        for entry in list(running):
-            if entry[0] is bot:
-                running.remove(entry)
-                await bot.close()
-                await asyncio.wait_for(entry[1], 30)
-
-    start.stop = stop  # type: ignore[attr-defined]
-    yield start
-    for bot, task in running:
-        await bot.close()
-        await asyncio.wait_for(task, 30)
-    assert fake.pings == []  # whatever the scenario, no message the bot sent notified anyone
-
-
-def _is_send(channel_id: int) -> Callable[[Recorded], bool]:
-    path = f"/channels/{channel_id}/messages"
-    return lambda r: r.path == path and r.method == "POST"
-
-
-async def _reply_done(fake: FakeDiscord, bot: Any, channel_id: int, n_before: int = 0) -> None:
-    """Wait until the bot has posted to the channel and has no reply in flight."""
-    await fake.wait_until(
-        lambda: len(fake.find("POST", f"/channels/{channel_id}/messages")) > n_before, 60
-    )
-    await fake.wait_until(lambda: bot.active_replies == 0, 60)
-
-
-def _pings_nobody(allowed: dict[str, Any]) -> bool:
-    """Discord's allowed_mentions that ping no one: nothing parsed, no ids, no reply ping."""
-    nobody = allowed.get("parse") == [] and not allowed.get("users") and not allowed.get("roles")
-    return nobody and not allowed.get("replied_user", False)
-
-
-async def _command(
-    fake: FakeDiscord, channel: int, user: dict, name: str, options: list | None = None
-) -> tuple[dict[str, Any], Recorded]:
-    """Run a slash command; (the interaction, the bot's callback to it)."""
-    interaction = await fake.dispatch_interaction(channel, user, name, options)
-    callback = await fake.wait_for(
-        lambda r: r.path.startswith(f"/interactions/{interaction['id']}/")
-    )
-    return interaction, callback
-
-
-async def _stored(bot: Any, channel_id: int) -> list[Any]:
-    async with bot.db.session() as s:
-        return await repo.history(s, channel_id, 100)
+from bot.storage import repo
+from bot.storage.db import Database
+from tests.e2e.helpers import Start, command, option, pings_nobody, reply_done, stored
+from tests.fakediscord import FakeDiscord
 
 
 async def test_mention_gets_a_streamed_reply(fake: FakeDiscord, start_bot: Start) -> None:
@@ -121,17 +21,17 @@ async def test_mention_gets_a_streamed_reply(fake: FakeDiscord, start_bot: Start
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> hello there", mentions=[fake.bot_user]
     )
-    await _reply_done(fake, bot, channel)
+    await reply_done(fake, bot, channel)
     posts = fake.find("POST", f"/channels/{channel}/messages")
     edits = fake.find("PATCH", f"/channels/{channel}/messages/")
     assert posts and edits, "expected a first message then edits while streaming"
     assert fake.requests.index(posts[0]) < fake.requests.index(edits[0])
     for request in posts + edits:
-        assert _pings_nobody(request.json["allowed_mentions"]), request
+        assert pings_nobody(request.json["allowed_mentions"]), request
     first = posts[0].json
     assert str(first["message_reference"]["message_id"]) == fake.channel_messages(channel)[0]["id"]
     assert fake.find("POST", f"/channels/{channel}/typing")
-    rows = await _stored(bot, channel)
+    rows = await stored(bot, channel)
     assert [r.role for r in rows] == ["user", "assistant"]
     assert rows[0].content.endswith("hello there")
     final = fake.messages[int(rows[1].discord_message_id)]["content"]
@@ -145,12 +45,12 @@ async def test_reply_chain_continues(fake: FakeDiscord, start_bot: Start) -> Non
     channel = fake.text_channel_ids[1]
     await bot.chat.update_settings(channel, 1, max_tokens=8)  # short replies: history fits
     await fake.dispatch_message(channel, alice, f"<@{fake.bot_user['id']}> hi", [fake.bot_user])
-    await _reply_done(fake, bot, channel)
+    await reply_done(fake, bot, channel)
     answer = fake.channel_messages(channel)[1]
     assert answer["author"]["id"] == fake.bot_user["id"]
     await fake.dispatch_message(channel, alice, "and then?", reply_to=answer)  # no mention
-    await _reply_done(fake, bot, channel, n_before=1)
-    rows = await _stored(bot, channel)
+    await reply_done(fake, bot, channel, n_before=1)
+    rows = await stored(bot, channel)
     assert [r.role for r in rows] == ["user", "assistant", "user", "assistant"]
     assert rows[2].content == "and then?"
     assert rows[3].prompt_tokens > rows[1].prompt_tokens  # the first exchange is in the prompt
@@ -161,8 +61,8 @@ async def test_dm_gets_an_answer(fake: FakeDiscord, start_bot: Start) -> None:
     bob = fake.add_user("bob")
     dm = fake.add_dm(bob)
     await fake.dispatch_message(dm, bob, "hello in private")
-    await _reply_done(fake, bot, dm)
-    rows = await _stored(bot, dm)
+    await reply_done(fake, bot, dm)
+    rows = await stored(bot, dm)
     assert [r.role for r in rows] == ["user", "assistant"]
     assert rows[0].content == "hello in private"
 
@@ -175,13 +75,9 @@ async def test_plain_message_is_ignored(fake: FakeDiscord, start_bot: Start) -> 
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> now you", [fake.bot_user]
     )
-    await _reply_done(fake, bot, channel)
-    rows = await _stored(bot, channel)
+    await reply_done(fake, bot, channel)
+    rows = await stored(bot, channel)
     assert [r.content for r in rows if r.role == "user"] == ["now you"]
-
-
-def _option(name: str, value: Any, kind: int) -> dict[str, Any]:
-    return {"type": kind, "name": name, "value": value}
 
 
 async def test_settings_set_is_stored_and_changes_generation(
@@ -190,16 +86,16 @@ async def test_settings_set_is_stored_and_changes_generation(
     bot = await start_bot()
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[3]
-    sub = {"type": 1, "name": "set", "options": [_option("max_tokens", 1, 4)]}
-    _, callback = await _command(fake, channel, alice, "settings", [sub])
+    sub = {"type": 1, "name": "set", "options": [option("max_tokens", 1, 4)]}
+    _, callback = await command(fake, channel, alice, "settings", [sub])
     assert callback.json["type"] == 4
     assert "max_tokens" in callback.json["data"]["content"]
     assert (await bot.chat.get_settings(channel)).max_new_tokens == 1
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> talk a lot", [fake.bot_user]
     )
-    await _reply_done(fake, bot, channel)
-    rows = await _stored(bot, channel)
+    await reply_done(fake, bot, channel)
+    rows = await stored(bot, channel)
     assert rows[-1].role == "assistant" and rows[-1].token_count <= 1
 
 
@@ -210,17 +106,17 @@ async def test_ask_answers_in_its_own_response_and_keeps_no_history(
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[4]
     prompt = {"type": 3, "name": "prompt", "value": "Say something nice."}
-    interaction, callback = await _command(fake, channel, alice, "ask", [prompt])
+    interaction, callback = await command(fake, channel, alice, "ask", [prompt])
     assert callback.json["type"] == 5  # deferred ("thinking"), then answered by edits
     original = f"/webhooks/{fake.app_id}/{interaction['token']}/messages/@original"
     await fake.wait_for(lambda r: r.method == "PATCH" and r.path == original, 60)
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
     edits = [r for r in fake.requests if r.method == "PATCH" and r.path == original]
     assert edits[-1].json["content"].strip()
-    assert all(_pings_nobody(r.json["allowed_mentions"]) for r in edits)
+    assert all(pings_nobody(r.json["allowed_mentions"]) for r in edits)
     answer = [m for m in fake.channel_messages(channel) if m["author"]["id"] == fake.bot_user["id"]]
     assert len(answer) == 1 and answer[0]["content"].strip()
-    assert await _stored(bot, channel) == []  # a one-off: nothing joins the channel's history
+    assert await stored(bot, channel) == []  # a one-off: nothing joins the channel's history
 
 
 async def test_non_admin_is_refused_model_use(fake: FakeDiscord, start_bot: Start) -> None:
@@ -228,8 +124,8 @@ async def test_non_admin_is_refused_model_use(fake: FakeDiscord, start_bot: Star
     mallory = fake.add_user("mallory")
     channel = fake.text_channel_ids[4]
     running = bot.engine.model.ref
-    sub = {"type": 1, "name": "use", "options": [_option("version", "tiny@1", 3)]}
-    _, callback = await _command(fake, channel, mallory, "model", [sub])
+    sub = {"type": 1, "name": "use", "options": [option("version", "tiny@1", 3)]}
+    _, callback = await command(fake, channel, mallory, "model", [sub])
     assert callback.json["type"] == 4
     assert "administrators only" in callback.json["data"]["content"]
     assert callback.json["data"]["flags"] & 64  # ephemeral
@@ -253,7 +149,7 @@ async def test_twenty_channels_at_once(fake: FakeDiscord, start_bot: Start) -> N
     )
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
     for channel in channels:
-        rows = await _stored(bot, channel)
+        rows = await stored(bot, channel)
         assert [r.role for r in rows] == ["user", "assistant"], channel
 
 
@@ -265,8 +161,8 @@ async def test_history_survives_a_restart(fake: FakeDiscord, start_bot: Start) -
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> remember me", [fake.bot_user]
     )
-    await _reply_done(fake, bot, channel)
-    before = await _stored(bot, channel)
+    await reply_done(fake, bot, channel)
+    before = await stored(bot, channel)
     await start_bot.stop(bot)  # type: ignore[attr-defined]
     assert fake.connected == 0
 
@@ -274,8 +170,8 @@ async def test_history_survives_a_restart(fake: FakeDiscord, start_bot: Start) -
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> still there?", [fake.bot_user]
     )
-    await _reply_done(fake, bot, channel, n_before=1)
-    after = await _stored(bot, channel)
+    await reply_done(fake, bot, channel, n_before=1)
+    after = await stored(bot, channel)
     assert (await bot.chat.get_settings(channel)).max_new_tokens == 8  # settings survive too
     assert [r.content for r in after[:2]] == [r.content for r in before]
     assert [r.role for r in after] == ["user", "assistant", "user", "assistant"]
@@ -339,7 +235,7 @@ async def test_admin_switches_version_while_a_reply_streams(
     await fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{channel}/messages")
     assert bot.active_replies == 1, "the reply should still be streaming"
 
-    sub = {"type": 1, "name": "use", "options": [_option("version", f"{name}@2", 3)]}
+    sub = {"type": 1, "name": "use", "options": [option("version", f"{name}@2", 3)]}
     interaction = await fake.dispatch_interaction(channel, admin, "model", [sub])
     hook = f"/webhooks/{fake.app_id}/{interaction['token']}/messages/@original"
     done = await fake.wait_for(lambda r: r.method == "PATCH" and r.path == hook, 60)
@@ -349,8 +245,8 @@ async def test_admin_switches_version_while_a_reply_streams(
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
     n_before = len(fake.find("POST", f"/channels/{channel}/messages"))
     await fake.dispatch_message(channel, alice, f"<@{fake.bot_user['id']}> again", [fake.bot_user])
-    await _reply_done(fake, bot, channel, n_before=n_before)
-    rows = [r for r in await _stored(bot, channel) if r.role == "assistant"]
+    await reply_done(fake, bot, channel, n_before=n_before)
+    rows = [r for r in await stored(bot, channel) if r.role == "assistant"]
     assert [r.model_version for r in rows] == [first, f"{name}@2"]
     assert rows[0].status != "interrupted"
 
@@ -360,7 +256,7 @@ async def test_everyone_in_bot_output_pings_nobody(fake: FakeDiscord, start_bot:
     admin, alice = fake.add_user("admin", admin=True), fake.add_user("alice")
     channel = fake.text_channel_ids[7]
     persona = f"@everyone @here <@{alice['id']}> <@&{fake.admin_role_id}> listen"
-    sub = {"type": 1, "name": "set", "options": [_option("text", persona, 3)]}
+    sub = {"type": 1, "name": "set", "options": [option("text", persona, 3)]}
     await fake.dispatch_interaction(channel, admin, "persona", [sub])
     assert await fake.wait_until(lambda: fake.find("POST", "/callback"), 30)
     assert await bot.chat.get_persona(channel) == persona
@@ -372,7 +268,7 @@ async def test_everyone_in_bot_output_pings_nobody(fake: FakeDiscord, start_bot:
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> @everyone", [fake.bot_user]
     )
-    await _reply_done(fake, bot, channel)
+    await reply_done(fake, bot, channel)
     assert fake.pings == []  # ...and nobody is notified
 
 
@@ -380,7 +276,7 @@ async def test_stats_shows_queue_depth_and_streams(fake: FakeDiscord, start_bot:
     bot = await start_bot()
     admin = fake.add_user("admin", admin=True)
     channel = fake.text_channel_ids[8]
-    _, callback = await _command(fake, channel, admin, "stats")
+    _, callback = await command(fake, channel, admin, "stats")
     lines = callback.json["data"]["content"].strip("`\n").splitlines()
     assert f"model: {bot.engine.model.ref} on cpu" in lines
     assert "queue: 0 waiting" in lines

@@ -198,33 +198,6 @@ def test_hot_swap_while_streaming(engine_registry):
     assert old_released and not new_released
 
 
-def test_prefill_writes_only_its_own_slot(engine_registry):
-    """A one-slot prefill binds a pointer into that slot's rows of the shared KV buffer."""
-    from bot.engine.loader import load_model
-    from bot.engine.session import GraphRunner, create_session
-
-    model = load_model("llama", engine_registry.root)
-    session, info = create_session(model.graph_path, "cpu")
-    runner = GraphRunner(session, info, slots=3)
-    logits = runner.prefill(1, np.array([1, 2, 3, 4, 5]), 0).copy()
-    kv = runner._kv["past_key_values.0.key"]
-    assert not kv[0].any() and not kv[2].any()
-    assert kv[1, :, :5].any() and not kv[1, :, 5:].any()
-    # the same tokens through a decode step of every slot continue identically in slot 1
-    runner.ids[:, 0], runner.seqlens[:] = [0, 6, 0], [0, 5, 0]
-    step = runner.decode(0, 3).copy()
-    alone = GraphRunner(*create_session(model.graph_path, "cpu"), slots=1)
-    np.testing.assert_allclose(alone.prefill(0, np.array([1, 2, 3, 4, 5]), 0), logits, atol=1e-5)
-    np.testing.assert_allclose(alone.prefill(0, np.array([6]), 5), step[1], atol=1e-5)
-    assert len(runner._decode_bindings) == 1  # the binding is made once per row range
-    runner.seqlens[:] += 1
-    runner.decode(0, 3)
-    assert len(runner._decode_bindings) == 1
-    # slot 1 alone (rows 1..1) gives the same logits as a run over every row
-    runner.seqlens[:] = [0, 5, 0]
-    np.testing.assert_allclose(runner.decode(1, 1)[1], step[1], atol=1e-5)
-
-
 def test_close_ends_running_requests(engine_registry):
     async def go():
         gate = Gate()

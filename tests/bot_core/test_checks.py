@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import discord
 
@@ -30,3 +31,11 @@ def test_manage_messages_can_manage_but_is_not_admin() -> None:
     mod = _User(2, discord.Permissions(manage_messages=True))
     assert can_manage(mod, [])  # type: ignore[arg-type]
     assert not is_admin(mod, [])  # type: ignore[arg-type]
+
+
+def test_permissions_resolved_for_the_interaction_count_too() -> None:
+    user = SimpleNamespace(id=5)  # no cached roles: only what Discord resolved for the interaction
+    assert is_admin(user, [], discord.Permissions(administrator=True))  # type: ignore[arg-type]
+    assert not is_admin(user, [], discord.Permissions(manage_messages=True))  # type: ignore[arg-type]
+    assert can_manage(user, [], discord.Permissions(manage_messages=True))  # type: ignore[arg-type]
+    assert not can_manage(user, [], discord.Permissions.none())  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Unit tests of the chat cog's decisions, rate limits, streaming and command error lines."""
+"""Unit tests of the cogs: when to answer, rate limits, streaming a reply, admin helpers."""
 
 from __future__ import annotations
 
@@ -12,15 +12,11 @@ from typing import Any
 
 import discord
 import pytest
-from discord import app_commands
 
-from bot.client import user_error
 from bot.cogs.admin import last_json_line, resolve_checkpoint
 from bot.cogs.chat import APOLOGY, Chat
-from bot.cogs.checks import NotAllowed, can_manage, is_admin
 from bot.cogs.triggers import ChatLimits, RateLimiter, answer_reason, strip_mention
 from bot.errors import BusyError
-from bot.generation import SettingsError
 from export.registry import RegistryError
 
 BASE = dict(from_bot=False, is_dm=False, mentioned=False, replying_to_bot=False, autoreply=False)
@@ -269,16 +265,7 @@ async def test_unexpected_error_before_any_text_is_a_short_apology() -> None:
     assert channel.sent == [] and message.replies == [APOLOGY]
 
 
-# ---- command errors and admin helpers ----
-def test_user_error_lines() -> None:
-    assert user_error(NotAllowed("admins only")) == "admins only"
-    wrapped = app_commands.CommandInvokeError.__new__(app_commands.CommandInvokeError)
-    wrapped.original = SettingsError("temperature must be 0-2")
-    assert user_error(wrapped) == "temperature must be 0-2"
-    assert user_error(RegistryError("no model named 'x'")) == "no model named 'x'"
-    assert user_error(KeyError("internal")) is None
-
-
+# ---- admin helpers ----
 def test_checkpoint_paths_must_stay_under_the_allowed_folder(tmp_path: Path) -> None:
     allowed = tmp_path / "checkpoints"
     (allowed / "small").mkdir(parents=True)
@@ -295,15 +282,6 @@ def test_last_json_line_skips_progress_and_broken_lines() -> None:
     lines = ["exporting 10%", '{"name": "a", "version": 1}', "{broken", "done"]
     assert last_json_line(lines) == {"name": "a", "version": 1}
     assert last_json_line(["no json here"]) is None
-
-
-def test_interaction_permissions_count_for_admin_and_manager_checks() -> None:
-    user = SimpleNamespace(id=5)  # no cached roles: only what Discord resolved for the interaction
-    assert not is_admin(user, [])  # type: ignore[arg-type]
-    assert is_admin(user, [], discord.Permissions(administrator=True))  # type: ignore[arg-type]
-    assert not is_admin(user, [], discord.Permissions(manage_messages=True))  # type: ignore[arg-type]
-    assert can_manage(user, [], discord.Permissions(manage_messages=True))  # type: ignore[arg-type]
-    assert not can_manage(user, [], discord.Permissions.none())  # type: ignore[arg-type]
 
 
 async def test_a_channel_that_refuses_typing_still_gets_the_answer() -> None:
@@ -323,31 +301,6 @@ async def test_a_channel_that_refuses_typing_still_gets_the_answer() -> None:
     message = FakeMessage("hi", channel, author=SimpleNamespace(id=7, display_name="a", bot=False))
     await Chat(bot).answer(message, "hi")  # type: ignore[arg-type]
     assert channel.typing_entered == 1 and [m.content for m in channel.sent] == ["fine"]
-
-
-async def test_create_bot_points_discord_py_at_the_configured_server(tmp_path: Path) -> None:
-    from discord.http import HTTPClient, Route
-
-    from bot.client import create_bot
-    from bot.config import BotConfig
-
-    saved, library_gateway = Route.BASE, HTTPClient.get_bot_gateway
-    try:
-        settings = BotConfig(
-            data_dir=tmp_path,
-            discord_api_base="http://127.0.0.1:5/api/v10/",
-            discord_gateway_url="ws://127.0.0.1:5/gateway",
-        )
-        bot = await create_bot(settings)
-        assert Route.BASE == "http://127.0.0.1:5/api/v10"
-        shards, url, limits = await bot.http.get_bot_gateway()
-        assert (shards, url, limits["max_concurrency"]) == (1, "ws://127.0.0.1:5/gateway", 1)
-        assert HTTPClient.get_bot_gateway is library_gateway  # only our client is patched
-        assert bot.intents.message_content and bot.intents.dm_messages
-        assert bot.allowed_mentions is not None and bot.allowed_mentions.everyone is False
-        await bot.close()
-    finally:
-        Route.BASE = saved
 
 
 async def test_chat_cog_loads_with_zero_rate_limits_and_never_refuses() -> None:

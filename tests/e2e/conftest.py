@@ -1,0 +1,71 @@
+"""Fixtures of the end-to-end tests: the local fake Discord and the real bot connected to it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from bot.client import create_bot
+from bot.config import BotConfig
+from tests.e2e.helpers import Start
+from tests.fakediscord import FakeDiscord
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    base, gateway = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    async with FakeDiscord(n_channels=20) as server:
+        yield server
+    Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+
+
+@pytest.fixture
+async def start_bot(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> AsyncIterator[Start]:
+    """start_bot(**settings) -> a connected ChatBot on the tiny model; all are closed at the end."""
+    running: list[tuple[Any, asyncio.Task]] = []
+
+    async def start(**overrides: Any) -> Any:
+        values: dict[str, Any] = dict(
+            discord_api_base=fake.api_base,
+            discord_gateway_url=fake.gateway_url,
+            data_dir=tmp_path,
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+            model_registry=tiny_registry.root,
+            device="cpu",
+            command_guild_ids=[fake.guild_id],
+            edit_interval_s=0.0,
+            user_rate_per_min=1000,
+            channel_rate_per_min=1000,
+            engine_slots=4,
+        )
+        values.update(overrides)
+        bot = await create_bot(BotConfig(**values))
+        task = asyncio.create_task(bot.start("fake-token"))
+        ready = asyncio.create_task(bot.wait_until_ready())
+        await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()
+        assert ready.done(), "the bot did not become ready"
+        running.append((bot, task))
+        return bot
+
+    async def stop(bot: Any) -> None:
+        for entry in list(running):
+            if entry[0] is bot:
+                running.remove(entry)
+                await bot.close()
+                await asyncio.wait_for(entry[1], 30)
+
+    start.stop = stop  # type: ignore[attr-defined]
+    yield start
+    for bot, task in running:
+        await bot.close()
+        await asyncio.wait_for(task, 30)
+    assert fake.pings == []  # whatever the scenario, no message the bot sent notified anyone
