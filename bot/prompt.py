@@ -50,13 +50,13 @@ def build_prompt(
     turns: Sequence[Turn],
     *,
     system: str | None,
-    render: Callable[[list[dict]], str],
-    encode: Callable[[str], list[int]],
+    encode_chat: Callable[[list[dict]], tuple[str, list[int]]],
     budget: int,
     keep: int | None = None,
     trim_to: float = 1.0,
 ) -> Prompt:
-    """The system prompt plus the newest turns whose rendered prompt fits in `budget` tokens.
+    """The system prompt plus the newest turns whose prompt fits in `budget` tokens;
+    `encode_chat` turns messages into (prompt text, token ids), as encode_messages does.
 
     The last turn (the message being answered) must fit; older turns are dropped oldest first.
     `keep`: the newest turns to use if they fit (where the conversation's previous prompt
@@ -69,8 +69,7 @@ def build_prompt(
     named = len({t.author_id for t in turns if t.role == Role.USER}) > 1
 
     def attempt(count: int) -> tuple[str, list[int]]:
-        text = render(chat_messages(system, turns[len(turns) - count :], named=named))
-        return text, encode(text)
+        return encode_chat(chat_messages(system, turns[len(turns) - count :], named=named))
 
     first = keep if keep is not None and 0 < keep <= len(turns) else len(turns)
     text, ids = attempt(first)  # the window or everything: the common case is one render
@@ -102,9 +101,18 @@ def plain_transcript(messages: list[dict]) -> str:
     return "\n".join([*lines, "Assistant:"])
 
 
+def encode_messages(model: LoadedModel, messages: list[dict]) -> tuple[str, list[int]]:
+    """(prompt text, token ids) through the model's chat template, else as a plain transcript.
+    Text from users is plain text either way: only the template's markup gives special tokens."""
+    if model.manifest.tokenizer.chat_template:
+        return model.encode_prompt(messages)
+    text = plain_transcript(messages)
+    return text, model.encode_text(text)
+
+
 def encode(model: LoadedModel, text: str) -> list[int]:
-    """Token ids of text as it appears in a rendered prompt (no BOS/EOS added)."""
-    return model.encode(text, add_special_tokens=False)
+    """Token ids of user text as plain text (special-token strings in it are characters)."""
+    return model.encode_text(text)
 
 
 def default_system(model: LoadedModel) -> str | None:

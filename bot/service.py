@@ -25,7 +25,14 @@ from bot.generation import (
     sampling_params,
     validate_changes,
 )
-from bot.prompt import PLAIN_STOP, TRIM_TO, build_prompt, default_system, encode, plain_transcript
+from bot.prompt import (
+    PLAIN_STOP,
+    TRIM_TO,
+    build_prompt,
+    default_system,
+    encode,
+    encode_messages,
+)
 from bot.storage import repo
 from bot.storage.models import Message, Role, Status
 from bot.turns import IncomingMessage, Prompt, Speaker, Turn
@@ -295,17 +302,11 @@ class ChatService:
         keep: int | None = None,
     ) -> Prompt:
         templated = bool(model.manifest.tokenizer.chat_template)
-        render = (
-            (lambda messages: model.render_chat(messages, add_generation_prompt=True))
-            if templated
-            else plain_transcript
-        )
         try:
             prompt = build_prompt(
                 turns,
                 system=system,
-                render=render,
-                encode=lambda text: encode(model, text),
+                encode_chat=lambda messages: encode_messages(model, messages),
                 budget=model.max_context - settings.max_new_tokens,
                 keep=keep,
                 trim_to=TRIM_TO,

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 from bot.engine.types import ModelLoadError
 from export.manifest import Manifest, ManifestError
 from export.registry import Registry, RegistryError, default_registry
+from models.chat_encoding import ChatEncoder
 from models.chat_template import render_chat
 
 
@@ -21,6 +22,7 @@ class LoadedModel:
     path: Path
     manifest: Manifest
     tokenizer: Tokenizer
+    chat: ChatEncoder  # the tokenizer with the chat template: prompts where user text stays text
 
     @property
     def ref(self) -> str:
@@ -62,11 +64,26 @@ class LoadedModel:
         )
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of text from the operator: special-token strings in it become special tokens
+        (use encode_text or encode_prompt for anything a user wrote)."""
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of user text: special-token strings in it are plain characters."""
+        return self.chat.encode_text(text)
+
+    def encode_prompt(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        """(prompt text, ids) of a conversation through the chat template; only the template's
+        own markup becomes special tokens, never the text of a message."""
+        if not self.manifest.tokenizer.chat_template:
+            raise ModelLoadError(f"{self.ref} has no chat template; use a plain prompt")
+        return self.chat.encode(messages, add_generation_prompt)
 
     def encode_chat(self, user_text: str) -> list[int]:
         """Token ids of one user turn rendered with the chat template (the template adds BOS)."""
-        return self.encode(self.render_chat([{"role": "user", "content": user_text}]))
+        return self.encode_prompt([{"role": "user", "content": user_text}])[1]
 
 
 def resolve_version(ref: str | Path | None, registry: str | Path | None = None) -> Path:
@@ -102,4 +119,13 @@ def load_model(ref: str | Path | None, registry: str | Path | None = None) -> Lo
         tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer.file))
     except Exception as exc:  # tokenizers raises a bare Exception on a bad file
         raise ModelLoadError(f"{path}: cannot read the tokenizer ({exc})") from None
-    return LoadedModel(path=path, manifest=manifest, tokenizer=tokenizer)
+    info = manifest.tokenizer
+    chat = ChatEncoder(
+        tokenizer,
+        info.chat_template or None,
+        bos_token=info.bos_token,
+        eos_token=info.eos_token,
+        unk_token=info.unk_token,
+        pad_token=info.pad_token,
+    )
+    return LoadedModel(path=path, manifest=manifest, tokenizer=tokenizer, chat=chat)

@@ -67,6 +67,15 @@ class FakeModel:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def encode_prompt(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        text = self.render_chat(messages, add_generation_prompt)
+        return text, self.encode_text(text)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return render_chat(
             self.manifest.tokenizer.chat_template,

@@ -20,6 +20,10 @@ def render(messages: list[dict]) -> str:
     return MODEL.render_chat(messages, add_generation_prompt=True)
 
 
+def encode_chat(messages: list[dict]) -> tuple[str, list[int]]:
+    return MODEL.encode_prompt(messages)
+
+
 def alice(text: str) -> Turn:
     return Turn("user", text, 1, "alice")
 
@@ -36,9 +40,7 @@ def size(system: str | None, turns: list[Turn]) -> int:
 
 
 def test_everything_fits_when_the_budget_is_large():
-    prompt = build_prompt(
-        CONVERSATION, system="Be brief.", render=render, encode=encode, budget=10_000
-    )
+    prompt = build_prompt(CONVERSATION, system="Be brief.", encode_chat=encode_chat, budget=10_000)
     assert prompt.turns_kept == 20 and prompt.turns_dropped == 0
     assert prompt.text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert prompt.text.endswith("<|im_start|>assistant\n")
@@ -49,7 +51,7 @@ def test_everything_fits_when_the_budget_is_large():
 def test_newest_turns_kept_oldest_dropped_at_the_exact_budget(keep):
     turns = CONVERSATION[:-1]  # ends with a user turn, as when a message arrives
     budget = size("Be brief.", turns[-keep:])
-    prompt = build_prompt(turns, system="Be brief.", render=render, encode=encode, budget=budget)
+    prompt = build_prompt(turns, system="Be brief.", encode_chat=encode_chat, budget=budget)
     assert len(prompt.ids) <= budget
     kept = prompt.turns_kept
     assert (
@@ -65,7 +67,7 @@ def test_newest_turns_kept_oldest_dropped_at_the_exact_budget(keep):
 def test_a_kept_window_is_used_while_it_fits_and_a_cut_leaves_room_to_grow():
     turns = CONVERSATION[:-1]
     whole = size("Be brief.", turns)
-    args = dict(system="Be brief.", render=render, encode=encode)
+    args = dict(system="Be brief.", encode_chat=encode_chat)
     hinted = build_prompt(turns, **args, budget=whole, keep=7)
     assert hinted.turns_kept == 7  # everything would fit, but the window starts where it did
     cut = build_prompt(turns, **args, budget=whole - 1, trim_to=0.5)
@@ -76,14 +78,14 @@ def test_a_kept_window_is_used_while_it_fits_and_a_cut_leaves_room_to_grow():
 
 
 def test_without_persona_there_is_no_system_turn():
-    prompt = build_prompt([alice("hi")], system=None, render=render, encode=encode, budget=1000)
+    prompt = build_prompt([alice("hi")], system=None, encode_chat=encode_chat, budget=1000)
     assert prompt.text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert not prompt.named
 
 
 def test_speakers_named_in_multi_user_channels_and_bot_is_assistant():
     turns = [alice("hello"), bot("hi alice"), Turn("user", "and me?", 2, "Bob: the\nbuilder")]
-    prompt = build_prompt(turns, system=None, render=render, encode=encode, budget=1000)
+    prompt = build_prompt(turns, system=None, encode_chat=encode_chat, budget=1000)
     assert prompt.named
     assert "<|im_start|>user\nalice: hello<|im_end|>" in prompt.text
     assert "<|im_start|>assistant\nhi alice<|im_end|>" in prompt.text
@@ -99,5 +101,5 @@ def test_consecutive_turns_of_one_role_are_merged_and_a_leading_reply_dropped():
 
 def test_a_message_too_long_for_the_budget_is_refused_with_a_friendly_line():
     with pytest.raises(MessageTooLongError) as info:
-        build_prompt([alice("x" * 500)], system="sys", render=render, encode=encode, budget=100)
+        build_prompt([alice("x" * 500)], system="sys", encode_chat=encode_chat, budget=100)
     assert "too long" in info.value.user_message and "\n" not in info.value.user_message
