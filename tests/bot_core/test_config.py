@@ -117,7 +117,8 @@ def test_env_example_lists_every_setting_with_its_default(tmp_path: Path):
     """Every key of Settings is in .env.example, once, and no other; setting every key to the
     value shown (but the unset-by-default ones, shown with an example) changes nothing."""
     entries = [m.groups() for m in map(KEY_LINE.match, ENV_EXAMPLE.read_text().splitlines()) if m]
-    assert sorted(key for key, _ in entries) == sorted(name.upper() for name in Settings.model_fields)
+    keys = sorted(key for key, _ in entries)
+    assert keys == sorted(name.upper() for name in Settings.model_fields)
     defaults = Settings(_env_file=None)
     unset = {name.upper() for name, value in defaults if value is None}
     assert unset == {"DISCORD_TOKEN", "MODEL", "DISCORD_GATEWAY_URL"}
