@@ -6,10 +6,17 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import io
 import logging
+import os
+import signal
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
+
+from sqlalchemy.engine import make_url
 
 from bot.config import BotConfig, ConfigError, load_settings
 
@@ -40,7 +47,10 @@ Type a message and press Enter to chat. Commands:
   /persona set TEXT          the system prompt of this conversation
   /persona show | clear
   /forget                    start over: earlier turns leave the conversation memory
-  /quit                      leave (so does end of input)"""
+  /quit                      leave (so does end of input, Ctrl-D)
+Ctrl-C while the bot answers stops that answer; at the prompt it leaves."""
+GOODBYE = "Goodbye!"
+CANCELLED = "[reply cancelled]"
 
 
 NO_MODEL = (
@@ -59,21 +69,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def history_place(database_url: str, channel_id: int) -> str:
+    """Where the console's conversation is stored, and how to start fresh, in one line."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        where = f"the SQLite file {url.database}" if url.database else "an in-memory database"
+    else:
+        where = url.render_as_string(hide_password=True)
+    return (
+        f"This conversation (number {channel_id}) is kept in {where}; /forget starts it fresh, "
+        "--channel N opens another."
+    )
+
+
+def _lines_of(stdin: TextIO) -> Iterator[str]:
+    """The input's lines. A real file descriptor is read with os.read, so the reader thread, left
+    blocked when the chat ends, holds no lock of sys.stdin that interpreter shutdown needs."""
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        yield from iter(stdin.readline, "")
+        return
+    encoding = getattr(stdin, "encoding", None) or "utf-8"
+    pending = b""
+    while chunk := os.read(fd, 65536):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield (line + b"\n").decode(encoding, "replace")
+    if pending:
+        yield pending.decode(encoding, "replace")
+
+
 class Console:
     """Reads lines, runs `/` commands, streams replies; output goes to `out`."""
 
-    def __init__(self, service: ChatService, out: TextIO, *, channel_id: int, user_name: str):
+    def __init__(
+        self,
+        service: ChatService,
+        out: TextIO,
+        *,
+        channel_id: int,
+        user_name: str,
+        history: str | None = None,
+    ):
         from bot.turns import Speaker
 
         self.service = service
         self.out = out
         self.channel_id = channel_id
+        self.history = history
         self.user = Speaker(CONSOLE_USER_ID, user_name)
         self.bot = Speaker(CONSOLE_BOT_ID, "bot", is_bot=True)
+        self._replying: asyncio.Task[None] | None = None
+        self._lines: asyncio.Queue[str | None] | None = None
+        self._wrote = False
+        self._interrupted = False
+
+    @property
+    def replying(self) -> bool:
+        """True while a reply is being written (Ctrl-C then stops it)."""
+        return self._replying is not None and not self._replying.done()
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop the reply being written, if any; else leave the chat."""
+        if self._replying is not None and not self._replying.done():
+            self._replying.cancel()
+        elif self._lines is not None:
+            self._interrupted = True
+            self._lines.put_nowait(None)
 
     async def handle(self, line: str) -> bool:
         """One input line; False when the user asked to quit."""
@@ -94,22 +161,39 @@ class Console:
         return True
 
     async def chat(self, text: str) -> None:
+        """One reply, streamed; `interrupt()` cancels it (stored as interrupted) and the chat
+        goes on."""
         from bot.errors import ReplyError
-        from bot.turns import IncomingMessage
 
-        msg = IncomingMessage(self.channel_id, None, self.user, text, is_dm=True)
-        wrote = False
+        self._wrote = False
+        task = asyncio.ensure_future(self._stream(text))
+        self._replying = task
         try:
-            async with self.service.reply(msg, bot=self.bot) as reply:
-                async for piece in reply:
-                    self.out.write(piece)
-                    self.out.flush()
-                    wrote = True
+            await asyncio.wait({task})
+        finally:
+            self._replying = None
+            if not task.done():  # the console itself is being cancelled
+                task.cancel()
+        if task.cancelled():
+            self.say(("\n" if self._wrote else "") + CANCELLED)
+            return
+        try:
+            task.result()
         except ReplyError:
-            if wrote:
+            if self._wrote:
                 self.say("")  # the note goes on its own line, after the partial reply
             raise
         self.say("")
+
+    async def _stream(self, text: str) -> None:
+        from bot.turns import IncomingMessage
+
+        msg = IncomingMessage(self.channel_id, None, self.user, text, is_dm=True)
+        async with self.service.reply(msg, bot=self.bot) as reply:
+            async for piece in reply:
+                self.out.write(piece)
+                self.out.flush()
+                self._wrote = True
 
     async def command(self, text: str) -> bool:
         name, _, rest = text[1:].partition(" ")
@@ -117,9 +201,10 @@ class Console:
         name, sub, arg = name.lower(), sub.lower(), arg.strip()
         channel, actor = self.channel_id, self.user.id
         if name in ("quit", "exit", "q"):
+            self.say(GOODBYE)
             return False
         if name == "help":
-            self.say(_help())
+            self.say(_help() + (f"\n{self.history}" if self.history else ""))
         elif name == "settings" and sub in ("", "show"):
             self.say("\n".join((await self.service.get_settings(channel)).describe()))
         elif name == "settings" and sub == "set":
@@ -152,18 +237,44 @@ class Console:
         return True
 
     async def run(self, stdin: TextIO) -> None:
-        """Line by line until /quit or end of input (works with a pipe as with a terminal)."""
+        """Line by line until /quit, end of input or Ctrl-C at the prompt (a pipe works as well
+        as a terminal). Lines are read in a daemon thread, so a prompt waiting for input never
+        keeps the process alive."""
         loop = asyncio.get_running_loop()
         interactive = stdin.isatty()
-        if interactive:
-            self.say("Chatting with the model; /help for commands, /quit to leave.")
-        while True:
-            if interactive:
-                self.out.write("> ")
-                self.out.flush()
-            line = await loop.run_in_executor(None, stdin.readline)
-            if not line or not await self.handle(line):
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self._lines = lines
+
+        def read() -> None:
+            try:
+                for line in _lines_of(stdin):
+                    loop.call_soon_threadsafe(lines.put_nowait, line)
+                loop.call_soon_threadsafe(lines.put_nowait, None)
+            except (RuntimeError, OSError):  # the loop is closed, or stdin is gone
                 return
+
+        threading.Thread(target=read, name="console-input", daemon=True).start()
+        if interactive:
+            self.say(
+                f"Chatting with {self.service.engine.model.ref}; /help for commands, "
+                "/quit to leave."
+            )
+            if self.history:
+                self.say(self.history)
+        try:
+            while True:
+                if interactive:
+                    self.out.write("> ")
+                    self.out.flush()
+                line = await lines.get()
+                if line is None:  # end of input, or Ctrl-C at the prompt
+                    if interactive or self._interrupted:
+                        self.say(("\n" if interactive else "") + GOODBYE)
+                    return
+                if not await self.handle(line):
+                    return
+        finally:
+            self._lines = None
 
 
 def resolve_model(settings: BotConfig) -> str:
@@ -190,8 +301,23 @@ async def chat(settings: BotConfig, model_ref: str, channel_id: int) -> None:
     try:
         engine = await Engine.start(model_ref, **settings.engine_options())
         service = ChatService(db, engine, settings)
-        console = Console(service, sys.stdout, channel_id=channel_id, user_name=_user_name())
-        await console.run(sys.stdin)
+        console = Console(
+            service,
+            sys.stdout,
+            channel_id=channel_id,
+            user_name=_user_name(),
+            history=history_place(settings.database_url, channel_id),
+        )
+        loop = asyncio.get_running_loop()
+        # Ctrl-C stops the reply being written, or leaves at the prompt (where signal handlers
+        # cannot be installed, it raises KeyboardInterrupt and main() leaves quietly)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, console.interrupt)
+        try:
+            await console.run(sys.stdin)
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
     finally:
         if engine is not None:
             await engine.close()

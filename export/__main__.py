@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -173,18 +174,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+LIST_HEADER = ("", "VERSION", "FLAVOUR", "PRECISION", "CREATED (UTC)")
+
+
+def _list_row(info: VersionInfo, manifest: Manifest | None) -> tuple[str, ...]:
+    """One row of `list`: active mark, NAME@N, flavour, precision, creation time to the second."""
+    mark = "*" if info.active else ""
+    if manifest is None:
+        return (mark, info.ref, "?", "?", "manifest unreadable")
+    created = manifest.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return (mark, info.ref, manifest.flavour, manifest.precision, created)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows as left-aligned columns two spaces apart, trailing spaces trimmed."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     registry = _registry(args)
-    rows = []
+    rows, table = [], [LIST_HEADER]
     for info in registry.versions():
-        rows.append(_version_dict(info, _read(info)))
-    lines = [
-        f"{'*' if r['active'] else ' '} {r['name']}@{r['version']:<4} {r.get('flavour', '?'):<9} "
-        f"{r.get('precision', '?'):<5} {r.get('created_at', 'manifest unreadable')}"
-        for r in rows
-    ]
-    text = "\n".join(lines) if lines else f"no versions in {registry.root}"
+        manifest = _read(info)
+        rows.append(_version_dict(info, manifest))
+        table.append(_list_row(info, manifest))
     active = next((f"{r['name']}@{r['version']}" for r in rows if r["active"]), None)
+    if rows:
+        text = format_table(table) + f"\n\n* active: {active or 'none'} (python -m export use REF)"
+    else:
+        text = f"no versions in {registry.root}"
     _emit(args, text, {"registry": str(registry.root), "active": active, "versions": rows})
     return 0
 

@@ -8,10 +8,11 @@ import logging
 import sys
 
 from alembic.util import CommandError
+from sqlalchemy.engine import make_url
 
 from bot.config import ConfigError, load_settings
 from bot.storage.db import Database, DatabaseError
-from bot.storage.migrate import run_command
+from bot.storage.migrate import current_revisions, head_revisions, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +28,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _revisions(revisions: tuple[str, ...], heads: tuple[str, ...]) -> str:
+    if not revisions:
+        return "an empty schema (no revision)"
+    text = ", ".join(revisions)
+    return text + (" (head)" if set(revisions) == set(heads) else "")
+
+
 async def _run(url: str, action: str, revision: str | None) -> None:
     db = Database(url)
     try:
         if action in ("upgrade", "downgrade"):
+            before = await current_revisions(db.engine)
             await run_command(db.engine, action, revision)
+            after = await current_revisions(db.engine)
+            heads = head_revisions()
+            where = make_url(url).render_as_string(hide_password=True)
+            if before == after:
+                print(f"{where}: already at {_revisions(after, heads)}; nothing to do")
+            else:
+                done = "upgraded" if action == "upgrade" else "downgraded"
+                print(
+                    f"{where}: {done} from {_revisions(before, heads)} "
+                    f"to {_revisions(after, heads)}"
+                )
         elif action == "current":
             await run_command(db.engine, "current", verbose=False)
         else:

@@ -55,3 +55,21 @@ async def run_command(engine: AsyncEngine, name: str, *args: Any, **kwargs: Any)
 
     async with engine.begin() as connection:
         await connection.run_sync(run)
+
+
+async def current_revisions(engine: AsyncEngine) -> tuple[str, ...]:
+    """The revision(s) the database is at; () for a database never migrated."""
+    from alembic.migration import MigrationContext
+
+    def read(connection: Connection) -> tuple[str, ...]:
+        return tuple(MigrationContext.configure(connection).get_current_heads())
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(read)
+
+
+def head_revisions() -> tuple[str, ...]:
+    """The newest revision(s) of migrations/."""
+    from alembic.script import ScriptDirectory
+
+    return tuple(ScriptDirectory.from_config(alembic_config()).get_heads())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,22 @@ def test_get_settings_is_cached(monkeypatch):
     assert get_settings() is first and first.engine_slots == 2
     get_settings.cache_clear()
     assert get_settings().engine_slots == 4
+
+
+ENV_EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
+KEY_LINE = re.compile(r"^(?:# )?([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+def test_env_example_lists_every_setting_with_its_default(tmp_path: Path):
+    """Every key of Settings is in .env.example, once, and no other; setting every key to the
+    value shown (but the unset-by-default ones, shown with an example) changes nothing."""
+    entries = [m.groups() for m in map(KEY_LINE.match, ENV_EXAMPLE.read_text().splitlines()) if m]
+    keys = sorted(key for key, _ in entries)
+    assert keys == sorted(name.upper() for name in Settings.model_fields)
+    defaults = Settings(_env_file=None)
+    unset = {name.upper() for name, value in defaults if value is None}
+    assert unset == {"DISCORD_TOKEN", "MODEL", "DISCORD_GATEWAY_URL"}
+    examples = unset - {"DISCORD_TOKEN"}  # DISCORD_TOKEN= (empty) is unset too
+    env_file = tmp_path / "example.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in entries if k not in examples))
+    assert Settings(_env_file=env_file).model_dump() == defaults.model_dump()

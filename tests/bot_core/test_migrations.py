@@ -15,10 +15,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from bot.storage.db import Database
-from bot.storage.migrate import alembic_config, run_command
+from bot.storage.migrate import alembic_config, head_revisions, run_command
 from bot.storage.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
+HEAD = ", ".join(head_revisions())
 TABLES = {"channels", "messages", "channel_settings", "audit_log"}
 
 
@@ -47,6 +48,16 @@ async def test_upgrade_downgrade_upgrade_on_a_fresh_file(db_url: str):
         assert await revision(db) == "0001"
     finally:
         await db.close()
+
+
+async def test_upgrade_reports_the_revisions_and_hides_the_password(capsys, db_url: str):
+    from bot.storage.cli import _run
+
+    await _run(db_url, "upgrade", "head")
+    await _run(db_url, "upgrade", "head")
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.endswith(f"upgraded from an empty schema (no revision) to {HEAD} (head)")
+    assert second.endswith(f"already at {HEAD} (head); nothing to do")
 
 
 async def test_orm_metadata_matches_the_migrated_schema(db_url: str):
@@ -90,10 +101,19 @@ def test_db_cli_upgrade_current_downgrade(tmp_path: Path):
     up = run_bot("db", "upgrade", env=env)
     assert up.returncode == 0, up.stderr
     assert db_file.is_file()
+    assert up.stdout == (
+        f"sqlite+aiosqlite:///{db_file}: upgraded from an empty schema (no revision) "
+        f"to {HEAD} (head)\n"
+    )
+    again = run_bot("db", "upgrade", env=env)
+    assert again.returncode == 0 and again.stdout.endswith(
+        f": already at {HEAD} (head); nothing to do\n"
+    )
     current = run_bot("db", "current", env=env)
     assert current.returncode == 0 and "0001 (head)" in current.stdout
     down = run_bot("db", "downgrade", env=env)
     assert down.returncode == 0, down.stderr
+    assert f"downgraded from {HEAD} (head) to " in down.stdout
     assert "0001" not in run_bot("db", "current", env=env).stdout
     bad = run_bot("db", "downgrade", "nosuchrev", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nosuchrev" in bad.stderr

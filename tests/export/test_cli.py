@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,27 @@ def test_list_show_use_rollback_delete(capsys, seeded):
     assert code == 0 and "chat@2" in out
     code, out, _ = _run(capsys, "delete", "chat@1", "--registry", seeded)
     assert code == 0 and not (seeded / "chat" / "v1").exists()
+
+
+def test_list_prints_a_header_aligned_columns_and_marks_the_active_version(capsys, seeded):
+    (seeded / "chat" / "v1" / "manifest.json").write_text("{not json")
+    code, out, _ = _run(capsys, "list", "--registry", seeded)
+    assert code == 0
+    lines = out.rstrip("\n").splitlines()
+    assert lines[0].split() == ["VERSION", "FLAVOUR", "PRECISION", "CREATED", "(UTC)"]
+    assert lines[1].split() == ["chat@1", "?", "?", "manifest", "unreadable"]
+    mark, ref, flavour, precision, day, time = lines[2].split()
+    assert (mark, ref, flavour, precision) == ("*", "chat@2", "reference", "fp32")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", day) and re.fullmatch(r"\d\d:\d\d:\d\d", time)
+    for column in ("VERSION", "FLAVOUR", "PRECISION", "CREATED"):  # cells start under the header
+        start = lines[0].index(column)
+        assert all(line[start - 1] == " " and line[start] != " " for line in lines[1:3])
+    assert lines[-1] == "* active: chat@2 (python -m export use REF)"
+
+
+def test_list_of_an_empty_registry_says_so(capsys, registry):
+    code, out, _ = _run(capsys, "list", "--registry", registry)
+    assert code == 0 and out.strip() == f"no versions in {registry}"
 
 
 def test_ensure_default_exports_once(capsys, registry, tiny_checkpoints):
