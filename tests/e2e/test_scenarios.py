@@ -256,6 +256,22 @@ async def test_admin_model_use_takes_registry_names_only(
         assert await repo.audit_entries(s) == []  # refused before anything was tried
 
 
+async def test_forget_in_own_dm_needs_no_permission(fake: FakeDiscord, start_bot: Start) -> None:
+    """In a DM the user owns the conversation: /forget works there; in a guild channel the same
+    user still lacks Manage Messages."""
+    bot = await start_bot()
+    bob = fake.add_user("bob")
+    dm = fake.add_dm(bob)
+    await fake.dispatch_message(dm, bob, "hello there")
+    await _reply_done(fake, bot, dm)
+    assert await _stored(bot, dm)
+    _, callback = await _command(fake, dm, bob, "forget")
+    assert "Forgot 2 turn(s)" in callback.json["data"]["content"]
+    assert await _stored(bot, dm) == []
+    _, refused = await _command(fake, fake.text_channel_ids[7], bob, "forget")
+    assert "Manage Messages" in refused.json["data"]["content"]
+
+
 async def test_twenty_channels_at_once(fake: FakeDiscord, start_bot: Start) -> None:
     bot = await start_bot()
     users = [fake.add_user(f"user{i}") for i in range(20)]
