@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 256  # newest turns read from the database before fitting them into the budget
 PERSONA_MAX_CHARS = 4000
+
+
+def persona_token_limit(max_context: int, max_tokens: int) -> int:
+    """The most tokens a persona may take: half of a prompt's budget (the context less the
+    reply's room), so that a real conversation still fits beside it."""
+    return max(0, (max_context - max_tokens) // 2)
+
+
 PARTIAL_FLUSH_S = 1.0  # how often a streaming reply's partial text is written to the database
 
 
@@ -371,7 +379,17 @@ class ChatService:
             raise SettingsError(
                 f"the persona is too long ({len(text)} characters; at most {PERSONA_MAX_CHARS})"
             )
+        model = self.engine.model
         async with self.db.session() as s, s.begin():
+            overrides = await repo.settings_overrides(s, channel_id)
+            settings = generation_settings(model, overrides)
+            tokens = len(encode(model, text))
+            limit = persona_token_limit(model.max_context, settings.max_tokens)
+            if tokens > limit:
+                raise SettingsError(
+                    f"the persona is too long for {model.ref}: {tokens} tokens, at most {limit} "
+                    "(half of what a prompt may hold, so the conversation keeps the other half)"
+                )
             await repo.ensure_channel(s, channel_id)
             await repo.set_channel_fields(s, channel_id, persona=text)
             await repo.add_audit(s, actor_id, "persona.set", f"channel {channel_id}: {text[:200]}")

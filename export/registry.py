@@ -174,9 +174,10 @@ class Registry:
         ]
 
     def resolve(self, ref: str | Path) -> VersionInfo:
-        """`NAME` (its newest version), `NAME@N`, or a path to a version folder."""
+        """`NAME` (its newest version), `NAME@N`, or a path to a version folder (operators only:
+        the CLI and `MODEL`; what comes from Discord goes through `resolve_name`)."""
         text = str(ref)
-        if isinstance(ref, Path) or "/" in text or os.sep in text or text.startswith(("~", ".")):
+        if isinstance(ref, Path) or _looks_like_path(text):
             path = Path(text).expanduser()
             if not (path / MANIFEST_NAME).is_file():
                 raise RegistryError(f"{path}: not a model version folder (no {MANIFEST_NAME})")
@@ -185,6 +186,13 @@ class Registry:
             except ManifestError as exc:
                 raise RegistryError(str(exc)) from None
             return self._marked(VersionInfo(manifest.name, manifest.version, path.resolve()))
+        return self.resolve_name(text)
+
+    def resolve_name(self, ref: str) -> VersionInfo:
+        """`NAME` (its newest version) or `NAME@N` of this registry; never a path."""
+        text = str(ref)
+        if _looks_like_path(text):
+            raise RegistryError(f"{text!r} is not a version: give NAME or NAME@N from the registry")
         name, sep, number = text.partition("@")
         validate_name(name)
         known = self._scan(name)
@@ -253,6 +261,16 @@ class Registry:
             raise RegistryError(f"{info.path}: not a version of the registry {self.root}")
         return info
 
+    def checked(self, ref: str) -> VersionInfo:
+        """`NAME` or `NAME@N` of this registry with its files checked against the manifest's
+        hashes: what the bot may load when an admin asks for a version from Discord."""
+        info = self._inside(self.resolve_name(ref))
+        try:
+            info.manifest(verify_hashes=True)
+        except ManifestError as exc:
+            raise RegistryError(f"refusing {info.ref}: {exc}") from None
+        return info
+
     def use(self, ref: str | Path) -> VersionInfo:
         """Make a version the active one (its files are checked first)."""
         info = self._inside(self.resolve(ref))
@@ -310,6 +328,10 @@ class Registry:
             os.rename(info.path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         return info
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or os.sep in text or text.startswith(("~", "."))
 
 
 def default_registry() -> Path:

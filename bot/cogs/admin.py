@@ -17,7 +17,7 @@ from discord.ext import commands
 
 from bot.cogs.checks import admin_only
 from export.manifest import Precision
-from export.registry import Registry, RegistryError, VersionInfo
+from export.registry import Registry, RegistryError
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
@@ -78,11 +78,17 @@ class Admin(commands.Cog):
         self.registry = Registry(bot.settings.model_registry)
         self._export_lock = asyncio.Lock()
 
-    async def _activate(self, info: VersionInfo, actor_id: int, action: str) -> str:
-        """Swap the engine to a version (in-flight replies finish on the old one), then record it
-        as the registry's active version and in the audit log."""
+    async def _activate(self, ref: str, actor_id: int, action: str) -> str:
+        """Swap the engine to a registry version (NAME or NAME@N, its files checked against the
+        manifest first; in-flight replies finish on the old one), then record it as the
+        registry's active version and in the audit log, which says what really happened."""
         before = self.bot.engine.model.ref
-        await self.bot.engine.swap(info.path)
+        try:
+            info = await asyncio.to_thread(self.registry.checked, ref)
+            await self.bot.engine.swap(info.path)
+        except Exception as exc:
+            await self.bot.chat.audit(actor_id, action, f"refused {ref!r}: {exc}; kept {before}")
+            raise
         await asyncio.to_thread(self.registry.use, info.ref)
         await self.bot.chat.audit(actor_id, action, f"{before} -> {info.ref}")
         return f"Now running **{info.ref}** (was {before})."
@@ -129,9 +135,9 @@ class Admin(commands.Cog):
     @app_commands.describe(version="NAME or NAME@N from the registry")
     @admin_only()
     async def model_use(self, interaction: discord.Interaction, version: str) -> None:
-        info = await asyncio.to_thread(self.registry.resolve, version)
+        await asyncio.to_thread(self.registry.resolve_name, version)  # a bad name: no defer
         await interaction.response.defer(thinking=True)
-        text = await self._activate(info, interaction.user.id, "model.use")
+        text = await self._activate(version, interaction.user.id, "model.use")
         await interaction.edit_original_response(content=text)
 
     @model_use.autocomplete("version")
@@ -153,7 +159,7 @@ class Admin(commands.Cog):
         previous = await asyncio.to_thread(self.registry.active)
         target = await asyncio.to_thread(self.registry.rollback, current)
         try:
-            text = await self._activate(target, interaction.user.id, "model.rollback")
+            text = await self._activate(target.ref, interaction.user.id, "model.rollback")
         except BaseException:
             if previous is not None:  # keep the registry pointing at what actually runs
                 await asyncio.to_thread(self.registry.use, previous.ref)
@@ -199,8 +205,7 @@ class Admin(commands.Cog):
         ref = f"{result.get('name', name)}@{result.get('version')}"
         text = f"Exported **{ref}** ({precision})."
         if activate:
-            info = await asyncio.to_thread(self.registry.resolve, ref)
-            text += " " + await self._activate(info, interaction.user.id, "model.use")
+            text += " " + await self._activate(ref, interaction.user.id, "model.use")
         await interaction.edit_original_response(content=text)
 
     async def _run_export(

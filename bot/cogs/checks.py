@@ -53,13 +53,18 @@ def _resolved(interaction: discord.Interaction) -> discord.Permissions | None:
     return interaction.permissions if interaction.guild_id is not None else None
 
 
-def _require(allowed: Callable[..., bool], refusal: str, **default: bool) -> Callable[[T], T]:
+def _require(
+    allowed: Callable[..., bool], refusal: str, *, owner_in_dm: bool = False, **default: bool
+) -> Callable[[T], T]:
     """A command decorator: `allowed(user, admin_ids, resolved)` checked on our side for every
     call, and `default` as the permissions Discord asks for by default. Discord applies those to
     top-level commands only (discord.py sends none for a subcommand), so for subcommands the
-    check here is the whole protection."""
+    check here is the whole protection. `owner_in_dm`: in a direct message with the bot the user
+    owns the conversation and passes."""
 
     def predicate(interaction: discord.Interaction) -> bool:
+        if owner_in_dm and interaction.guild_id is None:
+            return True
         if not allowed(interaction.user, _admin_ids(interaction), _resolved(interaction)):
             raise NotAllowed(refusal)
         return True
@@ -77,9 +82,10 @@ def admin_only() -> Callable[[T], T]:
 
 
 def managers_only() -> Callable[[T], T]:
-    """Members with Manage Messages, and admins."""
+    """Members with Manage Messages, and admins; in a DM with the bot, the user."""
     return _require(
         can_manage,
         "You need the Manage Messages permission for this command.",
+        owner_in_dm=True,
         manage_messages=True,
     )

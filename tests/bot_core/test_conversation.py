@@ -117,6 +117,19 @@ async def test_persona_comes_first_and_forget_empties_the_memory(
     assert actions == ["persona.set", "forget", "persona.clear"]
 
 
+async def test_a_persona_is_measured_in_tokens_against_the_model_context(settings, db):
+    """A persona under the character limit that would fill the prompt is refused at set time,
+    in tokens; one that fits leaves room for a conversation that still gets answered."""
+    engine = FakeEngine(max_context=600)  # byte tokens; budget 600 - 256 = 344, persona <= 172
+    service = ChatService(db, engine, settings)
+    with pytest.raises(SettingsError, match=r"200 tokens, at most 172 \(half of"):
+        await service.set_persona(10, "p" * 200, actor_id=7)
+    assert await service.get_persona(10) is None
+    await service.set_persona(10, "p" * 172, actor_id=7)
+    reply = await converse(service, message("a question of a reasonable length, answered"))
+    assert reply  # the conversation still fits beside the persona
+
+
 async def test_settings_are_stored_validated_and_used(service: ChatService, engine: FakeEngine):
     default = await service.get_settings(10)
     updated = await service.update_settings(10, 3, temperature=0.2, max_tokens="5", seed=42)

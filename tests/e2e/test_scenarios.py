@@ -132,6 +132,42 @@ async def test_non_admin_is_refused_model_use(fake: FakeDiscord, start_bot: Star
     assert bot.engine.model.ref == running
 
 
+async def test_admin_model_use_takes_registry_names_only(
+    fake: FakeDiscord, start_bot: Start, tiny_registry, tmp_path: Path
+) -> None:
+    """A version folder outside the registry (with a look-alike manifest) is never loaded from
+    Discord, even by an admin; the audit log says it was refused."""
+    bot = await start_bot()
+    admin = fake.add_user("admin", admin=True)
+    channel = fake.text_channel_ids[5]
+    running = bot.engine.model.ref
+    look_alike = tmp_path / "outside" / "v9"
+    shutil.copytree(tiny_registry.active().path, look_alike)
+    for ref in (str(look_alike), "../tiny/v1"):
+        sub = {"type": 1, "name": "use", "options": [_option("version", ref, 3)]}
+        _, callback = await _command(fake, channel, admin, "model", [sub])
+        assert "give NAME or NAME@N" in callback.json["data"]["content"]
+        assert bot.engine.model.ref == running
+    async with bot.db.session() as s:
+        assert await repo.audit_entries(s) == []  # refused before anything was tried
+
+
+async def test_forget_in_own_dm_needs_no_permission(fake: FakeDiscord, start_bot: Start) -> None:
+    """In a DM the user owns the conversation: /forget works there; in a guild channel the same
+    user still lacks Manage Messages."""
+    bot = await start_bot()
+    bob = fake.add_user("bob")
+    dm = fake.add_dm(bob)
+    await fake.dispatch_message(dm, bob, "hello there")
+    await _reply_done(fake, bot, dm)
+    assert await _stored(bot, dm)
+    _, callback = await _command(fake, dm, bob, "forget")
+    assert "Forgot 2 turn(s)" in callback.json["data"]["content"]
+    assert await _stored(bot, dm) == []
+    _, refused = await _command(fake, fake.text_channel_ids[7], bob, "forget")
+    assert "Manage Messages" in refused.json["data"]["content"]
+
+
 async def test_twenty_channels_at_once(fake: FakeDiscord, start_bot: Start) -> None:
     bot = await start_bot()
     users = [fake.add_user(f"user{i}") for i in range(20)]

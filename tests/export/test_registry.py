@@ -254,3 +254,31 @@ def test_default_registry_follows_the_bot_settings(monkeypatch):
     assert default_registry() == Path("/srv/bot/registry")
     monkeypatch.setenv("MODEL_REGISTRY", "/models")
     assert default_registry() == Path("/models")
+
+
+def test_names_from_discord_never_resolve_to_paths(registry, copy_build, tmp_path):
+    """`resolve_name` and `checked` (what admin commands use) take NAME or NAME@N only."""
+    info = registry.publish(copy_build, "chat")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    look_alike = outside / "v1"
+    import shutil
+
+    shutil.copytree(info.path, look_alike)
+    for ref in (str(look_alike), str(info.path), "../chat/v1", "./chat", "~/x", "chat/v1"):
+        with pytest.raises(RegistryError, match="is not a version: give NAME or NAME@N"):
+            registry.resolve_name(ref)
+        with pytest.raises(RegistryError, match="is not a version"):
+            registry.checked(ref)
+    assert registry.checked("chat@1").path == info.path
+    assert registry.resolve(str(look_alike)).ref == "chat@1"  # operators may still give paths
+
+
+def test_checked_refuses_a_version_whose_files_changed(registry, copy_build):
+    info = registry.publish(copy_build, "chat")
+    data = info.path / "model.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[-1] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    with pytest.raises(RegistryError, match=r"refusing chat@1: .*model\.onnx\.data"):
+        registry.checked("chat@1")
