@@ -49,6 +49,8 @@ Type a message and press Enter to chat. Commands:
   /forget                    start over: earlier turns leave the conversation memory
   /quit                      leave (so does end of input, Ctrl-D)
 Ctrl-C while the bot answers stops that answer; at the prompt it leaves."""
+
+
 GOODBYE = "Goodbye!"
 CANCELLED = "[reply cancelled]"
 

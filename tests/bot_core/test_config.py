@@ -139,11 +139,11 @@ def test_env_example_lists_every_setting_with_its_default(tmp_path: Path):
     value shown (but the unset-by-default ones, shown with an example) changes nothing."""
     entries = [m.groups() for m in map(KEY_LINE.match, ENV_EXAMPLE.read_text().splitlines()) if m]
     keys = sorted(key for key, _ in entries)
-    assert keys == sorted(name.upper() for name in Settings.model_fields)
-    defaults = Settings(_env_file=None)
+    assert keys == sorted(name.upper() for name in BotConfig.model_fields)
+    defaults = BotConfig(_env_file=None)
     unset = {name.upper() for name, value in defaults if value is None}
     assert unset == {"DISCORD_TOKEN", "MODEL", "DISCORD_GATEWAY_URL"}
     examples = unset - {"DISCORD_TOKEN"}  # DISCORD_TOKEN= (empty) is unset too
     env_file = tmp_path / "example.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in entries if k not in examples))
-    assert Settings(_env_file=env_file).model_dump() == defaults.model_dump()
+    assert BotConfig(_env_file=env_file).model_dump() == defaults.model_dump()

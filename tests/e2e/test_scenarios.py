@@ -144,8 +144,8 @@ async def test_admin_model_use_takes_registry_names_only(
     look_alike = tmp_path / "outside" / "v9"
     shutil.copytree(tiny_registry.active().path, look_alike)
     for ref in (str(look_alike), "../tiny/v1"):
-        sub = {"type": 1, "name": "use", "options": [_option("version", ref, 3)]}
-        _, callback = await _command(fake, channel, admin, "model", [sub])
+        sub = {"type": 1, "name": "use", "options": [option("version", ref, 3)]}
+        _, callback = await command(fake, channel, admin, "model", [sub])
         assert "give NAME or NAME@N" in callback.json["data"]["content"]
         assert bot.engine.model.ref == running
     async with bot.db.session() as s:
@@ -159,12 +159,12 @@ async def test_forget_in_own_dm_needs_no_permission(fake: FakeDiscord, start_bot
     bob = fake.add_user("bob")
     dm = fake.add_dm(bob)
     await fake.dispatch_message(dm, bob, "hello there")
-    await _reply_done(fake, bot, dm)
-    assert await _stored(bot, dm)
-    _, callback = await _command(fake, dm, bob, "forget")
+    await reply_done(fake, bot, dm)
+    assert await stored(bot, dm)
+    _, callback = await command(fake, dm, bob, "forget")
     assert "Forgot 2 turn(s)" in callback.json["data"]["content"]
-    assert await _stored(bot, dm) == []
-    _, refused = await _command(fake, fake.text_channel_ids[7], bob, "forget")
+    assert await stored(bot, dm) == []
+    _, refused = await command(fake, fake.text_channel_ids[7], bob, "forget")
     assert "Manage Messages" in refused.json["data"]["content"]
 
 
