@@ -14,6 +14,9 @@ from models.chat_template import render_chat
 # for the k-th special token, MARK a private-use character that no input string contains.
 _MARKS = range(0xE000, 0xF900)
 _FIRST = 0xF0000
+# special tokens with whitespace or jinja delimiters are left alone in the template source (the
+# replacement could land inside a tag and break it); they come out as plain text
+_UNSAFE_IN_SOURCE = re.compile(r"[\s{}%#]")
 
 
 class ChatEncoder:
@@ -79,7 +82,9 @@ class ChatEncoder:
             for name, value in self.named.items()
         }
         marked = render_chat(
-            _replace_all(template, markers),
+            _replace_all(
+                template, {k: v for k, v in markers.items() if not _UNSAFE_IN_SOURCE.search(k)}
+            ),
             messages,
             add_generation_prompt=add_generation_prompt,
             **variables,
