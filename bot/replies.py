@@ -17,6 +17,12 @@ CLOSE = "\n" + FENCE  # added at the end of a chunk whose code block is still op
 MAX_LANG = 32  # longest language tag carried into a reopened fence; a longer one reopens bare
 _FENCE_RE = re.compile(r"```(\w*)")
 _LOOKBACK = 16  # at most this many characters back from a hard cut to keep an emoji whole
+BLANK = "\u200b"  # Discord refuses a message of only whitespace: such a chunk starts with this
+
+
+def postable(chunk: str) -> str:
+    """The chunk as Discord accepts it: one of only whitespace gets a zero-width first character."""
+    return chunk if chunk.strip() else BLANK + chunk[1:]
 
 
 def reopen_marker(lang: str) -> str:
@@ -182,13 +188,13 @@ class StreamedReply:
                 await self._post(chunk)
             elif self._shown[i] != chunk and (due or not is_last):
                 await self.messages[i].edit(
-                    content=chunk, allowed_mentions=discord.AllowedMentions.none()
+                    content=postable(chunk), allowed_mentions=discord.AllowedMentions.none()
                 )
                 self._shown[i] = chunk
                 self._last_edit = self.clock()
 
     async def _post(self, chunk: str) -> None:
-        self.messages.append(await self._send(chunk))
+        self.messages.append(await self._send(postable(chunk)))
         self._shown.append(chunk)
         self._last_edit = self.clock()
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.replies import (
+    BLANK,
     CLOSE,
     FENCE,
     MAX_LANG,
@@ -107,6 +108,22 @@ async def test_stream_continues_in_new_message_past_limit() -> None:
     assert len(sent) == 2 and len(r.message_ids) == 2
     final = {mid: c for _, mid, c, _ in ch.log}
     assert " ".join(final[m] for m in r.message_ids).split() == ["word"] * 500
+
+
+@pytest.mark.asyncio
+async def test_a_chunk_of_only_whitespace_is_still_postable() -> None:
+    """Model output of thousands of spaces made a whitespace-only chunk, which Discord refuses."""
+    ch = _Channel()
+    r = StreamedReply(ch, edit_interval_s=0.0)  # type: ignore[arg-type]
+    await r.push("hi")
+    for _ in range(50):
+        await r.push(" " * 100)
+    await r.finish("x")
+    final = {mid: c for _, mid, c, _ in ch.log}
+    shown = [final[m] for m in r.message_ids]
+    assert len(shown) == 3 and all(c.strip() for c in shown)
+    assert shown[1] == BLANK + " " * (len(shown[1]) - 1)
+    assert "".join(shown).replace(BLANK, " ").split() == ["hi", "x"]
 
 
 class _Followup:
