@@ -85,8 +85,10 @@ def message_parts(text: str, limit: int, start: int = 0, lang: str | None = None
             yield Part(reopen + text[pos:], pos, n, n, None)  # the last: nothing resumes from it
             return
         room = limit - len(reopen) - len(CLOSE)
-        for sep in ("\n", " "):  # the last line break, else space, in reach; else a hard cut
-            cut = text.rfind(sep, pos + 1, pos + room + 1)
+        # the last line break, else space, in the second half of reach; else in all of it (a
+        # short chunk); else a hard cut
+        for sep, low in (("\n", room // 2), (" ", room // 2), ("\n", 1), (" ", 1)):
+            cut = text.rfind(sep, pos + low, pos + room + 1)
             if cut > pos:
                 next_start = cut + 1
                 break

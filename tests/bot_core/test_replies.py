@@ -52,6 +52,12 @@ def test_code_block_is_closed_and_reopened() -> None:
     assert body == code.splitlines()
 
 
+def test_an_early_line_break_does_not_make_a_tiny_first_chunk() -> None:
+    """/persona show shows the first chunk: it was just "You are Bob." for a long persona."""
+    chunks = split_message("You are Bob.\n" + "word " * 600)
+    assert len(chunks[0]) > MAX_LEN - 20 and chunks[0].startswith("You are Bob.\nword")
+
+
 def test_word_longer_than_limit_is_hard_cut() -> None:
     chunks = split_message("x" * 4500)
     assert "".join(chunks) == "x" * 4500
@@ -206,7 +212,8 @@ def _check_split(text: str, limit: int) -> list[str]:
         if not last:
             assert _fence_state(part.chunk) is None, part.chunk[-80:]
     assert (_fence_state(parts[-1].chunk) is None) == (_fence_state(text) is None)
-    assert len(parts) <= 2 * len(text) / (limit - 60) + 1  # two chunks cover a chunk's room
+    for a, e in zip(parts, parts[4:], strict=False):  # progress: any four chunks but the last
+        assert e.start - a.start >= limit // 2 - 40  # cover half a chunk: linear in the text
     return [p.chunk for p in parts]
 
 
