@@ -6,6 +6,7 @@ import itertools
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import discord
 import pytest
@@ -281,8 +282,9 @@ def test_reported_persona_does_not_hang_the_process() -> None:
         f"chunks = split_message({_REPORTED!r} + '\\n/persona show ' * 3)\n"
         "print(len(chunks), max(map(len, chunks)))\n"
     )
+    root = Path(__file__).resolve().parents[2]  # the child imports this checkout's bot/
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr[-500:]
     count, longest = map(int, done.stdout.split())
