@@ -17,6 +17,12 @@ CLOSE = "\n" + FENCE  # added at the end of a chunk whose code block is still op
 MAX_LANG = 32  # longest language tag carried into a reopened fence; a longer one reopens bare
 _FENCE_RE = re.compile(r"```(\w*)")
 _LOOKBACK = 16  # at most this many characters back from a hard cut to keep an emoji whole
+BLANK = "\u200b"  # Discord refuses a message of only whitespace: such a chunk starts with this
+
+
+def postable(chunk: str) -> str:
+    """The chunk as Discord accepts it: one of only whitespace gets a zero-width first character."""
+    return chunk if chunk.strip() else BLANK + chunk[1:]
 
 
 def reopen_marker(lang: str) -> str:
@@ -79,8 +85,10 @@ def message_parts(text: str, limit: int, start: int = 0, lang: str | None = None
             yield Part(reopen + text[pos:], pos, n, n, None)  # the last: nothing resumes from it
             return
         room = limit - len(reopen) - len(CLOSE)
-        for sep in ("\n", " "):  # the last line break, else space, in reach; else a hard cut
-            cut = text.rfind(sep, pos + 1, pos + room + 1)
+        # the last line break, else space, in the second half of reach; else in all of it (a
+        # short chunk); else a hard cut
+        for sep, low in (("\n", room // 2), (" ", room // 2), ("\n", 1), (" ", 1)):
+            cut = text.rfind(sep, pos + low, pos + room + 1)
             if cut > pos:
                 next_start = cut + 1
                 break
@@ -182,13 +190,13 @@ class StreamedReply:
                 await self._post(chunk)
             elif self._shown[i] != chunk and (due or not is_last):
                 await self.messages[i].edit(
-                    content=chunk, allowed_mentions=discord.AllowedMentions.none()
+                    content=postable(chunk), allowed_mentions=discord.AllowedMentions.none()
                 )
                 self._shown[i] = chunk
                 self._last_edit = self.clock()
 
     async def _post(self, chunk: str) -> None:
-        self.messages.append(await self._send(chunk))
+        self.messages.append(await self._send(postable(chunk)))
         self._shown.append(chunk)
         self._last_edit = self.clock()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 REPLACEMENT = "\ufffd"
+MAX_HELD = 8  # tokens held at most: a UTF-8 character has 4 bytes, so the rest is not completing
 
 
 class IncrementalDetokenizer:
@@ -12,7 +13,9 @@ class IncrementalDetokenizer:
 
     Each step decodes the tail from `prefix` (a few tokens of context, so spacing rules apply)
     and emits what it adds beyond the tail's already emitted part. A tail that ends in U+FFFD is
-    an incomplete multi-byte character: it is held until the next tokens complete it.
+    an incomplete multi-byte character: it is held until the next tokens complete it, but never
+    more than MAX_HELD tokens (invalid bytes or text-less tokens would otherwise grow the tail and
+    make each step decode all of it: quadratic in the reply).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
@@ -30,9 +33,10 @@ class IncrementalDetokenizer:
         self.ids.append(token)
         prefix_text = self._decode(self.ids[self.prefix : self.read])
         text = self._decode(self.ids[self.prefix :])
-        if len(text) <= len(prefix_text) or text.endswith(REPLACEMENT):
+        held = len(self.ids) - self.read
+        if (len(text) <= len(prefix_text) or text.endswith(REPLACEMENT)) and held < MAX_HELD:
             return ""
-        piece = text[len(prefix_text) :]
+        piece = text[len(prefix_text) :] if len(text) > len(prefix_text) else ""
         self.prefix, self.read = self.read, len(self.ids)
         return piece
 

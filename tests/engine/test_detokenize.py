@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from bot.engine.detokenize import REPLACEMENT, IncrementalDetokenizer, StopStrings
+from bot.engine.detokenize import MAX_HELD, REPLACEMENT, IncrementalDetokenizer, StopStrings
 
 TEXT = "Emoji 🙂 and 日本語, ünïcödé 🎉 done"
 
@@ -41,6 +41,36 @@ def test_incomplete_character_at_the_end_is_flushed_as_replacement(tokenizer):
     detok = IncrementalDetokenizer(tokenizer)
     assert [detok.add(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
     assert REPLACEMENT in detok.flush()
+
+
+class _CountingTokenizer:
+    """A tokenizer that counts the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("kind", ["invalid byte", "special"])
+def test_tokens_that_never_complete_text_are_not_held_forever(tokenizer, kind):
+    """A model emitting stray UTF-8 continuation bytes (or text-less tokens) grew the held tail
+    without end: each token decoded all of it (quadratic) and nothing reached the user."""
+    if kind == "special":
+        token = tokenizer.token_to_id("<|im_end|>")
+    else:
+        token = next(i for i in range(256, 1000) if tokenizer.decode([i]) == REPLACEMENT)
+    counting = _CountingTokenizer(tokenizer)
+    detok = IncrementalDetokenizer(counting)  # type: ignore[arg-type]
+    n = 2000
+    pieces = [detok.add(token) for _ in range(n)]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == tokenizer.decode([token] * n)  # nothing lost or added
+    assert counting.decoded <= 4 * MAX_HELD * (n + 1)  # linear: was ~n * n
+    if kind == "invalid byte":
+        assert sum(1 for p in pieces if p) >= n // MAX_HELD  # shown as it comes, not at the end
 
 
 def test_stop_strings_hold_partial_matches_and_cut_at_a_full_one():
