@@ -198,20 +198,36 @@ def test_hot_swap_while_streaming(engine_registry):
     assert old_released and not new_released
 
 
-def test_close_ends_running_requests(engine_registry):
+def test_close_ends_running_and_queued_requests_and_refuses_new_ones(engine_registry):
+    """Close while A is held mid-step: once the engine refuses new requests it has been told to
+    stop, so when the step ends A goes no further, and whatever waits in the queue ends too."""
+
     async def go():
         gate = Gate()
         engine = await _start(engine_registry, runners=Runners(gate))
-        s = engine.submit([1, 2, 3], LONG)
-        await gate.wait()  # mid-generation
+        running = engine.submit([1, 2, 3], LONG)
+        await gate.wait()
+        queued = [engine.submit([1, 4, 5], SHORT)]  # waits for the only slot
         closing = asyncio.create_task(engine.close())
-        await asyncio.sleep(0)  # close has asked the engine thread to stop
+        while True:  # submit until the engine says it is closed (it queues what it takes)
+            try:
+                queued.append(engine.submit([1, 4, 5], SHORT))
+            except QueueFullError:
+                pass
+            except RuntimeError as exc:
+                refusal = str(exc)
+                break
+            await asyncio.sleep(0.001)
         gate.open()
         await asyncio.wait_for(closing, 30)
-        return await asyncio.wait_for(s.collect(), 30)
+        results = [await asyncio.wait_for(s.collect(), 30) for s in (running, *queued)]
+        return refusal, results
 
-    result = run(go())
-    assert result.finish_reason == "cancelled" and result.completion_tokens < 200
+    refusal, (running, *queued) = run(go())
+    assert refusal == "the engine is closed"
+    # the step it was held in gave its second token; then the engine stopped
+    assert (running.finish_reason, running.completion_tokens) == ("cancelled", 2)
+    assert all((r.finish_reason, r.completion_tokens) == ("cancelled", 0) for r in queued)
 
 
 def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(engine_registry):
