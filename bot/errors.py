@@ -28,6 +28,12 @@ class GenerationFailedError(ReplyError):
     user_message = "Sorry, something went wrong while I was answering. Please try again."
 
 
+class RestartingError(ReplyError):
+    """The bot is shutting down before this message's turn came; nothing was generated."""
+
+    user_message = "I'm restarting; please ask again in a moment."
+
+
 class ReplyCutError(ReplyError):
     """The engine ended the reply early: its time limit, or the bot shutting down. The text
     streamed so far stays (stored as interrupted); this note tells the reader it is partial."""

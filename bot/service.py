@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from bot.engine import PromptTooLongError, QueueFullError
+from bot.engine import EngineClosedError, PromptTooLongError, QueueFullError
 from bot.errors import (
     BusyError,
     GenerationFailedError,
     MessageTooLongError,
     ReplyCutError,
     ReplyError,
+    RestartingError,
 )
 from bot.generation import (
     ChannelSettings,
@@ -34,7 +36,7 @@ from bot.prompt import (
     encode_messages,
 )
 from bot.storage import repo
-from bot.storage.models import Message, Role, Status
+from bot.storage.models import Message, PendingMessage, Role, Status
 from bot.turns import IncomingMessage, Prompt, Speaker, Turn
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ def persona_token_limit(max_context: int, max_tokens: int) -> int:
 
 
 PARTIAL_FLUSH_S = 1.0  # how often a streaming reply's partial text is written to the database
+RESULT_WAIT_S = 5.0  # how long leaving a cancelled reply waits for the engine's final figures
 
 
 class _ChannelQueues:
@@ -106,9 +109,15 @@ class Reply:
         *,
         channel_id: int,
         queues: _ChannelQueues | None,
+        accept: Callable[[], Awaitable[None]] | None = None,
+        decline: Callable[[], Awaitable[None]] | None = None,
+        closed: Callable[[], bool] = lambda: False,
     ) -> None:
         self._db = db
         self._start = start
+        self._accept = accept
+        self._decline = decline
+        self._closed = closed
         self._channel_id = channel_id
         self._queues = queues
         self._started: _Started | None = None
@@ -125,9 +134,28 @@ class Reply:
         return self._started.prompt if self._started else None
 
     async def __aenter__(self) -> Reply:
+        # a place in the channel's line first, so turns follow arrival order, then the message
+        # is stored at once, before waiting for the channel's turn
+        waiter = None
         if self._queues is not None:
-            await self._queues.acquire(self._channel_id)
+            waiter = asyncio.ensure_future(self._queues.acquire(self._channel_id))
         try:
+            if self._accept is not None:
+                await self._accept()
+            if self._closed():
+                await self._restarting()
+            if waiter is not None:
+                await waiter
+        except BaseException:
+            if waiter is not None and waiter.done() and not waiter.cancelled():
+                if waiter.exception() is None:
+                    self._release()
+            elif waiter is not None:
+                waiter.cancel()
+            raise
+        try:
+            if self._closed():  # it closed while this message waited for its turn
+                await self._restarting()
             self._t0 = time.monotonic()
             self._started = await self._start()
             self._last_flush = time.monotonic()
@@ -135,6 +163,13 @@ class Reply:
             self._release()
             raise
         return self
+
+    async def _restarting(self) -> None:
+        """The bot is closing before this message's turn: its author is told to ask again
+        (RestartingError), so it leaves the inbox."""
+        if self._decline is not None:
+            await self._decline()
+        raise RestartingError("the engine closed before this message's turn")
 
     async def __aiter__(self) -> AsyncIterator[str]:
         if self._started is None:
@@ -166,8 +201,12 @@ class Reply:
         try:
             if self._started is not None:
                 if not self._finished:
-                    self._started.stream.cancel()
-                    self.result = self._started.stream.result
+                    stream = self._started.stream
+                    stream.cancel()
+                    # the engine thread delivers the final figures (tokens, timings) shortly
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(stream.wait()), RESULT_WAIT_S)
+                    self.result = stream.result
                 if self._started.row_id is not None:
                     await asyncio.shield(self._store_final())
         finally:
@@ -235,11 +274,55 @@ class ChatService:
         self._autoreply: set[int] | None = None
 
     # -- replies --
-    def reply(self, msg: IncomingMessage, *, bot: Speaker) -> Reply:
-        async def start() -> _Started:
-            return await self._start_reply(msg, bot)
+    def reply(self, msg: IncomingMessage, *, bot: Speaker, pending_id: int | None = None) -> Reply:
+        """One reply to `msg`. Entering stores the message in the inbox at once (or takes the
+        inbox row `pending_id`, for a message accepted before a restart), then waits for the
+        channel's turn, when the message moves into the history and the reply starts."""
+        accepted: list[int] = [] if pending_id is None else [pending_id]
 
-        return Reply(self.db, start, channel_id=msg.channel_id, queues=self._queues)
+        async def accept() -> None:
+            accepted.append(await self.accept(msg))
+
+        async def start() -> _Started:
+            return await self._start_reply(msg, bot, accepted[0] if accepted else None)
+
+        async def decline() -> None:
+            if accepted:
+                await self.decline(accepted[0])
+
+        return Reply(
+            self.db,
+            start,
+            channel_id=msg.channel_id,
+            queues=self._queues,
+            accept=accept if pending_id is None else None,
+            decline=decline,
+            closed=lambda: bool(getattr(self.engine, "closed", False)),
+        )
+
+    async def accept(self, msg: IncomingMessage) -> int:
+        """Store an accepted message in the inbox before anything else can fail; its id."""
+        async with self.db.session() as s, s.begin():
+            await repo.ensure_channel(s, msg.channel_id, msg.guild_id)
+            pending = await repo.add_pending(
+                s,
+                channel_id=msg.channel_id,
+                author_id=msg.author.id,
+                author_name=msg.author.name,
+                content=msg.content,
+                discord_message_id=msg.message_id,
+            )
+        return pending.id
+
+    async def pending(self) -> list[PendingMessage]:
+        """Messages accepted and never answered (left by a crash), oldest first."""
+        async with self.db.session() as s:
+            return await repo.pending_messages(s)
+
+    async def decline(self, pending_id: int) -> None:
+        """Drop an accepted message from the inbox (its author was told to ask again)."""
+        async with self.db.session() as s, s.begin():
+            await repo.take_pending(s, pending_id)
 
     def ask(self, prompt: str, *, channel_id: int, author: Speaker) -> Reply:
         async def start() -> _Started:
@@ -248,16 +331,22 @@ class ChatService:
                 overrides = await repo.settings_overrides(s, channel_id)
             settings = generation_settings(model, overrides)
             turns = [Turn(Role.USER, prompt, author.id, author.name)]
-            built = self._build(model, turns, system=default_system(model), settings=settings)
+            built = await asyncio.to_thread(
+                self._build, model, turns, system=default_system(model), settings=settings
+            )
             stream = self._submit(built, settings)
             return _Started(stream, None, built)
 
         return Reply(self.db, start, channel_id=channel_id, queues=None)
 
-    async def _start_reply(self, msg: IncomingMessage, bot: Speaker) -> _Started:
+    async def _start_reply(
+        self, msg: IncomingMessage, bot: Speaker, pending_id: int | None
+    ) -> _Started:
         model = self.engine.model  # one version for the whole request, even during a swap
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, msg.channel_id, msg.guild_id)
+            if pending_id is not None:
+                await repo.take_pending(s, pending_id)  # moves from the inbox into the history
             await repo.add_message(
                 s,
                 channel_id=msg.channel_id,
@@ -279,7 +368,10 @@ class ChatService:
         start = self._window.get(msg.channel_id)
         ids = [t.row_id for t in turns]
         keep = len(turns) - ids.index(start) if start in ids else None
-        built = self._build(model, turns, system=system, settings=settings, keep=keep)
+        # tokenizing up to HISTORY_LIMIT turns takes long: off the event loop
+        built = await asyncio.to_thread(
+            self._build, model, turns, system=system, settings=settings, keep=keep
+        )
         self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
         stream = self._submit(built, settings)
         try:
@@ -335,6 +427,8 @@ class ChatService:
             )
         except QueueFullError as exc:
             raise BusyError(str(exc)) from exc
+        except EngineClosedError as exc:
+            raise RestartingError(str(exc)) from exc
         except PromptTooLongError as exc:
             raise MessageTooLongError(str(exc)) from exc
         except Exception as exc:

@@ -4,6 +4,7 @@ from bot.engine.engine import Engine
 from bot.engine.loader import LoadedModel, load_model
 from bot.engine.stream import Stream
 from bot.engine.types import (
+    EngineClosedError,
     EngineError,
     GenerationResult,
     ModelLoadError,
@@ -14,6 +15,7 @@ from bot.engine.types import (
 
 __all__ = [
     "Engine",
+    "EngineClosedError",
     "EngineError",
     "GenerationResult",
     "LoadedModel",

@@ -60,6 +60,7 @@ class Engine:
     ) -> None:
         self._registry, self._device, self._slots, self._threads = registry, device, slots, threads
         self._spin, self._wrap_runner, self._clock = spin, wrap_runner, clock
+        self._closing = False
         self._scheduler = Scheduler(
             worker, max_queue=max_queue, prefill_chunk=prefill_chunk, clock=clock
         )
@@ -197,6 +198,12 @@ class Engine:
         log.info("engine: swapped %s -> %s", old.model.ref, worker.model.ref)
         return worker.model
 
+    @property
+    def closed(self) -> bool:
+        """True once close() has begun: submit() raises EngineClosedError from then on."""
+        return self._closing
+
     async def close(self) -> None:
         """Stop the engine thread; unfinished requests end as cancelled."""
+        self._closing = True
         await asyncio.to_thread(self._scheduler.stop)

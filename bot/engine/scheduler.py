@@ -16,7 +16,12 @@ from bot.engine.loader import LoadedModel
 from bot.engine.sampling import Sampler
 from bot.engine.session import GraphRunner
 from bot.engine.stream import Stream
-from bot.engine.types import GenerationResult, QueueFullError, SamplingParams
+from bot.engine.types import (
+    EngineClosedError,
+    GenerationResult,
+    QueueFullError,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,7 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         with self.cond:
             if self._stopping:
-                raise RuntimeError("the engine is closed")
+                raise EngineClosedError("the engine is closed")
             if len(self.pending) >= self.max_queue:
                 raise QueueFullError(
                     f"the engine is busy: {len(self.pending)} requests are already waiting "

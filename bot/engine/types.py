@@ -19,6 +19,10 @@ class PromptTooLongError(EngineError):
     """The prompt does not fit the context window minus the tokens to generate."""
 
 
+class EngineClosedError(EngineError):
+    """The engine is closed (the bot is shutting down): it takes no more requests."""
+
+
 class ModelLoadError(EngineError):
     """A model version that cannot be found or loaded."""
 

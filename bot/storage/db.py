@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, update
+from sqlalchemy import event, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import (
@@ -63,6 +63,8 @@ class Database:
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # replies an earlier run left in progress: (channel id, Discord message ids), see open()
+        self.interrupted: list[tuple[int, list[int]]] = []
 
     def __repr__(self) -> str:
         return f"Database({make_url(self.url)!r})"  # URL repr hides the password
@@ -88,14 +90,24 @@ class Database:
         await run_command(self.engine, "upgrade", revision)
 
     async def mark_interrupted(self) -> int:
-        """Replies still in progress from an earlier run become `interrupted`; returns how many."""
+        """Replies still in progress from an earlier run become `interrupted` (finish reason
+        "restart"); returns how many. `self.interrupted` keeps (channel id, Discord message ids)
+        of each, so the bot can tell the channel the reply was cut."""
         async with self.session() as s, s.begin():
-            result = await s.execute(
+            rows = (
+                await s.execute(
+                    select(Message.id, Message.channel_id, Message.discord_message_ids)
+                    .where(Message.status == Status.IN_PROGRESS)
+                    .order_by(Message.id)
+                )
+            ).all()
+            await s.execute(
                 update(Message)
-                .where(Message.status == Status.IN_PROGRESS)
-                .values(status=Status.INTERRUPTED)
+                .where(Message.id.in_([row.id for row in rows]))
+                .values(status=Status.INTERRUPTED, finish_reason="restart")
             )
-        count = result.rowcount or 0
+        self.interrupted = [(row.channel_id, list(row.discord_message_ids or [])) for row in rows]
+        count = len(rows)
         if count:
             log.warning(
                 "marked %d reply(ies) left in progress by an earlier run as interrupted", count

@@ -1,4 +1,4 @@
-"""Typed ORM models: channels, messages, per-channel settings, audit log (SQLite and PostgreSQL)."""
+"""Typed ORM models: channels, messages, inbox, channel settings, audit log (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -122,6 +122,24 @@ class Message(Base):
     forgotten: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, onupdate=utcnow)
+
+
+class PendingMessage(Base):
+    """A message the bot accepted and has not started answering: stored the moment it is
+    accepted, moved into `messages` when its channel's turn comes. What is left here after a
+    crash is what was accepted and never answered."""
+
+    __tablename__ = "inbox"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    channel_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("channels.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    discord_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    author_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    author_name: Mapped[str] = mapped_column(String(100), default="")
+    content: Mapped[str] = mapped_column(Text, default="")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ChannelSettingsRow(Base):

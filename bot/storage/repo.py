@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.generation import SETTINGS
-from bot.storage.models import AuditEntry, Channel, ChannelSettingsRow, Message, Role, Status
+from bot.storage.models import (
+    AuditEntry,
+    Channel,
+    ChannelSettingsRow,
+    Message,
+    PendingMessage,
+    Role,
+    Status,
+)
 
 
 async def ensure_channel(s: AsyncSession, channel_id: int, guild_id: int | None = None) -> None:
@@ -50,6 +58,45 @@ async def add_message(s: AsyncSession, **fields: Any) -> Message:
     s.add(message)
     await s.flush()
     return message
+
+
+async def add_pending(
+    s: AsyncSession,
+    *,
+    channel_id: int,
+    author_id: int,
+    author_name: str,
+    content: str,
+    discord_message_id: int | None,
+) -> PendingMessage:
+    """An accepted message into the inbox; flushed so that its id is known."""
+    pending = PendingMessage(
+        channel_id=channel_id,
+        author_id=author_id,
+        author_name=author_name,
+        content=content,
+        discord_message_id=discord_message_id,
+    )
+    s.add(pending)
+    await s.flush()
+    return pending
+
+
+async def take_pending(s: AsyncSession, pending_id: int) -> bool:
+    """Remove a message from the inbox; False if it was no longer there."""
+    result = await s.execute(delete(PendingMessage).where(PendingMessage.id == pending_id))
+    return bool(result.rowcount)
+
+
+async def pending_messages(s: AsyncSession) -> list[PendingMessage]:
+    """Everything in the inbox, in the order it was accepted."""
+    return list((await s.scalars(select(PendingMessage).order_by(PendingMessage.id))).all())
+
+
+async def in_progress_replies(s: AsyncSession) -> list[Message]:
+    """Replies an earlier run left in progress (it ended before they did), oldest first."""
+    query = select(Message).where(Message.status == Status.IN_PROGRESS).order_by(Message.id)
+    return list((await s.scalars(query)).all())
 
 
 async def update_message(s: AsyncSession, message_id: int, **fields: Any) -> None:

@@ -102,6 +102,11 @@ class FakeStream:
         if self.result is None:
             self._end("".join(self.pieces[: self._sent]), "cancelled")
 
+    async def wait(self) -> GenerationResult:
+        while self.result is None:
+            await asyncio.sleep(0.001)
+        return self.result
+
     def _end(self, text: str, reason: str) -> None:
         self.result = result(self.prompt_ids, text, reason, self.engine.model.ref)
 
@@ -144,6 +149,7 @@ class FakeEngine:
     name: str = "fake"
     version: int = 1
     chat_template: str | None = CHATML
+    closed: bool = False  # as Engine.closed: set when the bot shuts down
 
     def __post_init__(self) -> None:
         self.model = FakeModel(

@@ -8,7 +8,13 @@ import itertools
 import pytest
 from sqlalchemy import select
 
-from bot.errors import BusyError, GenerationFailedError, MessageTooLongError, ReplyCutError
+from bot.errors import (
+    BusyError,
+    GenerationFailedError,
+    MessageTooLongError,
+    ReplyCutError,
+    RestartingError,
+)
 from bot.generation import SettingsError
 from bot.service import ChatService
 from bot.storage import repo
@@ -219,6 +225,82 @@ async def test_a_crash_mid_reply_is_marked_interrupted_at_the_next_start(
         ("assistant", "interrupted"),
     ]
     assert rows[1].content == "Hi"  # stored by the flush after the first piece
+    assert rows[1].finish_reason == "restart"  # why it ended is recorded
+    assert db2.interrupted == [(10, rows[1].discord_message_ids)]
+
+
+async def test_a_message_waiting_behind_a_reply_is_stored_at_once_and_survives_a_crash(
+    db_url, settings
+):
+    """The second message of a channel waits for the first reply; it is in the inbox the
+    moment it is accepted, so a crash then loses nothing, and after the restart it is what the
+    service reports as accepted and never answered."""
+    db = await Database.open(db_url)
+    engine = FakeEngine(gate=asyncio.Event())
+    service = ChatService(db, engine, settings)
+    first = asyncio.create_task(converse(service, message("first", message_id=101)))
+    second = asyncio.create_task(converse(service, message("second", message_id=102)))
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if len(await service.pending()) == 1 and engine.submitted:
+            break
+    waiting = await service.pending()
+    assert [(p.content, p.discord_message_id) for p in waiting] == [("second", 102)]
+    first.cancel()
+    second.cancel()  # the process dies: nothing else runs
+    await asyncio.gather(first, second, return_exceptions=True)
+    await db.close()
+
+    db2 = await Database.open(db_url)
+    try:
+        again = ChatService(db2, FakeEngine(), settings)
+        [left] = await again.pending()
+        assert (left.content, left.author_id, left.channel_id) == ("second", ALICE.id, 10)
+        text = await converse_pending(again, left)
+        assert text  # answered after the restart, and it left the inbox
+        assert await again.pending() == []
+        rows = await again.recent_messages(10, 10)
+        assert [(r.role, r.content) for r in rows if r.role == "user"] == [
+            ("user", "first"),
+            ("user", "second"),
+        ]
+    finally:
+        await db2.close()
+
+
+async def converse_pending(service: ChatService, pending) -> str:
+    msg = IncomingMessage(
+        pending.channel_id,
+        5,
+        Speaker(pending.author_id, pending.author_name),
+        pending.content,
+        message_id=pending.discord_message_id,
+    )
+    async with service.reply(msg, bot=BOT, pending_id=pending.id) as reply:
+        return "".join([piece async for piece in reply])
+
+
+async def test_a_message_waiting_at_shutdown_is_declined_and_leaves_the_inbox(service, engine):
+    """Shutdown: a message whose turn had not come gets RestartingError (the cog tells its
+    author to ask again), reaches no engine, and leaves the inbox."""
+    engine.gate = asyncio.Event()
+    first = asyncio.create_task(converse(service, message("first")))
+    second = asyncio.create_task(converse(service, message("second")))
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if len(await service.pending()) == 1 and engine.submitted:
+            break
+    engine.closed = True  # the bot is closing
+    engine.gate.set()
+    await first
+    with pytest.raises(RestartingError) as info:
+        await second
+    assert "restarting" in info.value.user_message
+    assert len(engine.submitted) == 1
+    assert await service.pending() == []
+    with pytest.raises(RestartingError):  # and a message accepted while closing, likewise
+        await converse(service, message("third"))
+    assert await service.pending() == []
 
 
 async def test_engine_errors_become_friendly_reply_errors(db: Database, settings):
@@ -326,3 +408,22 @@ async def test_a_model_without_chat_template_gets_a_plain_transcript(db: Databas
     async with service.ask("a poem", channel_id=10, author=BOB) as reply:
         assert "".join([p async for p in reply]) == engine.reply_text
     assert engine.prompt_text(2) == "User: a poem\nAssistant:"
+
+
+async def test_prompts_are_built_off_the_event_loop(service: ChatService, monkeypatch):
+    """Tokenizing a long history takes seconds: it must not stall every other channel."""
+    import threading
+
+    threads: list[threading.Thread] = []
+    build = ChatService._build
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(ChatService, "_build", staticmethod(recording))
+    await converse(service, message("hello"))
+    async with service.ask("one-off", channel_id=10, author=ALICE) as reply:
+        [piece async for piece in reply]
+    assert len(threads) == 2
+    assert all(t is not threading.main_thread() for t in threads)

@@ -20,7 +20,7 @@ from bot.storage.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = ", ".join(head_revisions())
-TABLES = {"channels", "messages", "channel_settings", "audit_log"}
+TABLES = {"channels", "messages", "inbox", "channel_settings", "audit_log"}
 
 
 async def tables(db: Database) -> set[str]:
@@ -39,13 +39,13 @@ async def test_upgrade_downgrade_upgrade_on_a_fresh_file(db_url: str):
         assert await tables(db) == set()
         await db.upgrade()
         assert await tables(db) == TABLES | {"alembic_version"}
-        assert await revision(db) == "0001"
+        assert await revision(db) == HEAD
         await run_command(db.engine, "downgrade", "base")
         assert await tables(db) == {"alembic_version"}
         assert await revision(db) is None
         await db.upgrade()
         await db.upgrade()  # at head already: nothing to do
-        assert await revision(db) == "0001"
+        assert await revision(db) == HEAD
     finally:
         await db.close()
 
@@ -110,11 +110,11 @@ def test_db_cli_upgrade_current_downgrade(tmp_path: Path):
         f": already at {HEAD} (head); nothing to do\n"
     )
     current = run_bot("db", "current", env=env)
-    assert current.returncode == 0 and "0001 (head)" in current.stdout
+    assert current.returncode == 0 and f"{HEAD} (head)" in current.stdout
     down = run_bot("db", "downgrade", env=env)
     assert down.returncode == 0, down.stderr
     assert f"downgraded from {HEAD} (head) to " in down.stdout
-    assert "0001" not in run_bot("db", "current", env=env).stdout
+    assert f"{HEAD} (head)" not in run_bot("db", "current", env=env).stdout
     bad = run_bot("db", "downgrade", "nosuchrev", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nosuchrev" in bad.stderr
 
