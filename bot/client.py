@@ -171,6 +171,17 @@ class ChatBot(commands.AutoShardedBot):
             self._shutdown = asyncio.create_task(self._close())
         await asyncio.shield(self._shutdown)
 
+    @property
+    def shut_down(self) -> bool:
+        """True once close() has run to its end: engine and database closed."""
+        return self._shutdown is not None and self._shutdown.done()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Leaving `async with bot:` waits for the whole shutdown. discord.py's own __aexit__
+        skips close() once the gateway is closed, which let `asyncio.run` end (and cancel the
+        database's close, logging an ERROR) while close() was still running."""
+        await self.close()
+
     async def _close(self) -> None:
         self.accepting = False
         if self.active_replies:
