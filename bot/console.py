@@ -185,7 +185,7 @@ class Console:
     async def _stream(self, text: str) -> None:
         from bot.turns import IncomingMessage
 
-        msg = IncomingMessage(self.channel_id, None, self.user, text, is_dm=True)
+        msg = IncomingMessage(self.channel_id, None, self.user, text)
         async with self.service.reply(msg, bot=self.bot) as reply:
             async for piece in reply:
                 self.out.write(piece)
