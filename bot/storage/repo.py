@@ -137,9 +137,7 @@ class MessageUpdate(TypedDict, total=False):
     duration_ms: float
 
 
-async def update_message(
-    s: AsyncSession, message_id: int, **fields: Unpack[MessageUpdate]
-) -> None:
+async def update_message(s: AsyncSession, message_id: int, **fields: Unpack[MessageUpdate]) -> None:
     values: dict[str, Any] = dict(fields)
     if "discord_message_ids" in fields:
         ids = list(fields["discord_message_ids"])
@@ -209,4 +207,3 @@ async def set_autoreply(s: AsyncSession, channel_id: int, enabled: bool) -> None
 async def add_audit(s: AsyncSession, actor_id: int, action: str, detail: str = "") -> None:
     s.add(AuditEntry(actor_id=actor_id, action=action, detail=detail))
     await s.flush()
-
