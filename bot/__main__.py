@@ -9,8 +9,8 @@ import sys
 # subcommand -> (module, help). Each module defines add_arguments(parser) and main(args) -> int;
 # modules are imported only for the subcommand that runs, so `db` never loads ONNX Runtime.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "start": ("bot.client", "set up and run: on Discord with a token, else the console chat"),
-    "run": ("bot.client", "connect to Discord (needs DISCORD_TOKEN)"),
+    "start": ("bot.cli", "set up and run: on Discord with a token, else the console chat"),
+    "run": ("bot.cli", "connect to Discord (needs DISCORD_TOKEN)"),
     "chat": ("bot.console", "chat with the model in this terminal"),
     "db": ("bot.storage.cli", "database migrations: upgrade, current, downgrade"),
     "generate": ("bot.engine.cli", "generate text with a model version"),

@@ -140,7 +140,6 @@ class Chat(commands.Cog):
             author=Speaker(message.author.id, message.author.display_name, message.author.bot),
             content=content,
             message_id=message.id,
-            is_dm=message.guild is None,
         )
         me = Speaker(bot.user.id, bot.user.display_name, is_bot=True)
         out = StreamedReply(
