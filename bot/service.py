@@ -384,7 +384,7 @@ class ChatService:
             overrides = await repo.settings_overrides(s, channel_id)
             settings = generation_settings(model, overrides)
             tokens = len(encode(model, text))
-            limit = persona_token_limit(model.max_context, settings.max_tokens)
+            limit = persona_token_limit(model.max_context, settings.max_new_tokens)
             if tokens > limit:
                 raise SettingsError(
                     f"the persona is too long for {model.ref}: {tokens} tokens, at most {limit} "
