@@ -19,6 +19,7 @@ from bot.turns import IncomingMessage, Speaker
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
+    from bot.storage.models import PendingMessage
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,14 @@ class Chat(commands.Cog):
         self.bot = bot
         self._recovered = False
         self._recovering: set[asyncio.Task[None]] = set()
+        self._left: list[PendingMessage] = []  # the inbox as the last run left it
         s = bot.settings
         self.limits = ChatLimits.per_minute(s.user_rate_per_min, s.channel_rate_per_min)
+
+    async def cog_load(self) -> None:
+        """Before the gateway connects: what an earlier run accepted and never answered (read
+        now, so that messages this run accepts are never taken for them)."""
+        self._left = await self.bot.chat.pending()
 
     async def _replying_to_bot(self, message: discord.Message) -> bool:
         ref = message.reference
@@ -190,7 +197,8 @@ class Chat(commands.Cog):
             if message_ids:
                 await self._mark_interrupted(channel_id, message_ids[-1])
         now = datetime.now(UTC)
-        for pending in await self.bot.chat.pending():
+        left, self._left = self._left, []
+        for pending in left:
             channel = await self._channel(pending.channel_id)
             message = None
             if channel is not None and pending.discord_message_id is not None:

@@ -296,6 +296,8 @@ async def test_everyone_in_bot_output_pings_nobody(fake: FakeDiscord, start_bot:
     bot = await start_bot()
     admin, alice = fake.add_user("admin", admin=True), fake.add_user("alice")
     channel = fake.text_channel_ids[7]
+    # short replies leave the tiny model's small context room for this persona's tokens
+    await bot.chat.update_settings(channel, 1, max_tokens=32)
     persona = f"@everyone @here <@{alice['id']}> <@&{fake.admin_role_id}> listen"
     sub = {"type": 1, "name": "set", "options": [option("text", persona, 3)]}
     await fake.dispatch_interaction(channel, admin, "persona", [sub])
