@@ -138,7 +138,7 @@ class Console:
 
     def interrupt(self) -> None:
         """Ctrl-C: stop the reply being written, if any; else leave the chat."""
-        if self._replying is not None and not self._replying.done():
+        if self._replying is not None and self.replying:
             self._replying.cancel()
         elif self._lines is not None:
             self._interrupted = True
