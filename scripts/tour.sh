@@ -35,7 +35,7 @@ tour python -m models train --data examples/corpus.txt --out data/models/scratch
 tour python -m models eval data/models/tuned --data chatterbot:english --json \
     --limit 4 --replies 1 --max-new-tokens 8 --max-length 64
 tour python -m export data/models/tuned --name tuned --precision int8 --activate
-tour python -m export data/models/tuned --name tuned --precision int4
+tour python -m export data/models/tuned --name tuned --precision fp32
 tour python -m export list
 tour python -m export use tuned@2
 tour python -m export rollback tuned | grep "active: tuned@1"
