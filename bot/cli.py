@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import discord
 
 from bot import console
 from bot.config import BotConfig, ConfigError, get_settings
+from bot.logs import LEVELS, configure_logging
+from bot.storage.db import DatabaseError
 
 PERMISSIONS = 274877975552  # View Channels, Send Messages, Send in Threads, Read History
 NO_TOKEN_HELP = f"""\
@@ -37,11 +38,19 @@ async def serve(settings: BotConfig, token: str, model: Path) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
     async with bot:
+        await bot.prepare()  # database and engine first: their errors need no Discord
         await bot.start(token)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """`run` takes its configuration from the environment, .env or BOT_CONFIG."""
+    parser.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        type=str.upper,
+        default=None,
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: LOG_LEVEL, else INFO)",
+    )
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -58,12 +67,12 @@ def run_main(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    token = settings.discord_token.get_secret_value()
+    level = getattr(args, "log_level", None) or settings.log_level
+    configure_logging(level, settings.log_format, secrets=[token])
     try:
-        asyncio.run(serve(settings, settings.discord_token.get_secret_value(), model))
-    except (ConfigError, ModelLoadError) as exc:
+        asyncio.run(serve(settings, token, model))
+    except (ConfigError, ModelLoadError, DatabaseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except discord.LoginFailure:
@@ -86,8 +95,10 @@ def run_main(args: argparse.Namespace) -> int:
 
 
 def add_start_arguments(parser: argparse.ArgumentParser) -> None:
-    """`start` accepts the console chat's options, used when no token is configured."""
+    """`start` accepts the console chat's options (used when no token is configured) and
+    `run`'s."""
     console.add_arguments(parser)
+    add_run_arguments(parser)
 
 
 def start_main(args: argparse.Namespace) -> int:

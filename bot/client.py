@@ -108,7 +108,12 @@ class ChatBot(commands.AutoShardedBot):
         self._logged_in = True
         await super().login(token)
 
-    async def setup_hook(self) -> None:
+    async def prepare(self) -> None:
+        """Open the database and start the engine (once). `serve` calls it before connecting to
+        Discord, so an operator's mistake (a bad DATABASE_URL, a broken version) is reported
+        at once, as one line, without a gateway session."""
+        if getattr(self, "chat", None) is not None:
+            return
         from bot.engine import Engine
         from bot.service import ChatService
         from bot.storage.db import Database
@@ -117,6 +122,9 @@ class ChatBot(commands.AutoShardedBot):
         self.db = await Database.open(s.database_url)
         self.engine = await Engine.start(self.model or s.model, **s.engine_options())
         self.chat = ChatService(self.db, self.engine, s)
+
+    async def setup_hook(self) -> None:
+        await self.prepare()
         for name in COGS:
             await self.load_extension(name)
         await self.sync_commands()
