@@ -265,7 +265,8 @@ class Scheduler:
         # still prefilling in between ride along and write one junk entry after what they hold
         first, last = decoding[0].slot, decoding[-1].slot
         ids, lengths = w.runner.ids, w.runner.seqlens
-        for i in range(first, last + 1):
+        lo, hi = w.runner.span(first, last - first + 1)  # with CUDA graphs: a bucket from row 0
+        for i in range(lo, hi):
             r = w.slots[i]
             ids[i, 0] = 0
             lengths[i] = len(w.kept[i]) if r is None else r.cached
