@@ -201,32 +201,29 @@ def _repetition_penalties(samplers: Sequence[Sampler], x: np.ndarray) -> None:
 def _sample_top_k(samplers: Sequence[Sampler], x: np.ndarray) -> np.ndarray:
     """One draw a row: top-k (per row) -> temperature -> min-p -> top-p -> the row's generator.
 
-    Every reduction over a row is a cumulative sum, so columns past a row's own k (zeros) do not
-    change its figures.
+    Columns past a row's own k hold -inf (probability 0), and every sum over a row is a
+    cumulative one, so they do not change its figures: a row draws what it draws alone.
     """
-    ks = np.asarray([s.p.top_k for s in samplers])
-    ids = np.zeros((len(ks), int(ks.max())), np.int64)
-    vals = np.full(ids.shape, -np.inf, np.float32)
-    for i, k in enumerate(ks):  # the exact top-k of each row (fast per row; see _top_k)
-        ids[i, :k] = _top_k(x[i], int(k))
-        vals[i, :k] = x[i, ids[i, :k]]
-    order = np.lexsort((ids, -vals), axis=1)  # best first, ties by lower id
-    ids, vals = np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
-    inside = np.arange(ids.shape[1])[None, :] < ks[:, None]
-    temperature = np.asarray([s.p.temperature for s in samplers], np.float64)[:, None]
-    scaled = vals.astype(np.float64) / temperature
-    with np.errstate(invalid="ignore"):  # -inf - -inf on rows whose best is banned
-        probs = np.where(inside, np.exp(scaled - scaled[:, :1]), 0.0)
-    probs = np.nan_to_num(probs, nan=0.0)
-    probs /= np.maximum(np.cumsum(probs, axis=1)[:, -1:], 1e-300)
+    ks = [s.p.top_k for s in samplers]
+    rows = np.arange(len(ks))[:, None]
+    ids = np.zeros((len(ks), max(ks)), np.int64)
+    for i, k in enumerate(ks):  # the exact top-k of each row, in token order (see _top_k)
+        ids[i, :k] = _top_k(x[i], k)
+    vals = np.where(np.arange(ids.shape[1]) < np.asarray(ks)[:, None], x[rows, ids], -np.inf)
+    order = np.argsort(-vals, axis=1, kind="stable")  # best first; ties keep token order
+    ids, vals = ids[rows, order], vals[rows, order].astype(np.float64)
+    best = vals[:, :1]
+    best = np.where(np.isfinite(best), best, 0.0)  # a row with every token banned: all zeros
+    temperature = np.asarray([s.p.temperature for s in samplers])[:, None]
+    probs = np.exp((vals - best) / temperature)
+    total = np.cumsum(probs, axis=1)[:, -1]
     min_p = np.asarray([s.p.min_p or 0.0 for s in samplers])[:, None]
-    probs = np.where(probs >= min_p * probs[:, :1], probs, 0.0)
-    top_p = np.asarray([s.p.top_p if s.p.top_p is not None else 1.0 for s in samplers])
+    probs = np.where(probs >= min_p * probs[:, :1], probs, 0.0)  # relative to the best token
     cdf = np.cumsum(probs, axis=1)
-    keep = (cdf < top_p[:, None]).sum(1) + 1  # the smallest best-first set reaching top_p
-    probs = np.where(np.arange(ids.shape[1])[None, :] < keep[:, None], probs, 0.0)
-    cdf = np.cumsum(probs, axis=1)
-    draws = np.asarray([s.rng.random() for s in samplers]) * cdf[:, -1]
-    picked = (cdf <= draws[:, None]).sum(1)
-    picked = np.minimum(picked, (probs > 0).sum(1) - 1).clip(0)
-    return ids[np.arange(len(ids)), picked]
+    top_p = np.asarray([1.0 if s.p.top_p is None else s.p.top_p for s in samplers])
+    keep = (cdf < (top_p * total)[:, None]).sum(1) + 1  # the smallest best-first set >= top_p
+    keep = np.minimum(keep, ids.shape[1])
+    reach = cdf[rows[:, 0], keep - 1]  # the mass of the kept set
+    draws = np.asarray([s.rng.random() for s in samplers]) * reach
+    picked = np.minimum((cdf <= draws[:, None]).sum(1), keep - 1)
+    return ids[rows[:, 0], picked]
