@@ -155,12 +155,12 @@ class FusedRunner:
                 binding.bind_input(name, self.device, 0, array.dtype.type, shape, ptr)
         # a CPU input of GroupQueryAttention on every provider: read when the session runs
         self._bind_cpu(binding, "total_sequence_length", self.total)
-        if self.device == "cpu":
-            self._bind_cpu(binding, "logits", self.logits[rows], output=True)
-        else:
-            value = device_value((n, self.vocab), np.float32, self.device)
+        if self.device != "cpu" and self.buckets:  # captured: the output at a fixed address too
+            value = device_value((n, self.vocab), np.float32, self.device)  # one per bucket
             self._device_logits[first, n] = value
             binding.bind_ortvalue_output("logits", value)
+        else:  # ORT copies the logits into these host rows after the run
+            self._bind_cpu(binding, "logits", self.logits[rows], output=True)
         self._bind_kv(binding, first, n)
         self._decode_bindings[first, n] = binding
         return binding
@@ -199,7 +199,7 @@ class FusedRunner:
             value.update_inplace(self._small[name])
         binding = self._decode_binding(lo, hi - lo)
         self.session.run_with_iobinding(binding, self._graph_options.get(hi - lo))
-        if self.device != "cpu":
+        if (lo, hi - lo) in self._device_logits:
             self.logits[rows] = self._device_logits[lo, hi - lo].numpy()
         return self.logits
 

@@ -178,7 +178,7 @@ def test_every_decode_step_reaches_the_device(fake_device):
         assert seen["position_ids"][:, 0].tolist() == lengths
         assert seen["last_index"].tolist() == [0] * n
         assert int(seen["total_sequence_length"]) == max(lengths) + 1
-        assert seen["logits_on"] == "value"  # device memory, copied back after the run
+        assert seen["logits_on"] == "cpu"  # host rows (ORT copies them after the run)
         assert logits[first : first + n].argmax(-1).tolist() == ids
     # the decode bindings are made once per row range, not per step
     assert len(runner._decode_bindings) == 2
@@ -231,6 +231,7 @@ def test_cuda_graph_steps_replay_fixed_shapes_at_fixed_addresses(fake_device):
         assert int(seen["total_sequence_length"]) == runner.max_context  # held fixed
         assert seen["graph_id"] == str(runner.buckets.index(hi))
         assert pointers.setdefault(hi, seen["ptr"]) == seen["ptr"]  # the same addresses
+        assert seen["logits_on"] == "value"  # device memory at a fixed address, then copied
         assert logits[:hi].argmax(-1).tolist() == (np.arange(hi) + 10 * step).tolist()
     assert sorted(pointers) == [1, 2, 4, 6]
     assert len(runner._decode_bindings) == 4  # one per bucket
