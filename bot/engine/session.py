@@ -83,6 +83,7 @@ def _options(threads: int, spin: bool = False) -> ort.SessionOptions:
 
 
 def _attention_on_cpu(session: ort.InferenceSession) -> bool:
+    """Whether a CUDA session would place GroupQueryAttention on the CPU (its KV type)."""
     kv = {i.name: i.type for i in session.get_inputs()}.get("past_key_values.0.key")
     return kv is not None and kv not in CUDA_KV_TYPES
 
