@@ -39,7 +39,9 @@ def _load_worker(
     wrap_runner: WrapRunner | None = None,
 ) -> Worker:
     model = load_model(ref, registry)
-    session, info = create_session(model.graph_path, device, threads, spin)
+    session, info = create_session(
+        model.graph_path, device, threads, spin, precision=model.manifest.precision
+    )
     runner = GraphRunner(session, info, slots)
     return Worker(model, wrap_runner(runner) if wrap_runner else runner)
 
