@@ -1,4 +1,4 @@
-"""Typed ORM models: channels, messages, inbox, settings, access, privacy, audit (SQLite, PostgreSQL)."""
+"""Typed ORM models: channels, messages, inbox, settings, access, privacy, audit log."""
 
 from __future__ import annotations
 
