@@ -53,7 +53,13 @@ No Discord token configured. To run the bot on Discord:
      https://discord.com/oauth2/authorize?client_id=APP_ID&scope=bot+applications.commands&permissions={PERMISSIONS}
 Without a token, `python -m bot chat` chats in this terminal."""
 
-COGS = ("bot.cogs.chat", "bot.cogs.channel", "bot.cogs.admin")
+COGS = (
+    "bot.cogs.chat",
+    "bot.cogs.channel",
+    "bot.cogs.admin",
+    "bot.cogs.access",
+    "bot.cogs.privacy",
+)
 SESSION_LIMITS = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
 APOLOGY = "Sorry, that command failed; the cause is in the bot's log."
 
