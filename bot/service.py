@@ -461,9 +461,9 @@ class ChatService:
             raise GenerationFailedError(str(exc)) from exc
 
     # -- settings --
-    async def get_settings(self, channel_id: int) -> ChannelSettings:
+    async def get_settings(self, channel_id: int, guild_id: int | None = None) -> ChannelSettings:
         async with self.db.session() as s:
-            server, own = await repo.settings_layers(s, channel_id)
+            server, own = await repo.settings_layers(s, channel_id, guild_id)
         return effective_settings(self.engine.model.manifest.generation, own, server)
 
     async def get_server_settings(self, guild_id: int) -> ChannelSettings:
@@ -490,19 +490,22 @@ class ChatService:
         return await self.get_server_settings(guild_id)
 
     async def update_settings(
-        self, channel_id: int, actor_id: int, **changes: Any
+        self, channel_id: int, actor_id: int, *, guild_id: int | None = None, **changes: Any
     ) -> ChannelSettings:
+        """Set a channel's own values (`guild_id`: its server, so its defaults apply)."""
         values = validate_changes(changes)
         detail = ", ".join(f"{k}={v}" for k, v in values.items())
         async with self.db.session() as s, s.begin():
-            await repo.ensure_channel(s, channel_id)
+            await repo.ensure_channel(s, channel_id, guild_id)
             await repo.set_overrides(s, channel_id, actor_id, values)
             await repo.add_audit(s, actor_id, "settings.set", f"channel {channel_id}: {detail}")
         return await self.get_settings(channel_id)
 
-    async def reset_settings(self, channel_id: int, actor_id: int) -> ChannelSettings:
+    async def reset_settings(
+        self, channel_id: int, actor_id: int, *, guild_id: int | None = None
+    ) -> ChannelSettings:
         async with self.db.session() as s, s.begin():
-            await repo.ensure_channel(s, channel_id)
+            await repo.ensure_channel(s, channel_id, guild_id)
             await repo.clear_overrides(s, channel_id, actor_id)
             await repo.add_audit(s, actor_id, "settings.reset", f"channel {channel_id}")
         return await self.get_settings(channel_id)

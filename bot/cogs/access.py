@@ -74,7 +74,7 @@ class AccessCommands(commands.Cog):
                 done.append(f"{shown}: {'removed' if removed else 'was on no list'}")
             else:
                 await access.set_rule(guild_id, kind, target, effect, actor)
-                done.append(f"{shown}: {effect.value}ed")
+                done.append(f"{shown}: {'allowed' if effect is Effect.ALLOW else 'denied'}")
         rules = await access.rules(guild_id)
         text = "\n".join(done) + "\nNow:\n" + "\n".join(rules.describe())
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NONE)

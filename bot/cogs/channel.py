@@ -86,7 +86,7 @@ class ChannelCommands(commands.Cog):
         if scope == "server":
             current = await chat.get_server_settings(_guild(interaction))
         else:
-            current = await chat.get_settings(_channel(interaction))
+            current = await chat.get_settings(_channel(interaction), interaction.guild_id)
         await interaction.response.send_message(code_block(current.describe()), ephemeral=True)
 
     @settings_group.command(name="set", description="Change generation settings for this channel")
@@ -127,7 +127,9 @@ class ChannelCommands(commands.Cog):
             updated = await chat.update_server_settings(guild_id, actor, **changes)
             title = "Server defaults updated (channels' own values still win):\n"
         else:
-            updated = await chat.update_settings(_channel(interaction), actor, **changes)
+            updated = await chat.update_settings(
+                _channel(interaction), actor, guild_id=interaction.guild_id, **changes
+            )
             title = "Settings updated:\n"
         await interaction.response.send_message(
             title + code_block(updated.describe()), ephemeral=True
@@ -145,7 +147,9 @@ class ChannelCommands(commands.Cog):
             require_manager(interaction, SERVER_SCOPE_REFUSAL)
             updated = await chat.reset_server_settings(guild_id, actor)
         else:
-            updated = await chat.reset_settings(_channel(interaction), actor)
+            updated = await chat.reset_settings(
+                _channel(interaction), actor, guild_id=interaction.guild_id
+            )
         await interaction.response.send_message(
             "Settings reset:\n" + code_block(updated.describe()), ephemeral=True
         )

@@ -152,11 +152,13 @@ def _values(row: ChannelSettingsRow | GuildSettingsRow | None) -> dict[str, Any]
 
 
 async def settings_layers(
-    s: AsyncSession, channel_id: int
+    s: AsyncSession, channel_id: int, guild_id: int | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the server's defaults, the channel's own values) of a channel; None where not set."""
+    """(the server's defaults, the channel's own values) of a channel; None where not set.
+    The server is the one stored with the channel, else `guild_id`."""
     channel = await s.get(Channel, channel_id)
-    guild_id = channel.guild_id if channel is not None else None
+    if channel is not None and channel.guild_id is not None:
+        guild_id = channel.guild_id
     server = await s.get(GuildSettingsRow, guild_id) if guild_id is not None else None
     return _values(server), _values(await s.get(ChannelSettingsRow, channel_id))
 
