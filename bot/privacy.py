@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PURGE_BATCH = 1000  # rows deleted per transaction by the retention task
+RETENTION_EVERY_S = 3600.0  # how often the retention task deletes expired turns
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class PrivacyService:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._opted_out: set[int] | None = None
+        self.purged = 0  # turns the retention task deleted since the start
 
     async def opted_out(self, user_id: int) -> bool:
         if self._opted_out is None:
@@ -170,3 +173,13 @@ class PrivacyService:
         if total:
             log.info("retention: deleted %d turn(s) older than %d day(s)", total, days)
         return total
+
+    async def retain(self, days: int) -> None:
+        """The retention task: purge now, then every RETENTION_EVERY_S, until cancelled; a
+        failure is logged and waits for the next round."""
+        while True:
+            try:
+                self.purged += await self.purge_expired(days)
+            except Exception:
+                log.exception("retention: could not delete expired turns")
+            await asyncio.sleep(RETENTION_EVERY_S)

@@ -8,7 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.checks import editors_only, managers_only, require_manager
+from bot.cogs.checks import editors_only, managers_only, require_manager, talkers_only
 from bot.errors import ReplyError
 from bot.generation import SETTINGS
 from bot.replies import InteractionReply, split_message
@@ -188,6 +188,7 @@ class ChannelCommands(commands.Cog):
     # -- /ask --
     @app_commands.command(name="ask", description="A one-off answer, without the channel history")
     @app_commands.describe(prompt="what to ask", ephemeral="only you see the answer")
+    @talkers_only()
     async def ask(
         self,
         interaction: discord.Interaction,

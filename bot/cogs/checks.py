@@ -128,3 +128,30 @@ def editors_only(what: Literal["settings", "persona"]) -> Callable[[T], T]:
         return app_commands.check(predicate)(func)
 
     return decorator
+
+
+def talkers_only() -> Callable[[T], T]:
+    """Whoever the server's access lists (bot/access.py) let talk to the bot in this channel;
+    in a DM, the user. For commands that generate, like /ask."""
+
+    async def predicate(interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None:
+            return True
+        chat = getattr(interaction.client, "chat", None)
+        if chat is None:
+            raise NotAllowed("The bot is still starting; try again in a moment.")
+        channel_ids = [interaction.channel_id] if interaction.channel_id is not None else []
+        parent_id = getattr(interaction.channel, "parent_id", None)
+        if parent_id is not None:
+            channel_ids.append(parent_id)
+        roles = [role.id for role in getattr(interaction.user, "roles", [])]
+        if not await chat.access.allows(
+            interaction.guild_id,
+            channel_ids=channel_ids,
+            user_id=interaction.user.id,
+            role_ids=roles,
+        ):
+            raise NotAllowed("This server's access lists don't let you talk to the bot here.")
+        return True
+
+    return app_commands.check(predicate)

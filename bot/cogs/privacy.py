@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 from typing import TYPE_CHECKING
 
 import discord
@@ -16,9 +15,6 @@ from discord.ext import commands
 if TYPE_CHECKING:
     from bot.client import ChatBot
 
-log = logging.getLogger(__name__)
-
-RETENTION_EVERY_S = 3600.0  # how often the retention task deletes expired turns
 CONFIRM_TIMEOUT_S = 120.0
 FORGET_PROMPT = (
     "This deletes every message of yours the bot stored in this server's channels and in your "
@@ -72,23 +68,16 @@ class PrivacyCommands(commands.Cog):
 
     async def cog_load(self) -> None:
         if self.bot.settings.history_retention_days > 0:
-            self._retention = asyncio.create_task(self._retain())
+            privacy = self.bot.chat.privacy
+            self._retention = asyncio.create_task(
+                privacy.retain(self.bot.settings.history_retention_days)
+            )
 
     async def cog_unload(self) -> None:
         if self._retention is not None:
             self._retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retention
-
-    async def _retain(self) -> None:
-        """Delete expired turns now and then every RETENTION_EVERY_S; a failure waits a round."""
-        days = self.bot.settings.history_retention_days
-        while True:
-            try:
-                await self.bot.chat.privacy.purge_expired(days)
-            except Exception:
-                log.exception("retention: could not delete expired turns")
-            await asyncio.sleep(RETENTION_EVERY_S)
 
     @group.command(name="forget-me", description="Delete your stored messages (asks first)")
     async def forget_me(self, interaction: discord.Interaction) -> None:

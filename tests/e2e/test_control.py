@@ -3,8 +3,11 @@ and the /privacy commands, through the fake Discord."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from sqlalchemy import select
 
+from bot.storage import repo
 from bot.storage.models import Message, PendingMessage
 from tests.e2e.helpers import Start, command, option, reply_done, stored
 from tests.fakediscord import FakeDiscord
@@ -59,6 +62,9 @@ async def test_access_lists_decide_who_is_answered_where(fake: FakeDiscord, star
         done.json["data"]["flags"] & 64
         and f"<@{bob['id']}>: denied" in done.json["data"]["content"]
     )
+    prompt = {"type": 3, "name": "prompt", "value": "and by /ask?"}
+    _, asked = await command(fake, general, bob, "ask", [prompt])
+    assert "access lists don't let you" in asked.json["data"]["content"]
     await mention(fake, general, bob, "am I heard?")  # denied: ignored, nothing stored
     await mention(fake, general, alice, "and me?")
     await reply_done(fake, bot, general)
@@ -222,3 +228,21 @@ async def test_export_and_opt_out(fake: FakeDiscord, start_bot: Start):
         "remember me",
         "keep this",
     ]
+
+
+async def test_the_retention_task_deletes_expired_turns(
+    fake: FakeDiscord, start_bot: Start, monkeypatch
+):
+    monkeypatch.setattr("bot.privacy.RETENTION_EVERY_S", 0.05)
+    alice = fake.add_user("alice")
+    general = fake.text_channel_ids[7]
+    bot = await start_bot(history_retention_days=30)
+    await mention(fake, general, alice, "recent")
+    await reply_done(fake, bot, general)
+    old = datetime.now(UTC) - timedelta(days=31)
+    async with bot.db.session() as s, s.begin():
+        await repo.add_message(
+            s, channel_id=general, role="user", content="ancient", created_at=old, author_id=1
+        )
+    await fake.wait_until(lambda: bot.chat.privacy.purged >= 1, 30)
+    assert [r.content for r in await stored(bot, general) if r.role == "user"] == ["recent"]
