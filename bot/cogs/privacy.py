@@ -30,6 +30,15 @@ class ConfirmForget(discord.ui.View):
         self.bot = bot
         self.user_id = user_id
         self.guild_id = guild_id
+        self.asked: discord.Interaction | None = None  # the /privacy forget-me interaction
+
+    async def on_timeout(self) -> None:
+        """Unanswered: say so and take the buttons away (the interaction token still works)."""
+        if self.asked is not None:
+            with contextlib.suppress(discord.HTTPException):
+                await self.asked.edit_original_response(
+                    content="No answer in time; nothing was deleted.", view=None
+                )
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         if interaction.user.id != self.user_id:
@@ -83,6 +92,7 @@ class PrivacyCommands(commands.Cog):
     async def forget_me(self, interaction: discord.Interaction) -> None:
         view = ConfirmForget(self.bot, interaction.user.id, interaction.guild_id)
         await interaction.response.send_message(FORGET_PROMPT, view=view, ephemeral=True)
+        view.asked = interaction
 
     @group.command(name="export", description="Download what the bot stored of yours (JSON)")
     async def export(self, interaction: discord.Interaction) -> None:

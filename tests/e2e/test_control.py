@@ -177,9 +177,16 @@ async def test_forget_me_asks_first_and_only_the_asker_can_confirm(
     await reply_done(fake, bot, dm)
 
     _, asked = await command(fake, general, alice, "privacy", [sub("forget-me")])
+    first = next(m for m in fake.channel_messages(general) if m.get("components"))
+    interaction = await fake.dispatch_component(alice, first, button_ids(first)[1])  # cancel
+    await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{interaction['id']}/"))
+    assert fake.messages[int(first["id"])]["content"] == "Nothing was deleted."
+    assert len(await stored(bot, general)) == 4
+
+    _, asked = await command(fake, general, alice, "privacy", [sub("forget-me")])
     data = asked.json["data"]
     assert data["flags"] & 64 and "cannot be undone" in data["content"]
-    message = next(m for m in fake.channel_messages(general) if m.get("components"))
+    message = [m for m in fake.channel_messages(general) if m.get("components")][-1]
     confirm, cancel = button_ids(message)
     assert confirm != cancel
 
