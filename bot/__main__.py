@@ -6,11 +6,13 @@ import argparse
 import importlib
 import sys
 
+from bot.config import ConfigError
+
 # subcommand -> (module, help). Each module defines add_arguments(parser) and main(args) -> int;
 # modules are imported only for the subcommand that runs, so `db` never loads ONNX Runtime.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "start": ("bot.client", "set up and run: on Discord with a token, else the console chat"),
-    "run": ("bot.client", "connect to Discord (needs DISCORD_TOKEN)"),
+    "start": ("bot.cli", "set up and run: on Discord with a token, else the console chat"),
+    "run": ("bot.cli", "connect to Discord (needs DISCORD_TOKEN)"),
     "chat": ("bot.console", "chat with the model in this terminal"),
     "db": ("bot.storage.cli", "database migrations: upgrade, current, downgrade"),
     "generate": ("bot.engine.cli", "generate text with a model version"),
@@ -42,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         adder(parser)
         args = parser.parse_args(argv[1:])
         runner = getattr(module, f"{name}_main", None) or module.main
-        return int(runner(args) or 0)
+        try:
+            return int(runner(args) or 0)
+        except ConfigError as exc:  # a bad setting, wherever a command reads them: one line
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     build_parser().parse_args(argv)
     return 2
 

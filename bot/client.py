@@ -1,40 +1,40 @@
-"""Entry points of `python -m bot start|run` and the discord.py client (ChatBot) they run.
+"""The discord.py client: ChatBot runs ChatService behind cogs and closes cleanly; create_bot.
 
-Tests start the bot in-process against a Discord-compatible server:
+`python -m bot run` (bot/cli.py) resolves the model version and runs the bot. Tests start it
+in-process against a Discord-compatible server:
 
     settings = BotConfig(discord_api_base="http://127.0.0.1:PORT/api/v10",
-                        discord_gateway_url="ws://127.0.0.1:PORT/gateway", ...)
-    bot = await create_bot(settings)       # sets discord.http.Route.BASE to discord_api_base
+                         discord_gateway_url="ws://127.0.0.1:PORT/gateway", ...)
+    bot = await create_bot(settings)       # sets discord.http.Route.BASE: see below
     task = asyncio.create_task(bot.start("any-token"))   # login, setup_hook, gateway
     await bot.wait_until_ready()
     ...
     await bot.close()                      # waits for in-flight replies, closes engine and DB
 
-ChatBot is an AutoShardedBot because, in discord.py 2.7, only the sharded client asks
-`HTTPClient.get_bot_gateway` (GET /gateway/bot) where to connect; ChatBot answers that call with
-`discord_gateway_url` when it is set (on its own HTTP client only, nothing patched globally).
+The API base is process-wide: discord.py builds every URL, the interaction webhooks' included,
+from the class attribute `discord.http.Route.BASE` and offers no per-client setting, so
+`create_bot` sets it for the whole process (one API base per process). The gateway is per
+client: ChatBot is an AutoShardedBot because, in discord.py 2.7, only the sharded client asks
+`HTTPClient.get_bot_gateway` (GET /gateway/bot) where to connect, and ChatBot answers that call
+on its own HTTP client with `discord_gateway_url` when it is set.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import console
-from bot.config import BotConfig, ConfigError, get_settings
+from bot.config import BotConfig, ConfigError
 
 if TYPE_CHECKING:
     from bot.engine import Engine
@@ -42,16 +42,6 @@ if TYPE_CHECKING:
     from bot.storage.db import Database
 
 log = logging.getLogger(__name__)
-
-PERMISSIONS = 274877975552  # View Channels, Send Messages, Send in Threads, Read History
-NO_TOKEN_HELP = f"""\
-No Discord token configured. To run the bot on Discord:
-  1. Create an application at https://discord.com/developers/applications and add a Bot.
-  2. On the Bot page, enable the "Message Content Intent" and copy the token.
-  3. Set it: export DISCORD_TOKEN=... (or put DISCORD_TOKEN=... in .env).
-  4. Invite the bot with the scopes `bot applications.commands`:
-     https://discord.com/oauth2/authorize?client_id=APP_ID&scope=bot+applications.commands&permissions={PERMISSIONS}
-Without a token, `python -m bot chat` chats in this terminal."""
 
 COGS = (
     "bot.cogs.chat",
@@ -89,7 +79,7 @@ class ChatBot(commands.AutoShardedBot):
     engine: Engine
     chat: ChatService
 
-    def __init__(self, settings: BotConfig) -> None:
+    def __init__(self, settings: BotConfig, *, model: str | Path | None = None) -> None:
         intents = discord.Intents.none()
         intents.guilds = intents.messages = intents.message_content = intents.dm_messages = True
         intents.guild_messages = True
@@ -100,6 +90,7 @@ class ChatBot(commands.AutoShardedBot):
             help_command=None,
         )
         self.settings = settings
+        self.model = model
         self.accepting = True
         self.active_replies = 0
         self.started_at = time.monotonic()
@@ -123,15 +114,23 @@ class ChatBot(commands.AutoShardedBot):
         self._logged_in = True
         await super().login(token)
 
-    async def setup_hook(self) -> None:
+    async def prepare(self) -> None:
+        """Open the database and start the engine (once). `serve` calls it before connecting to
+        Discord, so an operator's mistake (a bad DATABASE_URL, a broken version) is reported
+        at once, as one line, without a gateway session."""
+        if getattr(self, "chat", None) is not None:
+            return
         from bot.engine import Engine
         from bot.service import ChatService
         from bot.storage.db import Database
 
         s = self.settings
         self.db = await Database.open(s.database_url)
-        self.engine = await Engine.start(console.resolve_model(s), **s.engine_options())
+        self.engine = await Engine.start(self.model or s.model, **s.engine_options())
         self.chat = ChatService(self.db, self.engine, s)
+
+    async def setup_hook(self) -> None:
+        await self.prepare()
         for name in COGS:
             await self.load_extension(name)
         await self.sync_commands()
@@ -177,6 +176,17 @@ class ChatBot(commands.AutoShardedBot):
             self._shutdown = asyncio.create_task(self._close())
         await asyncio.shield(self._shutdown)
 
+    @property
+    def shut_down(self) -> bool:
+        """True once close() has run to its end: engine and database closed."""
+        return self._shutdown is not None and self._shutdown.done()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Leaving `async with bot:` waits for the whole shutdown. discord.py's own __aexit__
+        skips close() once the gateway is closed, which let `asyncio.run` end (and cancel the
+        database's close, logging an ERROR) while close() was still running."""
+        await self.close()
+
     async def _close(self) -> None:
         self.accepting = False
         if self.active_replies:
@@ -218,68 +228,8 @@ class ChatBot(commands.AutoShardedBot):
         log.exception("error in %s", event_method)
 
 
-async def create_bot(settings: BotConfig) -> ChatBot:
-    """A ChatBot pointed at settings.discord_api_base (the gateway follows in login)."""
+async def create_bot(settings: BotConfig, *, model: str | Path | None = None) -> ChatBot:
+    """A ChatBot pointed at settings.discord_api_base (the gateway follows in login) that runs
+    `model` (a resolved version folder; None: settings.model, resolved by the engine's loader)."""
     discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
-    return ChatBot(settings)
-
-
-async def serve(settings: BotConfig, token: str) -> None:
-    """Run until closed; SIGTERM and SIGINT close the bot gracefully."""
-    console.resolve_model(settings)  # no model version: say so before connecting to Discord
-    bot = await create_bot(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
-    async with bot:
-        await bot.start(token)
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """`run` takes its configuration from the environment, .env or BOT_CONFIG."""
-
-
-def run_main(args: argparse.Namespace) -> int:
-    """Connect to Discord; without a token print how to get one and exit 2."""
-    settings = get_settings()
-    if settings.discord_token is None or not settings.discord_token.get_secret_value():
-        print(NO_TOKEN_HELP, file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        asyncio.run(serve(settings, settings.discord_token.get_secret_value()))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except discord.LoginFailure:
-        print(
-            "error: Discord refused the token (DISCORD_TOKEN); copy it again from the "
-            "developer portal",
-            file=sys.stderr,
-        )
-        return 2
-    except (OSError, aiohttp.ClientError) as exc:
-        print(f"error: cannot reach Discord at {settings.discord_api_base}: {exc}", file=sys.stderr)
-        return 1
-    except discord.PrivilegedIntentsRequired:
-        print(
-            "error: enable the Message Content Intent on the bot's page in the developer portal",
-            file=sys.stderr,
-        )
-        return 2
-    return 0
-
-
-def add_start_arguments(parser: argparse.ArgumentParser) -> None:
-    """`start` accepts the console chat's options, used when no token is configured."""
-    console.add_arguments(parser)
-
-
-def start_main(args: argparse.Namespace) -> int:
-    """Discord if a token is configured, else the console chat."""
-    if get_settings().discord_token is not None:
-        return run_main(args)
-    return console.main(args)
+    return ChatBot(settings, model=model)

@@ -59,6 +59,8 @@ class BotConfig(BaseSettings):
     channel_rate_per_min: int = Field(20, ge=0)  # 0: no limit
     edit_interval_s: float = Field(1.0, ge=0, le=60, allow_inf_nan=False)
     shutdown_grace_s: float = Field(10.0, ge=0, le=3600, allow_inf_nan=False)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for collectors
 
     @classmethod
     def settings_customise_sources(
@@ -87,6 +89,13 @@ class BotConfig(BaseSettings):
         if isinstance(value, int):
             return [value]
         return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower_or_upper(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
 
     @field_validator("discord_token", mode="before")
     @classmethod

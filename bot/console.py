@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from sqlalchemy.engine import make_url
@@ -53,12 +54,6 @@ Ctrl-C while the bot answers stops that answer; at the prompt it leaves."""
 
 GOODBYE = "Goodbye!"
 CANCELLED = "[reply cancelled]"
-
-
-NO_MODEL = (
-    "no model version in the registry {registry}: create one with `make model` "
-    "(or `python -m export ensure-default CHECKPOINT --name NAME`), or set MODEL to a version"
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +133,7 @@ class Console:
 
     def interrupt(self) -> None:
         """Ctrl-C: stop the reply being written, if any; else leave the chat."""
-        if self._replying is not None and not self._replying.done():
+        if self._replying is not None and self.replying:
             self._replying.cancel()
         elif self._lines is not None:
             self._interrupted = True
@@ -190,7 +185,7 @@ class Console:
     async def _stream(self, text: str) -> None:
         from bot.turns import IncomingMessage
 
-        msg = IncomingMessage(self.channel_id, None, self.user, text, is_dm=True)
+        msg = IncomingMessage(self.channel_id, None, self.user, text)
         async with self.service.reply(msg, bot=self.bot) as reply:
             async for piece in reply:
                 self.out.write(piece)
@@ -279,21 +274,7 @@ class Console:
             self._lines = None
 
 
-def resolve_model(settings: BotConfig) -> str:
-    """The version reference to start the engine with; ConfigError naming the fix if none."""
-    from export.registry import Registry, RegistryError
-
-    registry = Registry(settings.model_registry)
-    try:
-        info = registry.resolve(settings.model) if settings.model else registry.active()
-    except RegistryError as exc:
-        raise ConfigError(str(exc)) from None
-    if info is None:
-        raise ConfigError(NO_MODEL.format(registry=settings.model_registry))
-    return str(info.path)
-
-
-async def chat(settings: BotConfig, model_ref: str, channel_id: int) -> None:
+async def chat(settings: BotConfig, model: Path, channel_id: int) -> None:
     from bot.engine import Engine
     from bot.service import ChatService
     from bot.storage.db import Database
@@ -301,7 +282,7 @@ async def chat(settings: BotConfig, model_ref: str, channel_id: int) -> None:
     db = await Database.open(settings.database_url)
     engine = None
     try:
-        engine = await Engine.start(model_ref, **settings.engine_options())
+        engine = await Engine.start(model, **settings.engine_options())
         service = ChatService(db, engine, settings)
         console = Console(
             service,
@@ -345,18 +326,19 @@ def main(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
-    try:
-        settings = load_settings(**overrides)
-        model_ref = resolve_model(settings)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     from bot.engine import EngineError
+    from bot.engine.loader import resolve_version
     from bot.storage.db import DatabaseError
 
     try:
+        settings = load_settings(**overrides)
+        model = resolve_version(settings.model, settings.model_registry)
+    except (ConfigError, EngineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: leave quietly
-            asyncio.run(chat(settings, model_ref, args.channel))
+            asyncio.run(chat(settings, model, args.channel))
     except (EngineError, DatabaseError) as exc:  # a model that does not load, a bad database
         print(f"error: {exc}", file=sys.stderr)
         return 2

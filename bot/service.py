@@ -234,17 +234,18 @@ class Reply:
         result = self.result
         cut = result is not None and result.finish_reason in ReplyCutError.NOTES
         complete = self._finished and not self._failed and not cut
-        fields: dict[str, Any] = {
+        reason = result.finish_reason if result is not None else "cancelled"
+        if self._failed:
+            reason = "error"
+        elif not complete and reason in (None, "stop", "length"):
+            reason = "cancelled"
+        fields: repo.MessageUpdate = {
             "content": result.text if complete and result is not None else self.text,
             "status": Status.COMPLETE if complete else Status.INTERRUPTED,
-            "finish_reason": result.finish_reason if result is not None else "cancelled",
+            "finish_reason": reason,
             "discord_message_ids": self.message_ids,
             "duration_ms": (time.monotonic() - self._t0) * 1000.0,
         }
-        if self._failed:
-            fields["finish_reason"] = "error"
-        elif not complete and fields["finish_reason"] in (None, "stop", "length"):
-            fields["finish_reason"] = "cancelled"
         if result is not None:
             if result.model:  # the version that actually produced it
                 fields["model_version"] = result.model
@@ -536,14 +537,14 @@ class ChatService:
                     "(half of what a prompt may hold, so the conversation keeps the other half)"
                 )
             await repo.ensure_channel(s, channel_id)
-            await repo.set_channel_fields(s, channel_id, persona=text)
+            await repo.set_persona(s, channel_id, text)
             await repo.add_audit(s, actor_id, "persona.set", f"channel {channel_id}: {text[:200]}")
         return text
 
     async def clear_persona(self, channel_id: int, actor_id: int) -> None:
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, channel_id)
-            await repo.set_channel_fields(s, channel_id, persona=None)
+            await repo.set_persona(s, channel_id, None)
             await repo.add_audit(s, actor_id, "persona.clear", f"channel {channel_id}")
 
     # -- memory, auto-reply, audit --
@@ -557,7 +558,7 @@ class ChatService:
     async def set_autoreply(self, channel_id: int, enabled: bool, actor_id: int) -> None:
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, channel_id)
-            await repo.set_channel_fields(s, channel_id, autoreply=bool(enabled))
+            await repo.set_autoreply(s, channel_id, bool(enabled))
             state = "on" if enabled else "off"
             await repo.add_audit(s, actor_id, f"autoreply.{state}", f"channel {channel_id}")
         if self._autoreply is not None:

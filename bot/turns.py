@@ -19,7 +19,6 @@ class IncomingMessage:
     author: Speaker
     content: str
     message_id: int | None = None
-    is_dm: bool = False
 
 
 @dataclass(frozen=True)

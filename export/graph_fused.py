@@ -134,6 +134,7 @@ def _inputs_outputs(cfg: Any, g: FusedWriter, max_context: int) -> tuple[list, l
     inputs += [
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("last_index", TensorProto.INT64, ["batch"]),
     ]
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])
@@ -198,28 +199,15 @@ def attention(g: FusedWriter, cfg: Any, i: int, qkv: str, rotary: bool) -> str:
     return out
 
 
-def _last_positions(g: FusedWriter, names: list[str], hidden: int) -> list[str]:
-    """Keep only the position whose logits are needed in each row: min(seqlens_k, seq - 1).
+def _last_positions(g: FusedWriter, names: list[str]) -> list[str]:
+    """Keep only the position whose logits are needed in each row: `last_index[row]`.
 
-    First prompt (right-padded rows): seqlens_k is the row's last index. A decode step (seq 1)
-    or a later chunk (seq > 1 on top of a past) ends at seq - 1.
+    The runner says which position that is (a right-padded row's last real token, or seq - 1),
+    so no node derives it from shapes: a Shape -> Gather chain would be placed on the CPU by the
+    CUDA provider and its host copy would forbid CUDA-graph capture.
     """
-    shape = g.op("Shape", [names[0]], "last/shape")
-    seq = g.op("Gather", [shape, g.const("last/one", np.array(1, np.int64))], "last/seq")
-    seq_m1 = g.op("Sub", [seq, "last/one"], "last/seq_m1")
-    lens = g.op("Cast", ["seqlens_k"], "last/lens", to=TensorProto.INT64)
-    idx = g.op("Min", [lens, seq_m1], "last/idx")
-    idx = g.op("Unsqueeze", [idx, g.const("last/axes", np.array([1, 2], np.int64))], "last/idx3")
-    batch = g.op("Gather", [shape, g.const("last/zero", np.array([0], np.int64))], "last/batch")
-    tail = g.const("last/tail", np.array([1, hidden], np.int64))
-    target = g.op("Concat", [batch, tail], "last/target", axis=0)
-    idx = g.op("Expand", [idx, target], "last/idx_b")
-    flat = g.const("last/flat", np.array([0, hidden], np.int64))
-    out = []
-    for n in names:
-        picked = g.op("GatherElements", [n, idx], f"{n}/last", axis=1)
-        out.append(g.op("Reshape", [picked, flat], f"{n}/last2d"))
-    return out
+    idx = g.op("Unsqueeze", ["last_index", g.ints("last/axes", [1])], "last/idx")  # [batch, 1]
+    return [g.op("GatherND", [n, idx], f"{n}/last", batch_dims=1) for n in names]  # [batch, H]
 
 
 def _llama(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> str:
@@ -282,7 +270,7 @@ def _llama(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], max_context: int)
         silu = g.op("Mul", [gate, sig], f"layers.{i}.silu")
         act = g.op("Mul", [silu, up], f"layers.{i}.act")
         pending = g.linear(act, t[m + "down_proj.weight"], f"layers.{i}.down_proj")
-    pending, residual = _last_positions(g, [pending, residual], cfg.hidden_size)
+    pending, residual = _last_positions(g, [pending, residual])
     norm = g.weight("norm", t["model.norm.weight"])
     h = g.op(
         "SkipSimplifiedLayerNormalization", [pending, residual, norm], "final_norm", epsilon=eps
@@ -334,7 +322,7 @@ def _gpt2(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], max_context: int) 
         act = g.op("FastGelu", [fc, fc_bias], f"h.{i}.gelu")
         pending = g.linear(act, t[p + "mlp.c_proj.weight"].T, f"h.{i}.mlp_c_proj")
         pending_bias = g.weight(f"h.{i}.mlp_c_proj.bias", t[p + "mlp.c_proj.bias"])
-    pending, residual = _last_positions(g, [pending, residual], cfg.hidden_size)
+    pending, residual = _last_positions(g, [pending, residual])
     ln_f = [
         g.weight("ln_f.weight", t["transformer.ln_f.weight"]),
         g.weight("ln_f.bias", t["transformer.ln_f.bias"]),

@@ -31,21 +31,64 @@ def cpu_session(graph: str | Path | bytes, threads: int | None = None) -> ort.In
     return ort.InferenceSession(source, options, providers=[CPU])
 
 
+def decode_buckets(slots: int) -> tuple[int, ...]:
+    """Row counts a captured decode step runs: 1, 2, 4, ... up to `slots` (and `slots` itself)."""
+    sizes, n = [], 1
+    while n < slots:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, slots)
+
+
+def bucket_for(buckets: tuple[int, ...], rows: int) -> int:
+    """The smallest bucket that holds `rows` rows."""
+    for size in buckets:
+        if size >= rows:
+            return size
+    raise ValueError(f"{rows} rows exceed the largest bucket {buckets[-1]}")
+
+
+def device_value(shape: tuple[int, ...], dtype: type, device: str) -> ort.OrtValue:
+    """A tensor allocated once in `device` memory (its address never changes)."""
+    return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+
+
+def _run_options(graph_id: int) -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))  # -1: run without a graph
+    return options
+
+
 class FusedRunner:
     """Drives the fused graph over `slots` KV rows that live as long as the runner.
 
     One buffer per layer and kind, [slots, kv_heads, max_context, head_dim], is bound both as
     past input and present output (GroupQueryAttention writes the new entries in place). Any run
-    covers consecutive rows first..first+n-1 through pointers into those buffers: a decode step
-    runs the rows of the active slots, a prefill chunk runs one slot. Decode inputs are
-    preallocated arrays the caller writes (`ids`, `seqlens`), and decode bindings are made once
-    per row range, so a step allocates nothing.
+    covers consecutive rows through pointers into those buffers: a decode step runs the rows of
+    the active slots, a prefill chunk runs one slot.
+
+    Decode inputs are arrays the caller writes (`ids`, `seqlens`); their bindings are made once
+    per row range, so a step allocates nothing. On the CPU the binding points at those arrays.
+    On CUDA it points at device copies allocated once and refreshed in place before every step
+    (ORT copies a host input to the device when it is bound, not when the session runs).
+
+    `cuda_graphs`: decode steps run fixed shapes that a CUDA graph can capture, one graph per
+    bucket of rows (1, 2, 4, ... slots; `gpu_graph_id` is the bucket's index): rows 0..bucket-1
+    at fixed addresses, with `total_sequence_length` held at max_context. Prefill is not
+    captured. The session must have been created with `enable_cuda_graph` (bot.engine.session).
     """
 
-    def __init__(self, session: ort.InferenceSession, slots: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        slots: int,
+        device: str = "cpu",
+        cuda_graphs: bool = False,
+    ) -> None:
         self.session, self.slots, self.device = session, slots, device
         inputs = {i.name: i for i in session.get_inputs()}
         self.has_positions = "position_ids" in inputs
+        self.has_last_index = "last_index" in inputs  # graphs exported before it derive it
         kv = inputs[PAST + "0.key"]
         _, self.kv_heads, self.max_context, self.head_dim = kv.shape
         self.kv_dtype = np.float16 if kv.type == "tensor(float16)" else np.float32
@@ -56,19 +99,32 @@ class FusedRunner:
         self._kv: dict[str, np.ndarray | ort.OrtValue] = {}  # keeps the buffers alive
         self._kv_ptr: dict[str, int] = {}
         for name in self.kv_names:
-            if device == "cuda":
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
-                self._kv[name], self._kv_ptr[name] = value, value.data_ptr()
-            else:
+            if device == "cpu":
                 buf = np.zeros(shape, self.kv_dtype)
                 self._kv[name], self._kv_ptr[name] = buf, buf.ctypes.data
-        # decode inputs (rows first..first+n-1 are used) and outputs
+            else:
+                value = device_value(shape, self.kv_dtype, device)
+                self._kv[name], self._kv_ptr[name] = value, value.data_ptr()
+        # decode inputs (the rows of a step are used) and outputs
         self.ids = np.zeros((slots, 1), np.int64)
         self.positions = np.zeros((slots, 1), np.int64)
         self.seqlens = np.zeros(slots, np.int32)
         self.total = np.zeros((), np.int32)
         self.logits = np.zeros((slots, self.vocab), np.float32)
+        self._small: dict[str, np.ndarray] = {"input_ids": self.ids, "seqlens_k": self.seqlens}
+        if self.has_positions:
+            self._small["position_ids"] = self.positions
+        if self.has_last_index:  # a decode step feeds one token: its logits are at index 0
+            self._small["last_index"] = np.zeros(slots, np.int64)
+        self._on_device: dict[str, ort.OrtValue] = {}
+        if device != "cpu":
+            for name, array in self._small.items():
+                self._on_device[name] = device_value(array.shape, array.dtype.type, device)
+        self._device_logits: dict[tuple[int, int], ort.OrtValue] = {}
         self._decode_bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self.buckets = decode_buckets(slots) if cuda_graphs else ()
+        self._graph_options = {n: _run_options(i) for i, n in enumerate(self.buckets)}
+        self._no_graph = _run_options(-1) if cuda_graphs else None
 
     # ---- binding helpers ---------------------------------------------------------------------
     @staticmethod
@@ -85,17 +141,28 @@ class FusedRunner:
 
     def _decode_binding(self, first: int, n: int) -> ort.IOBinding:
         binding = self._decode_bindings.get((first, n))
-        if binding is None:
-            rows = slice(first, first + n)
-            binding = self.session.io_binding()
-            self._bind_cpu(binding, "input_ids", self.ids[rows])
-            if self.has_positions:
-                self._bind_cpu(binding, "position_ids", self.positions[rows])
-            self._bind_cpu(binding, "seqlens_k", self.seqlens[rows])
-            self._bind_cpu(binding, "total_sequence_length", self.total)
+        if binding is not None:
+            return binding
+        rows = slice(first, first + n)
+        binding = self.session.io_binding()
+        for name, array in self._small.items():
+            if self.device == "cpu":
+                self._bind_cpu(binding, name, array[rows])
+            else:  # rows first.. of the device copy
+                row_bytes = array[0].nbytes
+                ptr = self._on_device[name].data_ptr() + first * row_bytes
+                shape = [n, *array.shape[1:]]
+                binding.bind_input(name, self.device, 0, array.dtype.type, shape, ptr)
+        # a CPU input of GroupQueryAttention on every provider: read when the session runs
+        self._bind_cpu(binding, "total_sequence_length", self.total)
+        if self.device != "cpu" and self.buckets:  # captured: the output at a fixed address too
+            value = device_value((n, self.vocab), np.float32, self.device)  # one per bucket
+            self._device_logits[first, n] = value
+            binding.bind_ortvalue_output("logits", value)
+        else:  # ORT copies the logits into these host rows after the run
             self._bind_cpu(binding, "logits", self.logits[rows], output=True)
-            self._bind_kv(binding, first, n)
-            self._decode_bindings[first, n] = binding
+        self._bind_kv(binding, first, n)
+        self._decode_bindings[first, n] = binding
         return binding
 
     def cached(self, slot: int, length: int) -> dict[str, np.ndarray]:
@@ -107,19 +174,33 @@ class FusedRunner:
         return {name: buf[slot, :, :length].copy() for name, buf in self._kv.items()}
 
     # ---- running -----------------------------------------------------------------------------
+    def span(self, first: int, n: int) -> tuple[int, int]:
+        """The rows [lo, hi) that a decode step for rows first..first+n-1 runs: those rows, or
+        with CUDA graphs rows 0..bucket-1. The caller gives every row in the span a token and its
+        cached length (a row that is not generating writes one entry after what it holds)."""
+        if not self.buckets:
+            return first, first + n
+        return 0, bucket_for(self.buckets, first + n)
+
     def decode(self, first: int, n: int) -> np.ndarray:
-        """One token for each of rows first..first+n-1, from `ids` and `seqlens` (the tokens and
+        """One token for each row of `span(first, n)`, from `ids` and `seqlens` (the tokens and
         the cached lengths, written there by the caller).
 
-        Rows that are not generating pass any token; they write one entry at their own length,
-        which is beyond what they hold, so nothing they keep is touched. Returns the logits of
-        all slots [slots, V] (rows outside the range are stale; a buffer the next step overwrites).
+        Returns the logits of all slots [slots, V]: rows outside the span are stale (a buffer
+        the next step overwrites).
         """
-        rows = slice(first, first + n)
+        lo, hi = self.span(first, n)
+        rows = slice(lo, hi)
         if self.has_positions:
             self.positions[rows, 0] = self.seqlens[rows]
-        self.total[...] = int(self.seqlens[rows].max()) + 1
-        self.session.run_with_iobinding(self._decode_binding(first, n))
+        # with CUDA graphs a captured step's shapes and host scalars never change
+        self.total[...] = self.max_context if self.buckets else int(self.seqlens[rows].max()) + 1
+        for name, value in self._on_device.items():
+            value.update_inplace(self._small[name])
+        binding = self._decode_binding(lo, hi - lo)
+        self.session.run_with_iobinding(binding, self._graph_options.get(hi - lo))
+        if (lo, hi - lo) in self._device_logits:
+            self.logits[rows] = self._device_logits[lo, hi - lo].numpy()
         return self.logits
 
     def run(
@@ -133,7 +214,8 @@ class FusedRunner:
 
         Row r holds counts[r] real tokens (default S), right-padded; the padding writes entries
         after the row's real ones, which the next run overwrites. Returns new logits [rows, V]
-        of each row's last real token.
+        of each row's last real token. Bound fresh from host arrays (copied to the device at
+        binding, just before the run) and never captured in a CUDA graph.
         """
         ids = np.ascontiguousarray(ids, np.int64)
         rows, s = ids.shape
@@ -152,13 +234,15 @@ class FusedRunner:
         if self.has_positions:
             positions = past[:, None] + np.arange(s)[None, :]
             small["position_ids"] = np.minimum(positions, self.max_context - 1)
+        if self.has_last_index:
+            small["last_index"] = counts - 1
         logits = np.zeros((rows, self.vocab), np.float32)
         binding = self.session.io_binding()
         for name, array in small.items():
             self._bind_cpu(binding, name, array)
         self._bind_cpu(binding, "logits", logits, output=True)
         self._bind_kv(binding, first, rows)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._no_graph)
         return logits
 
     def prefill(self, slot: int, tokens: np.ndarray, past: int) -> np.ndarray:
@@ -166,8 +250,10 @@ class FusedRunner:
         return self.run(slot, np.asarray(tokens, np.int64)[None], [past])[0]
 
     def release(self) -> None:
-        """Drop the session and the KV buffers (after a hot swap)."""
+        """Drop the session and the buffers (after a hot swap)."""
         self._decode_bindings.clear()
+        self._device_logits.clear()
+        self._on_device.clear()
         self._kv.clear()
         self._kv_ptr.clear()
         self.session = None  # type: ignore[assignment]

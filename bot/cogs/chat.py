@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands
 
 from bot.cogs.triggers import ChatLimits, answer_reason, strip_mention
-from bot.errors import ReplyError
+from bot.errors import ReplyError, RestartingError
 from bot.replies import StreamedReply
 from bot.turns import IncomingMessage, Speaker
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
+    from bot.storage.models import PendingMessage
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,9 @@ APOLOGY = "Sorry, something went wrong while answering; please try again."
 EMPTY_PROMPT = "Say something after the mention and I'll answer."
 EMPTY_REPLY = "(the model gave an empty answer)"
 NONE = discord.AllowedMentions.none()
+RECOVER_WITHIN = timedelta(minutes=15)  # after a restart, older unanswered messages are declined
+INTERRUPTED = "*(interrupted: the bot restarted before this reply was finished)*"
+MISSED = "I restarted before I could answer this; please ask again."
 
 
 async def note(message: discord.Message, text: str) -> None:
@@ -55,8 +61,16 @@ class Chat(commands.Cog):
 
     def __init__(self, bot: ChatBot) -> None:
         self.bot = bot
+        self._recovered = False
+        self._recovering: set[asyncio.Task[None]] = set()
+        self._left: list[PendingMessage] = []  # the inbox as the last run left it
         s = bot.settings
         self.limits = ChatLimits.per_minute(s.user_rate_per_min, s.channel_rate_per_min)
+
+    async def cog_load(self) -> None:
+        """Before the gateway connects: what an earlier run accepted and never answered (read
+        now, so that messages this run accepts are never taken for them)."""
+        self._left = await self.bot.chat.pending()
 
     async def _replying_to_bot(self, message: discord.Message) -> bool:
         ref = message.reference
@@ -114,8 +128,6 @@ class Chat(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if not self.bot.accepting:
-            return
         try:
             why = await self.reason(message)
             if why is not None and not await self.allowed(message):
@@ -124,6 +136,9 @@ class Chat(commands.Cog):
             log.exception("cannot decide whether to answer message %s", message.id)
             return
         if why is None:
+            return
+        if not self.bot.accepting:  # shutting down: say so rather than stay silent
+            await note(message, RestartingError.user_message)
             return
         assert self.bot.user is not None
         content = strip_mention(message.content, self.bot.user.id)
@@ -137,8 +152,11 @@ class Chat(commands.Cog):
         with self.bot.in_flight():
             await self.answer(message, content)
 
-    async def answer(self, message: discord.Message, content: str) -> None:
-        """Stream one reply to `message`; errors end it with a short note, never silence."""
+    async def answer(
+        self, message: discord.Message, content: str, pending_id: int | None = None
+    ) -> None:
+        """Stream one reply to `message`; errors end it with a short note, never silence.
+        `pending_id`: the inbox row of a message accepted before a restart."""
         bot = self.bot
         assert bot.user is not None
         incoming = IncomingMessage(
@@ -147,7 +165,6 @@ class Chat(commands.Cog):
             author=Speaker(message.author.id, message.author.display_name, message.author.bot),
             content=content,
             message_id=message.id,
-            is_dm=message.guild is None,
         )
         me = Speaker(bot.user.id, bot.user.display_name, is_bot=True)
         out = StreamedReply(
@@ -155,7 +172,8 @@ class Chat(commands.Cog):
         )
         problem: str | None = None
         try:
-            async with typing(message.channel), bot.chat.reply(incoming, bot=me) as reply:
+            replying = bot.chat.reply(incoming, bot=me, pending_id=pending_id)
+            async with typing(message.channel), replying as reply:
                 try:
                     async for piece in reply:
                         await out.push(piece)
@@ -183,6 +201,64 @@ class Chat(commands.Cog):
                 await note(message, problem)
         elif not out.messages:
             await note(message, EMPTY_REPLY)
+
+    # -- after a restart --
+    @commands.Cog.listener()
+    async def on_ready(self) -> None:
+        """Once per process: finish what a crash left. Replies cut mid-stream get a note in
+        Discord; messages accepted and never answered are answered now, or declined with a note
+        when they are older than RECOVER_WITHIN or gone from Discord."""
+        if self._recovered:
+            return
+        self._recovered = True
+        for channel_id, message_ids in self.bot.db.interrupted:
+            if message_ids:
+                await self._mark_interrupted(channel_id, message_ids[-1])
+        now = datetime.now(UTC)
+        left, self._left = self._left, []
+        for pending in left:
+            channel = await self._channel(pending.channel_id)
+            message = None
+            if channel is not None and pending.discord_message_id is not None:
+                with contextlib.suppress(discord.HTTPException):
+                    message = await channel.fetch_message(pending.discord_message_id)
+            if message is None or now - pending.received_at > RECOVER_WITHIN:
+                await self.bot.chat.decline(pending.id)
+                if message is not None:
+                    await note(message, MISSED)
+                continue
+            log.info("answering message %s, accepted before the restart", message.id)
+            task = asyncio.create_task(self._answer_recovered(message, pending.content, pending.id))
+            self._recovering.add(task)  # created in order: each channel keeps its order
+            task.add_done_callback(self._recovering.discard)
+
+    async def _answer_recovered(self, message: discord.Message, content: str, pending: int) -> None:
+        with self.bot.in_flight():
+            await self.answer(message, content, pending_id=pending)
+
+    async def _channel(self, channel_id: int) -> discord.abc.Messageable | None:
+        channel = self.bot.get_channel(channel_id)
+        if channel is None:
+            try:
+                channel = await self.bot.fetch_channel(channel_id)
+            except discord.HTTPException:
+                return None
+        return channel if isinstance(channel, discord.abc.Messageable) else None
+
+    async def _mark_interrupted(self, channel_id: int, message_id: int) -> None:
+        """Append the interrupted note to the last Discord message of a cut reply."""
+        channel = await self._channel(channel_id)
+        if channel is None:
+            return
+        try:
+            message = await channel.fetch_message(message_id)
+            text = f"{message.content}\n\n{INTERRUPTED}"
+            if len(text) <= 2000:
+                await message.edit(content=text, allowed_mentions=NONE)
+            else:
+                await message.reply(INTERRUPTED, allowed_mentions=NONE, mention_author=False)
+        except discord.HTTPException as exc:
+            log.info("cannot mark reply message %s as interrupted: %s", message_id, exc)
 
 
 async def setup(bot: ChatBot) -> None:

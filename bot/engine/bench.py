@@ -66,6 +66,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         prefill_chunk=args.prefill_chunk,
     )
     try:
+        info = engine.session_info
+        if args.device == "cuda" and info.provider != "cuda":  # no CPU figures for a GPU bench
+            raise EngineError(f"CUDA was asked for but the CPU would run: {info.fallback_reason}")
         model = engine.model
         if args.prompt_tokens + args.new_tokens > model.max_context:
             raise ValueError(
@@ -87,10 +90,10 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 f"{run['aggregate_tok_s']:.1f} tok/s aggregate",
                 file=sys.stderr,
             )
-        info = engine.session_info
         return {
             "model": model.ref,
             "provider": info.provider,
+            "cuda_graphs": info.cuda_graphs,
             "threads": info.threads,
             "spin": args.spin,
             "precision": engine.precision,

@@ -16,7 +16,13 @@ from bot.engine.sampling import Sampler
 from bot.engine.scheduler import Request, Scheduler, Worker
 from bot.engine.session import GraphRunner, SessionInfo, create_session
 from bot.engine.stream import Stream
-from bot.engine.types import EngineStats, GenerationResult, PromptTooLongError, SamplingParams
+from bot.engine.types import (
+    EngineClosedError,
+    EngineStats,
+    GenerationResult,
+    PromptTooLongError,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,9 @@ def _load_worker(
     wrap_runner: WrapRunner | None = None,
 ) -> Worker:
     model = load_model(ref, registry)
-    session, info = create_session(model.graph_path, device, threads, spin)
+    session, info = create_session(
+        model.graph_path, device, threads, spin, precision=model.manifest.precision
+    )
     runner = GraphRunner(session, info, slots)
     return Worker(model, wrap_runner(runner) if wrap_runner else runner)
 
@@ -139,7 +147,10 @@ class Engine:
         timeout_s: float | None = None,
     ) -> Stream:
         """Queue one request; call from the event loop. QueueFullError when busy,
-        PromptTooLongError when the prompt does not fit, ValueError on bad ids."""
+        PromptTooLongError when the prompt does not fit, EngineClosedError once close() has
+        begun, ValueError on bad ids."""
+        if self._closing:
+            raise EngineClosedError("the engine is closed")
         loop = asyncio.get_running_loop()
         params = params or SamplingParams()
         worker = self._scheduler.current

@@ -14,6 +14,12 @@ from export.registry import Registry, RegistryError, default_registry
 from models.chat_encoding import ChatEncoder
 from models.chat_template import render_chat
 
+NO_ACTIVE = (
+    "no active model in the registry {registry}: create one with `make model` (or "
+    "`python -m export ensure-default CHECKPOINT --name NAME`), choose one with "
+    "`python -m export use NAME@N`, or name a version with --model / MODEL"
+)
+
 
 @dataclass
 class LoadedModel:
@@ -93,10 +99,7 @@ def resolve_version(ref: str | Path | None, registry: str | Path | None = None) 
         if ref is None or str(ref) == "":
             info = reg.active()
             if info is None:
-                raise ModelLoadError(
-                    f"no active model in the registry {reg.root}; pass --model NAME or run "
-                    "`python -m export use NAME@N`"
-                )
+                raise ModelLoadError(NO_ACTIVE.format(registry=reg.root))
             return info.path
         return reg.resolve(ref).path
     except RegistryError as exc:

@@ -13,9 +13,9 @@ import numpy as np
 
 from bot.engine.detokenize import IncrementalDetokenizer, StopStrings
 from bot.engine.loader import LoadedModel
-from bot.engine.sampling import Sampler
+from bot.engine.sampling import Sampler, choose_batch
 from bot.engine.session import GraphRunner
-from bot.engine.stream import Stream
+from bot.engine.stream import Outbox, Stream
 from bot.engine.types import (
     EngineClosedError,
     GenerationResult,
@@ -139,6 +139,7 @@ class Scheduler:
         self.workers: list[Worker] = [worker]
         self.current = worker
         self.cond = threading.Condition()
+        self.outbox = Outbox()  # engine thread only: flushed once per step
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.thread.start()
@@ -192,6 +193,7 @@ class Scheduler:
                 while not self._stopping and not self._has_work():
                     self.cond.wait(timeout=self._next_deadline())
                     self._expire_pending(self.clock())
+                    self.outbox.flush()
                 if self._stopping:
                     break
                 self._expire_pending(self.clock())
@@ -205,12 +207,14 @@ class Scheduler:
                     for r in worker.active():
                         self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
                     worker.forget()
+            self.outbox.flush()
             self._release_drained()
         for worker in self.workers:  # closing: end everything still running or queued
             for r in worker.active():
                 self._finish(r, "cancelled")
         while self.pending:
             self._finish(self.pending.popleft(), "cancelled")
+        self.outbox.flush()
 
     def _has_work(self) -> bool:
         if any(w.active() for w in self.workers) or len(self.workers) > 1:
@@ -265,17 +269,19 @@ class Scheduler:
         # still prefilling in between ride along and write one junk entry after what they hold
         first, last = decoding[0].slot, decoding[-1].slot
         ids, lengths = w.runner.ids, w.runner.seqlens
-        for i in range(first, last + 1):
+        lo, hi = w.runner.span(first, last - first + 1)  # with CUDA graphs: a bucket from row 0
+        for i in range(lo, hi):
             r = w.slots[i]
             ids[i, 0] = 0
             lengths[i] = len(w.kept[i]) if r is None else r.cached
         for r in decoding:
             ids[r.slot, 0] = r.next_token
         logits = w.runner.decode(first, last - first + 1)
-        for r in decoding:
+        tokens = choose_batch([r.sampler for r in decoding], logits, [r.slot for r in decoding])
+        for r, token in zip(decoding, tokens, strict=True):
             r.cached += 1
             r.next_token = None
-            self._emit(r, r.sampler.choose(logits[r.slot]))
+            self._emit(r, token)
 
     def _prefill(self, w: Worker) -> None:
         """Up to `prefill_chunk` prompt tokens, oldest admitted request first, one slot at a time
@@ -315,7 +321,7 @@ class Scheduler:
     def _send(self, r: Request, piece: str) -> None:
         if piece:
             r.text.append(piece)
-            r.stream.push_threadsafe(piece)
+            self.outbox.push(r.stream, piece)
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         """End a request: free its slot at once and hand the result to its stream."""
@@ -347,4 +353,4 @@ class Scheduler:
             model=r.worker.model.ref,
             cached_tokens=r.reused,
         )
-        r.stream.finish_threadsafe(result)
+        self.outbox.finish(r.stream, result)

@@ -20,13 +20,21 @@ DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 
 
+# ONNX Runtime 1.31 registers its CUDA GroupQueryAttention for fp16 and bf16 only: in a graph of
+# any other float type every attention node is placed on the CPU inside a "cuda" session, with
+# the KV cache copied both ways on every step. Such versions run on the CPU instead.
+CUDA_PRECISIONS = ("fp16",)
+CUDA_KV_TYPES = ("tensor(float16)", "tensor(bfloat16)")
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     """Which provider runs the graph, reported by the CLI and the bench."""
 
-    provider: str  # "cuda" or "cpu"
+    provider: str  # "cuda" or "cpu": runs every node, the attention included
     threads: int  # intra-op threads on the CPU provider (0 on CUDA)
-    fallback_reason: str | None = None  # why CUDA was requested but the CPU runs
+    fallback_reason: str | None = None  # why CUDA was requested (or possible) but the CPU runs
+    cuda_graphs: bool = False  # decode steps replay captured CUDA graphs
 
 
 def cpu_threads() -> int:
@@ -74,35 +82,77 @@ def _options(threads: int, spin: bool = False) -> ort.SessionOptions:
     return so
 
 
+def _attention_on_cpu(session: ort.InferenceSession) -> bool:
+    """Whether a CUDA session would place GroupQueryAttention on the CPU (its KV type)."""
+    kv = {i.name: i.type for i in session.get_inputs()}.get("past_key_values.0.key")
+    return kv is not None and kv not in CUDA_KV_TYPES
+
+
+def _cuda_session(graph: Path, cuda_graphs: bool) -> tuple[ort.InferenceSession | None, str, bool]:
+    """(session, reason, graphs): a CUDA session, with CUDA graphs when asked for and possible,
+    or None and why not."""
+    preload_cuda_libraries()
+    reason = ""
+    # ORT prints its own errors while probing CUDA; we report the outcome ourselves
+    ort.set_default_logger_severity(4)
+    try:
+        for graphs in (True, False) if cuda_graphs else (False,):
+            # no TF32: an fp32 graph gives the CPU's greedy tokens (fp16 graphs never use it)
+            options = {"device_id": "0", "use_tf32": "0"}
+            if graphs:
+                options["enable_cuda_graph"] = "1"
+            try:
+                session = ort.InferenceSession(
+                    str(graph), _options(0), providers=[(CUDA, options), CPU]
+                )
+            except Exception as exc:  # ORT raises RuntimeError/Fail subclasses here
+                reason = f"CUDA session failed: {str(exc).splitlines()[0][:200]}"
+                if graphs:
+                    log.warning("engine: no CUDA graphs (%s); trying without", reason)
+                continue
+            if session.get_providers()[0] != CUDA:
+                return None, "the CUDA provider could not initialise (no usable GPU)", False
+            if _attention_on_cpu(session):
+                return None, "its attention would run on the CPU (KV cache not fp16)", False
+            return session, "", graphs
+        return None, reason, False
+    finally:
+        ort.set_default_logger_severity(2)
+
+
 def create_session(
-    graph: Path, device: str = "auto", threads: int | None = None, spin: bool = False
+    graph: Path,
+    device: str = "auto",
+    threads: int | None = None,
+    spin: bool = False,
+    precision: str | None = None,
+    cuda_graphs: bool = True,
 ) -> tuple[ort.InferenceSession, SessionInfo]:
     """A session on CUDA when asked for (or `auto`) and usable, else on the CPU, with a warning
-    when CUDA was asked for explicitly and could not start."""
+    when CUDA was asked for explicitly and could not start.
+
+    `precision` (the manifest's): only CUDA_PRECISIONS run on CUDA; others fall back to the CPU
+    (a version whose attention the CUDA provider cannot run is faster there). `cuda_graphs`:
+    capture decode steps (export.runner.FusedRunner) when the session allows it.
+    """
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     reason = None
     if device in ("auto", "cuda"):
-        if CUDA not in ort.get_available_providers():
+        if precision is not None and precision not in CUDA_PRECISIONS:
+            reason = (
+                f"a {precision} version runs its attention on the CPU under CUDA (ONNX Runtime's "
+                "CUDA GroupQueryAttention is fp16/bf16 only); export with --precision fp16"
+            )
+        elif CUDA not in ort.get_available_providers():
             reason = "this onnxruntime build has no CUDA provider"
         else:
-            preload_cuda_libraries()
-            # ORT prints its own errors while probing CUDA; we report the outcome ourselves
-            ort.set_default_logger_severity(4)
-            try:
-                # no TF32: an fp32 graph gives the CPU's greedy tokens (fp16 graphs never use it)
-                cuda = (CUDA, {"device_id": "0", "use_tf32": "0"})
-                session = ort.InferenceSession(str(graph), _options(0), providers=[cuda, CPU])
-                if session.get_providers()[0] == CUDA:
-                    log.info("engine: CUDA provider for %s", graph)
-                    return session, SessionInfo("cuda", 0)
-                reason = "the CUDA provider could not initialise (no usable GPU)"
-            except Exception as exc:  # ORT raises RuntimeError/Fail subclasses here
-                reason = f"CUDA session failed: {str(exc).splitlines()[0][:200]}"
-            finally:
-                ort.set_default_logger_severity(2)
+            session, reason, graphs = _cuda_session(graph, cuda_graphs)
+            if session is not None:
+                log.info("engine: CUDA provider for %s (CUDA graphs: %s)", graph, graphs)
+                return session, SessionInfo("cuda", 0, cuda_graphs=graphs)
         if device == "cuda":
-            log.warning("engine: CUDA requested but unavailable (%s); running on the CPU", reason)
+            log.warning("engine: CUDA requested but not used (%s); running on the CPU", reason)
         else:
             log.info("engine: no usable CUDA (%s); running on the CPU", reason)
     threads = threads or cpu_threads()
@@ -116,5 +166,6 @@ class GraphRunner(FusedRunner):
     reports about it: which provider runs it and why."""
 
     def __init__(self, session: ort.InferenceSession, info: SessionInfo, slots: int) -> None:
-        super().__init__(session, slots, device="cuda" if info.provider == "cuda" else "cpu")
+        device = "cuda" if info.provider == "cuda" else "cpu"
+        super().__init__(session, slots, device=device, cuda_graphs=info.cuda_graphs)
         self.info = info

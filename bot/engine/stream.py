@@ -14,7 +14,7 @@ _END = object()
 class Stream:
     """Text pieces of one request as they are generated; `result` once it has ended.
 
-    The engine thread calls `push`/`finish` through `loop.call_soon_threadsafe`; consumers
+    The engine thread hands pieces and the result over through an `Outbox`; consumers
     `async for piece in stream`. `cancel()` asks the engine to stop and free the slot.
     """
 
@@ -25,17 +25,7 @@ class Stream:
         self._done = asyncio.Event()
         self.result: GenerationResult | None = None
 
-    # ---- engine thread side (via the loop) --------------------------------------------------
-    def push_threadsafe(self, piece: str) -> None:
-        self._call(self._queue.put_nowait, piece)
-
-    def finish_threadsafe(self, result: GenerationResult) -> None:
-        self._call(self._finish, result)
-
-    def _call(self, fn: Callable, arg: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the consumer's loop closed: nobody listens
-            self._loop.call_soon_threadsafe(fn, arg)
-
+    # ---- engine thread side (through an Outbox) ----------------------------------------------
     def _finish(self, result: GenerationResult) -> None:
         self.result = result
         self._queue.put_nowait(_END)
@@ -71,3 +61,31 @@ class Stream:
         async for _ in self:
             pass
         return await self.wait()
+
+
+class Outbox:
+    """What one engine step hands to the event loops: every stream's pieces and results, in
+    order, delivered with one `call_soon_threadsafe` per loop per step (not one per token)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[asyncio.AbstractEventLoop, list[tuple[Callable, object]]] = {}
+
+    def push(self, stream: Stream, piece: str) -> None:
+        self._calls.setdefault(stream._loop, []).append((stream._queue.put_nowait, piece))
+
+    def finish(self, stream: Stream, result: GenerationResult) -> None:
+        self._calls.setdefault(stream._loop, []).append((stream._finish, result))
+
+    def flush(self) -> None:
+        """Hand everything collected so far to its loop (engine thread; cheap when empty)."""
+        if not self._calls:
+            return
+        calls, self._calls = self._calls, {}
+        for loop, batch in calls.items():
+            with contextlib.suppress(RuntimeError):  # the consumer's loop closed: nobody listens
+                loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[Callable, object]]) -> None:
+    for fn, arg in batch:
+        fn(arg)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -38,6 +40,27 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _check_writable(path: Path) -> None:
+    """Open the SQLite file and take a write lock, synchronously: a read-only disk or an
+    unreadable file is reported here, before the async driver's thread would fail noisily."""
+    try:
+        connection = sqlite3.connect(path, timeout=10)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.rollback()
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise OSError(f"{exc} ({path})") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words, one line (SQLAlchemy wraps them with SQL and a link)."""
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip().splitlines()
+    return text[0] if text else type(inner).__name__
+
+
 class Database:
     """One async engine and its session factory. Use one unit of work per event:
 
@@ -53,7 +76,11 @@ class Database:
         self.url = url
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite" and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseError(f"cannot create {folder} for the database: {exc}") from None
         try:
             # a server can drop idle connections (ping before use); a SQLite file cannot
             ping = self.dialect != "sqlite"
@@ -74,13 +101,31 @@ class Database:
         """Start-up: connect, migrate to head, mark replies left in progress as interrupted."""
         db = cls(url)
         try:
+            if db.sqlite_file is not None:
+                await asyncio.to_thread(_check_writable, db.sqlite_file)
             if upgrade:
                 await db.upgrade()
             await db.mark_interrupted()
+        except (DBAPIError, OSError) as exc:  # unreachable server, read-only or full disk, ...
+            await db.close()
+            raise DatabaseError(f"cannot use the database {db.safe_url}: {_reason(exc)}") from exc
         except BaseException:
             await db.close()
             raise
         return db
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database file, if this is one (not in memory)."""
+        parsed = make_url(self.url)
+        if self.dialect != "sqlite" or not parsed.database or parsed.database == ":memory:":
+            return None
+        return Path(parsed.database).expanduser()
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password hidden, for messages and logs."""
+        return make_url(self.url).render_as_string(hide_password=True)
 
     def session(self) -> AsyncSession:
         return self._sessions()

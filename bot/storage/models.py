@@ -70,6 +70,23 @@ class Status(StrEnum):
     INTERRUPTED = "interrupted"
 
 
+class EnumString(TypeDecorator[StrEnum]):
+    """A StrEnum stored as its value in a short string column (read back as the enum)."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, enum: type[StrEnum]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: StrEnum | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else str(value)  # CHECK constraints refuse unknown values
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> StrEnum | None:
+        return None if value is None else self.enum(value)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -109,7 +126,7 @@ class Message(Base):
     discord_message_ids: Mapped[list[int]] = mapped_column(JSON, default=list)  # all, in order
     author_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     author_name: Mapped[str] = mapped_column(String(100), default="")
-    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    role: Mapped[Role] = mapped_column(EnumString(Role), nullable=False)
     content: Mapped[str] = mapped_column(Text, default="")
     token_count: Mapped[int | None] = mapped_column(Integer)  # of content (reply: generated)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)  # reply only: the prompt it saw
@@ -119,7 +136,7 @@ class Message(Base):
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
     duration_ms: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default=Status.COMPLETE)
+    status: Mapped[Status] = mapped_column(EnumString(Status), default=Status.COMPLETE)
     forgotten: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, onupdate=utcnow)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -56,13 +56,35 @@ async def autoreply_channels(s: AsyncSession) -> set[int]:
     return set(await s.scalars(select(Channel.id).where(Channel.autoreply.is_(True))))
 
 
-async def add_message(s: AsyncSession, **fields: Any) -> Message:
+async def add_message(
+    s: AsyncSession,
+    *,
+    channel_id: int,
+    role: Role,
+    content: str = "",
+    author_id: int | None = None,
+    author_name: str = "",
+    discord_message_id: int | None = None,
+    token_count: int | None = None,
+    prompt_tokens: int | None = None,
+    model_version: str | None = None,
+    status: Status = Status.COMPLETE,
+) -> Message:
     """A new turn; flushed so that its id is known."""
-    ids = fields.pop("discord_message_ids", None) or []
-    first = fields.pop("discord_message_id", None)
-    if first is not None and first not in ids:
-        ids = [first, *ids]
-    message = Message(discord_message_id=ids[0] if ids else None, discord_message_ids=ids, **fields)
+    ids = [] if discord_message_id is None else [discord_message_id]
+    message = Message(
+        channel_id=channel_id,
+        role=role,
+        content=content,
+        author_id=author_id,
+        author_name=author_name,
+        discord_message_id=discord_message_id,
+        discord_message_ids=ids,
+        token_count=token_count,
+        prompt_tokens=prompt_tokens,
+        model_version=model_version,
+        status=status,
+    )
     s.add(message)
     await s.flush()
     return message
@@ -107,12 +129,27 @@ async def in_progress_replies(s: AsyncSession) -> list[Message]:
     return list((await s.scalars(query)).all())
 
 
-async def update_message(s: AsyncSession, message_id: int, **fields: Any) -> None:
+class MessageUpdate(TypedDict, total=False):
+    """What a reply's row learns while it streams and when it ends."""
+
+    content: str
+    discord_message_ids: Sequence[int]  # all of the reply's Discord messages, in order
+    status: Status
+    finish_reason: str
+    model_version: str
+    token_count: int
+    queue_ms: float
+    ttft_ms: float
+    tokens_per_s: float
+    duration_ms: float
+
+
+async def update_message(s: AsyncSession, message_id: int, **fields: Unpack[MessageUpdate]) -> None:
+    values: dict[str, Any] = dict(fields)
     if "discord_message_ids" in fields:
         ids = list(fields["discord_message_ids"])
-        fields["discord_message_ids"] = ids
-        fields["discord_message_id"] = ids[0] if ids else None
-    await s.execute(update(Message).where(Message.id == message_id).values(**fields))
+        values.update(discord_message_ids=ids, discord_message_id=ids[0] if ids else None)
+    await s.execute(update(Message).where(Message.id == message_id).values(**values))
 
 
 async def history(
@@ -140,11 +177,6 @@ async def forget(s: AsyncSession, channel_id: int) -> int:
         .values(forgotten=True)
     )
     return result.rowcount or 0
-
-
-async def count_messages(s: AsyncSession, channel_id: int) -> int:
-    query = select(func.count()).select_from(Message).where(Message.channel_id == channel_id)
-    return int(await s.scalar(query) or 0)
 
 
 def _values(row: ChannelSettingsRow | GuildSettingsRow | None) -> dict[str, Any]:
@@ -375,16 +407,14 @@ async def dialogue_rows(s: AsyncSession, channel_id: int) -> list[Message]:
     return list((await s.scalars(query)).all())
 
 
-async def set_channel_fields(s: AsyncSession, channel_id: int, **fields: Any) -> None:
-    await s.execute(update(Channel).where(Channel.id == channel_id).values(**fields))
+async def set_persona(s: AsyncSession, channel_id: int, persona: str | None) -> None:
+    await s.execute(update(Channel).where(Channel.id == channel_id).values(persona=persona))
+
+
+async def set_autoreply(s: AsyncSession, channel_id: int, enabled: bool) -> None:
+    await s.execute(update(Channel).where(Channel.id == channel_id).values(autoreply=enabled))
 
 
 async def add_audit(s: AsyncSession, actor_id: int, action: str, detail: str = "") -> None:
     s.add(AuditEntry(actor_id=actor_id, action=action, detail=detail))
     await s.flush()
-
-
-async def audit_entries(s: AsyncSession, limit: int = 50) -> list[AuditEntry]:
-    """The newest audit entries, newest first."""
-    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
-    return list((await s.scalars(query)).all())

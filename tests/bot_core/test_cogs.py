@@ -211,7 +211,7 @@ class FakeService:
         self.incoming: list[Any] = []
         self.pieces, self.error = pieces, error
 
-    def reply(self, msg: Any, *, bot: Any) -> FakeReply:
+    def reply(self, msg: Any, *, bot: Any, pending_id: int | None = None) -> FakeReply:
         self.incoming.append(msg)
         self.replies.append(FakeReply(self.pieces, self.error))
         return self.replies[-1]

@@ -173,7 +173,7 @@ async def test_a_cut_reply_shows_its_text_then_the_note_on_its_own_line(db, sett
     [
         (
             None,
-            ["no model version in the registry", "make model", "python -m export ensure-default"],
+            ["no active model in the registry", "make model", "python -m export ensure-default"],
         ),
         ("nosuch@2", ["no model named 'nosuch'"]),
     ],

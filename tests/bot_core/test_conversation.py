@@ -17,9 +17,8 @@ from bot.errors import (
 )
 from bot.generation import SettingsError
 from bot.service import ChatService
-from bot.storage import repo
 from bot.storage.db import Database
-from bot.storage.models import Message
+from bot.storage.models import AuditEntry, Message
 from bot.turns import IncomingMessage, Speaker
 from tests.bot_core.fakes import FakeEngine
 
@@ -119,7 +118,7 @@ async def test_persona_comes_first_and_forget_empties_the_memory(
     with pytest.raises(SettingsError, match="empty"):
         await service.set_persona(10, "   ", actor_id=7)
     async with service.db.session() as s:
-        actions = [a.action for a in reversed(await repo.audit_entries(s))]
+        actions = [a.action for a in await s.scalars(select(AuditEntry).order_by(AuditEntry.id))]
     assert actions == ["persona.set", "forget", "persona.clear"]
 
 
@@ -360,7 +359,8 @@ async def test_autoreply_and_audit(service: ChatService):
     await service.set_autoreply(10, False, actor_id=4)
     await service.audit(4, "model.use", "tiny@2")
     async with service.db.session() as s:
-        entries = [(a.actor_id, a.action, a.detail) for a in reversed(await repo.audit_entries(s))]
+        rows = await s.scalars(select(AuditEntry).order_by(AuditEntry.id))
+        entries = [(a.actor_id, a.action, a.detail) for a in rows]
     assert entries == [
         (4, "autoreply.on", "channel 10"),
         (4, "autoreply.off", "channel 10"),

@@ -17,7 +17,7 @@ from bot.privacy import PrivacyService, replies_to
 from bot.service import ChatService
 from bot.storage import repo
 from bot.storage.db import Database
-from bot.storage.models import Message, PendingMessage
+from bot.storage.models import Message, PendingMessage, Role
 from bot.turns import IncomingMessage, Speaker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,18 +167,16 @@ async def stored_conversations(service: ChatService) -> None:
             channel_id=GENERAL,
             author_id=3,
             author_name="carol",
-            role="user",
+            role=Role.USER,
             content="carol before",
-            status="complete",
         )
         await repo.add_message(
             s,
             channel_id=GENERAL,
             author_id=BOT.id,
             author_name="Bot",
-            role="assistant",
+            role=Role.ASSISTANT,
             content="reply to carol",
-            status="complete",
         )
 
 

@@ -6,14 +6,14 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from bot.storage import repo
 from bot.storage.db import Database, DatabaseError
-from bot.storage.models import Base, Channel, Message, Status
+from bot.storage.models import AuditEntry, Base, Channel, Message, Role, Status
 
 
 async def test_sqlite_connections_use_wal_and_foreign_keys(db: Database):
@@ -32,14 +32,20 @@ async def test_message_round_trip_keeps_every_field(db: Database):
         row = await repo.add_message(
             s,
             channel_id=big,
-            discord_message_ids=[big + 1, big + 2],
+            discord_message_id=big + 1,
             author_id=big + 3,
             author_name="Zoë",
-            role="assistant",
+            role=Role.ASSISTANT,
             content="héllo 🙂",
-            token_count=5,
             prompt_tokens=40,
             model_version="tiny@2",
+            status=Status.IN_PROGRESS,
+        )
+        await repo.update_message(
+            s,
+            row.id,
+            discord_message_ids=[big + 1, big + 2],
+            token_count=5,
             queue_ms=1.5,
             ttft_ms=20.0,
             tokens_per_s=33.3,
@@ -56,7 +62,8 @@ async def test_message_round_trip_keeps_every_field(db: Database):
     assert (stored.author_id, stored.author_name, stored.content) == (big + 3, "Zoë", "héllo 🙂")
     assert (stored.token_count, stored.prompt_tokens, stored.model_version) == (5, 40, "tiny@2")
     assert (stored.queue_ms, stored.ttft_ms, stored.tokens_per_s) == (1.5, 20.0, 33.3)
-    assert stored.finish_reason == "stop" and stored.status == "complete"
+    assert stored.finish_reason == "stop" and stored.status is Status.COMPLETE
+    assert stored.role is Role.ASSISTANT  # the enums come back, stored as their values
     assert stored.created_at.tzinfo == UTC and not stored.forgotten  # aware, on SQLite too
     assert abs(datetime.now(UTC) - stored.created_at) < timedelta(minutes=5)
 
@@ -104,7 +111,7 @@ async def test_history_survives_a_restart(db_url: str):
     second = await Database.open(db_url)
     async with second.session() as s:
         turns = await repo.history(s, 10, limit=3)
-        audit = await repo.audit_entries(s)
+        audit = (await s.scalars(select(AuditEntry))).all()
     await second.close()
     assert [t.content for t in turns] == ["turn 2", "turn 3", "turn 4"]
     assert [(a.actor_id, a.action) for a in audit] == [(1, "persona.set")]
@@ -146,7 +153,7 @@ async def test_forget_keeps_rows_but_hides_them(db: Database):
     async with db.session() as s:
         assert await repo.history(s, 8, 10) == []
         assert len(await repo.history(s, 8, 10, include_forgotten=True)) == 3
-        assert await repo.count_messages(s, 8) == 3
+        assert await s.scalar(select(func.count()).where(Message.channel_id == 8)) == 3
 
 
 def test_bad_url_is_a_one_line_error():

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 
 from bot.storage import repo
-from bot.storage.models import Message, PendingMessage
+from bot.storage.models import Message, PendingMessage, Role
 from tests.e2e.helpers import Start, command, option, reply_done, stored
 from tests.fakediscord import FakeDiscord
 from tests.fakediscord.server import button_ids
@@ -248,8 +248,7 @@ async def test_the_retention_task_deletes_expired_turns(
     await reply_done(fake, bot, general)
     old = datetime.now(UTC) - timedelta(days=31)
     async with bot.db.session() as s, s.begin():
-        await repo.add_message(
-            s, channel_id=general, role="user", content="ancient", created_at=old, author_id=1
-        )
+        row = await repo.add_message(s, channel_id=general, role=Role.USER, content="ancient")
+        row.created_at = old
     await fake.wait_until(lambda: bot.chat.privacy.purged >= 1, 30)
     assert [r.content for r in await stored(bot, general) if r.role == "user"] == ["recent"]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from bot.storage import repo
 from bot.storage.db import Database
+from bot.storage.models import AuditEntry
 from tests.e2e.helpers import Start, command, option, pings_nobody, reply_done, stored
 from tests.fakediscord import FakeDiscord
 
@@ -149,7 +152,9 @@ async def test_admin_model_use_takes_registry_names_only(
         assert "give NAME or NAME@N" in callback.json["data"]["content"]
         assert bot.engine.model.ref == running
     async with bot.db.session() as s:
-        assert await repo.audit_entries(s) == []  # refused before anything was tried
+        assert (
+            await s.scalars(select(AuditEntry))
+        ).all() == []  # refused before anything was tried
 
 
 async def test_forget_in_own_dm_needs_no_permission(fake: FakeDiscord, start_bot: Start) -> None:
@@ -291,6 +296,8 @@ async def test_everyone_in_bot_output_pings_nobody(fake: FakeDiscord, start_bot:
     bot = await start_bot()
     admin, alice = fake.add_user("admin", admin=True), fake.add_user("alice")
     channel = fake.text_channel_ids[7]
+    # short replies leave the tiny model's small context room for this persona's tokens
+    await bot.chat.update_settings(channel, 1, max_tokens=32)
     persona = f"@everyone @here <@{alice['id']}> <@&{fake.admin_role_id}> listen"
     # room for the persona in the tiny model's context, whatever the ids' digits
     await bot.chat.update_settings(channel, 1, max_tokens=16)
@@ -320,3 +327,156 @@ async def test_stats_shows_queue_depth_and_streams(fake: FakeDiscord, start_bot:
     assert "queue: 0 waiting" in lines
     assert "streams: 0 of 4 slots busy" in lines  # engine_slots=4, nothing running
     assert callback.json["data"]["flags"] & 64  # ephemeral
+
+
+async def test_after_a_crash_the_bot_finishes_what_it_had_accepted(
+    fake: FakeDiscord, start_bot: Start
+) -> None:
+    """What a kill -9 leaves: a reply cut mid-stream (its row in progress) and messages accepted
+    but never answered (in the inbox). On restart the cut reply's Discord message says it was
+    interrupted, a recent unanswered message is answered, an old one is declined with a note."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from bot.storage.models import Message, Status
+
+    bot = await start_bot()
+    alice = fake.add_user("alice")
+    channel = fake.text_channel_ids[8]
+    await bot.chat.update_settings(channel, 1, max_tokens=8)
+    await fake.dispatch_message(channel, alice, f"<@{fake.bot_user['id']}> first", [fake.bot_user])
+    await reply_done(fake, bot, channel)
+    recent = await fake.dispatch_message(channel, alice, "said while the bot was down")
+    old = await fake.dispatch_message(channel, alice, "said long ago")
+    await start_bot.stop(bot)  # type: ignore[attr-defined]
+
+    db = await Database.open(bot.settings.database_url)
+    async with db.session() as s, s.begin():  # the state a kill -9 mid-reply leaves
+        cut = (await repo.history(s, channel, 10))[-1]
+        await s.execute(
+            update(Message).where(Message.id == cut.id).values(status=Status.IN_PROGRESS)
+        )
+        for msg, age in ((recent, timedelta(0)), (old, timedelta(hours=2))):
+            pending = await repo.add_pending(
+                s,
+                channel_id=channel,
+                author_id=int(alice["id"]),
+                author_name="alice",
+                content=msg["content"],
+                discord_message_id=int(msg["id"]),
+            )
+            pending.received_at = datetime.now(UTC) - age
+    await db.close()
+    cut_message = cut.discord_message_ids[-1]
+    n_before = len(fake.find("POST", f"/channels/{channel}/messages"))
+    n_requests = len(fake.requests)
+
+    bot = await start_bot()
+    edited = await fake.wait_until(
+        lambda: next(
+            (
+                r
+                for r in fake.requests[n_requests:]
+                if r.method == "PATCH" and r.path.endswith(f"/messages/{cut_message}")
+            ),
+            None,
+        ),
+        60,
+    )
+    assert "interrupted: the bot restarted" in edited.json["content"]
+    await fake.wait_until(
+        lambda: len(fake.find("POST", f"/channels/{channel}/messages")) >= n_before + 2, 60
+    )
+    await fake.wait_until(lambda: bot.active_replies == 0, 60)
+    posts = fake.find("POST", f"/channels/{channel}/messages")[n_before:]
+    by_target = {str(p.json["message_reference"]["message_id"]): p.json for p in posts}
+    assert "please ask again" in by_target[old["id"]]["content"]
+    assert "please ask again" not in by_target[recent["id"]]["content"]  # a real answer
+    assert await bot.chat.pending() == []
+    rows = await stored(bot, channel)
+    assert [(r.role, r.status) for r in rows] == [
+        ("user", "complete"),
+        ("assistant", "interrupted"),
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]
+    assert rows[1].finish_reason == "restart" and rows[2].content == recent["content"]
+
+
+async def test_shutdown_tells_waiting_and_late_mentions_to_ask_again(
+    fake: FakeDiscord, start_bot: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mention waiting behind a streaming reply when the bot shuts down, and one that arrives
+    during the grace period, both get the short restarting note; nothing is logged at ERROR and
+    nothing is left in the inbox."""
+    bot = await start_bot(shutdown_grace_s=0.0, edit_interval_s=0.05)
+    alice, bob, carol = fake.add_user("alice"), fake.add_user("bob"), fake.add_user("carol")
+    channel, other = fake.text_channel_ids[9], fake.text_channel_ids[10]
+    await bot.chat.update_settings(channel, 1, max_tokens=200, temperature=1.0, seed=7)
+    mention = f"<@{fake.bot_user['id']}>"
+    await fake.dispatch_message(channel, alice, f"{mention} long one", [fake.bot_user])
+    await fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{channel}/messages")
+    waiting = await fake.dispatch_message(channel, bob, f"{mention} me next", [fake.bot_user])
+    for _ in range(500):
+        if await bot.chat.pending():
+            break
+        await asyncio.sleep(0.01)
+    assert [p.content for p in await bot.chat.pending()] == ["me next"]
+
+    bot.accepting = False  # the grace period has begun
+    late = await fake.dispatch_message(other, carol, f"{mention} hello?", [fake.bot_user])
+    note_to_late = await fake.wait_for(
+        lambda r: (
+            r.method == "POST"
+            and r.path == f"/channels/{other}/messages"
+            and str(r.json["message_reference"]["message_id"]) == late["id"]
+        ),
+        30,
+    )
+    assert "restarting" in note_to_late.json["content"]
+    bot.accepting = True
+
+    caplog.clear()
+    await start_bot.stop(bot)  # type: ignore[attr-defined]
+    replies = [
+        r.json
+        for r in fake.find("POST", f"/channels/{channel}/messages")
+        if str((r.json.get("message_reference") or {}).get("message_id")) == waiting["id"]
+    ]
+    assert [r["content"] for r in replies] == ["I'm restarting; please ask again in a moment."]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    db = await Database.open(bot.settings.database_url)
+    try:
+        async with db.session() as s:
+            assert await repo.pending_messages(s) == []
+    finally:
+        await db.close()
+
+
+async def test_leaving_async_with_waits_for_the_whole_shutdown(
+    fake: FakeDiscord, tiny_registry, tmp_path: Path
+) -> None:
+    """What SIGTERM does in `serve`: close() from a signal handler while `async with bot:`
+    waits in start(). Leaving the block must not end before the database is closed, or
+    asyncio.run cancels that close (an ERROR in the log on every shutdown)."""
+    from bot.client import create_bot
+    from bot.config import BotConfig
+
+    config = BotConfig(
+        _env_file=None,
+        discord_api_base=fake.api_base,
+        discord_gateway_url=fake.gateway_url,
+        data_dir=tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+        model_registry=tiny_registry.root,
+        device="cpu",
+        command_guild_ids=[fake.guild_id],
+    )
+    bot = await create_bot(config)
+    async with bot:
+        task = asyncio.create_task(bot.start("fake-token"))
+        await asyncio.wait_for(bot.wait_until_ready(), 60)
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(bot.close()))
+        await asyncio.wait_for(task, 60)
+    assert bot.shut_down

@@ -57,3 +57,15 @@ def test_bench_json_last_line(engine_registry, capsys):
     assert (report["concurrency"], report["prompt_tokens"], report["new_tokens"]) == (2, 16, 8)
     assert report["provider"] == "cpu" and report["precision"] == "fp32"
     assert report["decode_tok_s"] > 0 and report["aggregate_tok_s"] > 0
+
+
+def test_bench_on_cuda_never_reports_cpu_figures(engine_registry, capsys):
+    """Asking for CUDA and getting the CPU is an error for a benchmark (fp32 never runs on CUDA,
+    so this holds on a GPU machine too)."""
+    argv = ["bench", "--registry", str(engine_registry.root), "--model", "llama", "--json"]
+    argv += ["--device", "cuda", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1"]
+    assert main(argv) != 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: CUDA was asked for but the CPU")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bot.engine import Engine, SamplingParams
-from bot.engine.sampling import Sampler, _top_k
+from bot.engine.sampling import Sampler, _top_k, choose_batch
 from tests.engine.conftest import run
 
 V = 10
@@ -112,6 +112,80 @@ def test_invalid_parameters_are_refused_with_a_message():
     ]:
         with pytest.raises(ValueError, match=word):
             SamplingParams(**kw)
+
+
+def _random_params(rng: np.random.Generator, seed: int) -> SamplingParams:
+    return SamplingParams(
+        greedy=bool(rng.random() < 0.25),
+        temperature=float(rng.choice([0.2, 0.7, 1.0, 1.5])),
+        top_k=int(rng.choice([0, 1, 5, 50, 200])),
+        top_p=float(rng.choice([1.0, 0.9, 0.5])),
+        min_p=float(rng.choice([0.0, 0.05])),
+        repetition_penalty=float(rng.choice([1.0, 1.1, 1.5])),
+        presence_penalty=float(rng.choice([0.0, 0.0, 0.5])),
+        seed=seed,
+    )
+
+
+def test_a_batch_draws_what_each_row_draws_alone():
+    """choose_batch (array operations over the step) gives every row the token it gets alone,
+    whatever its settings and neighbours; ties, frequent in fp16 logits, go to the lower id."""
+    rng = np.random.default_rng(0)
+    vocab, rows = 3000, 12
+    for trial in range(25):
+        logits = rng.normal(0, 3, (rows + 3, vocab)).astype(np.float32)
+        if trial % 2:  # fp16 logits: many equal values
+            logits = logits.astype(np.float16).astype(np.float32)
+        logits[2, rng.integers(0, vocab, 100)] = -np.inf
+        params = [_random_params(rng, seed=trial * 100 + i) for i in range(rows)]
+        prompts = [rng.integers(0, vocab, 20).tolist() for _ in range(rows)]
+        batch = [Sampler(p, q, ()) for p, q in zip(params, prompts, strict=True)]
+        alone = [Sampler(p, q, ()) for p, q in zip(params, prompts, strict=True)]
+        slots = rng.permutation(rows + 3)[:rows]
+        for _ in range(3):  # the state (penalties, generators) moves on identically
+            got = choose_batch(batch, logits, slots)
+            want = [s.choose(logits[slot]) for s, slot in zip(alone, slots, strict=True)]
+            assert got == want
+            for s, t, u in zip(batch, got, alone, strict=True):
+                s.accept(t)
+                u.accept(t)
+        before = logits.copy()
+        choose_batch(batch, logits, slots)
+        np.testing.assert_array_equal(logits, before)  # the graph's buffer is only read
+
+
+def test_top_k_ties_go_to_the_lower_token_id():
+    flat = np.zeros(100, np.float32)  # 100 equal tokens: top_k 3 keeps 0, 1, 2
+    assert set(_draws(SamplingParams(top_k=3, seed=0), 300, prompt=())) <= {0, 1, 2}
+    flat[50] = 1.0
+    sampler = Sampler(SamplingParams(top_k=2, temperature=1e-3, seed=0), [], ())
+    assert sampler.choose(flat) == 50
+    assert Sampler(SamplingParams(top_k=1), [], ()).choose(np.zeros(9, np.float32)) == 0
+
+
+def test_a_step_wakes_the_event_loop_once(engine_registry, monkeypatch):
+    """Every stream's pieces of one decode step reach the loop in one call, not one a token."""
+    from bot.engine.stream import _deliver
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        real, batches = loop.call_soon_threadsafe, []
+
+        def recording(fn, *args, **kw):
+            if fn is _deliver:
+                batches.append(len(args[0]))
+            return real(fn, *args, **kw)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", recording)
+        params = SamplingParams(greedy=True, max_new_tokens=8, ignore_eos=True)
+        results = await _results(engine_registry, PROMPTS, params)
+        return results, batches
+
+    results, batches = run(go())
+    assert all(r.completion_tokens == 8 for r in results)
+    assert len(batches) <= 8 + 1  # one a step (prefill, 7 decode steps), a little slack
+    assert max(batches) >= len(PROMPTS)  # ... carrying every stream's pieces and results
+    assert sum(batches) >= 2 * len(batches)
 
 
 # ---- in the engine --------------------------------------------------------------------------

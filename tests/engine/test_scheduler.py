@@ -9,6 +9,7 @@ import pytest
 
 from bot.engine import (
     Engine,
+    EngineClosedError,
     ModelLoadError,
     PromptTooLongError,
     QueueFullError,
@@ -214,7 +215,7 @@ def test_close_ends_running_and_queued_requests_and_refuses_new_ones(engine_regi
                 queued.append(engine.submit([1, 4, 5], SHORT))
             except QueueFullError:
                 pass
-            except RuntimeError as exc:
+            except EngineClosedError as exc:
                 refusal = str(exc)
                 break
             await asyncio.sleep(0.001)

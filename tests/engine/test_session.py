@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -10,7 +11,13 @@ import pytest
 
 from bot.engine import Engine, ModelLoadError, SamplingParams
 from bot.engine.loader import load_model
-from bot.engine.session import CUDA, create_session, preload_cuda_libraries
+from bot.engine.session import (
+    CUDA,
+    CUDA_PRECISIONS,
+    SessionInfo,
+    create_session,
+    preload_cuda_libraries,
+)
 from tests.engine.conftest import run
 from tests.engine.fakes import Runners, start_engine
 
@@ -110,6 +117,7 @@ def test_engine_requested_on_cuda_still_generates(engine_registry):
     assert on_cuda.token_ids == on_cpu.token_ids
     # CUDA was asked for: either it runs, or the CPU runs and the report says why
     assert info.provider == "cuda" or (info.provider == "cpu" and info.fallback_reason)
+    assert info.provider == "cpu" and "fp16" in info.fallback_reason  # an fp32 version
 
 
 def test_fp16_graph_runs_with_fp16_kv_on_the_cpu(tiny_checkpoints, tmp_path, engine_registry):
@@ -169,3 +177,82 @@ def test_engine_imports_neither_torch_nor_models_beyond_the_chat_template():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+class _FakeCudaSession:
+    """An InferenceSession that says it runs on CUDA (no GPU here), with a given KV type."""
+
+    created: ClassVar[list] = []
+    kv_type = "tensor(float16)"
+    refuse_graphs = False
+
+    def __init__(self, path, options=None, providers=None, **kw):
+        opts = providers[0][1]
+        if self.refuse_graphs and opts.get("enable_cuda_graph") == "1":
+            raise RuntimeError("CUDA graphs need every node on CUDA")
+        _FakeCudaSession.created.append(opts)
+
+    def get_providers(self):
+        return [CUDA, "CPUExecutionProvider"]
+
+    def get_inputs(self):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name="past_key_values.0.key", type=self.kv_type)]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    real = ort.InferenceSession
+
+    def session(path, options=None, providers=None, **kw):
+        if providers and isinstance(providers[0], tuple) and providers[0][0] == CUDA:
+            return _FakeCudaSession(path, options, providers)
+        return real(path, options, providers=providers, **kw)
+
+    _FakeCudaSession.created = []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(_FakeCudaSession, "kv_type", "tensor(float16)")
+    monkeypatch.setattr(_FakeCudaSession, "refuse_graphs", False)
+    return _FakeCudaSession
+
+
+def test_only_fp16_versions_run_on_cuda(engine_registry, fake_cuda, caplog):
+    graph = load_model("llama", engine_registry.root).graph_path
+    with caplog.at_level(logging.WARNING, logger="bot.engine.session"):
+        session, info = create_session(graph, "cuda", threads=1, precision="fp32")
+    assert info.provider == "cpu" and session.get_providers() == ["CPUExecutionProvider"]
+    assert "fp16" in info.fallback_reason and "attention" in info.fallback_reason
+    assert "running on the CPU" in caplog.text  # loud: a warning
+    assert fake_cuda.created == []  # an fp32 version never gets a CUDA session
+    for precision in ("int8", "int4"):
+        assert create_session(graph, "auto", threads=1, precision=precision)[1].provider == "cpu"
+    _, info = create_session(graph, "cuda", precision="fp16")
+    assert info == SessionInfo("cuda", 0, None, cuda_graphs=True)
+    assert fake_cuda.created[-1]["enable_cuda_graph"] == "1"
+
+
+def test_a_cuda_session_whose_attention_is_not_fp16_is_refused(engine_registry, fake_cuda):
+    graph = load_model("llama", engine_registry.root).graph_path
+    fake_cuda.kv_type = "tensor(float)"  # a graph that is not what its manifest says
+    _, info = create_session(graph, "cuda", threads=1)
+    assert info.provider == "cpu" and "attention would run on the CPU" in info.fallback_reason
+
+
+def test_cuda_without_graphs_when_capture_is_refused(engine_registry, fake_cuda, caplog):
+    graph = load_model("llama", engine_registry.root).graph_path
+    fake_cuda.refuse_graphs = True
+    with caplog.at_level(logging.WARNING, logger="bot.engine.session"):
+        _, info = create_session(graph, "cuda", precision="fp16")
+    assert info.provider == "cuda" and info.cuda_graphs is False
+    assert "no CUDA graphs" in caplog.text
+
+
+def test_the_default_version_on_a_gpu_is_one_cuda_runs(monkeypatch):
+    import torch
+
+    from export.__main__ import serving_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serving_precision() in CUDA_PRECISIONS

@@ -43,6 +43,7 @@ def test_io_contract(kind, precision, fused_graph, sources):
     if cfg.family == "gpt2":
         want_in["position_ids"] = (i64, ["batch", "seq"])
     want_in |= {"seqlens_k": (i32, ["batch"]), "total_sequence_length": (i32, [])}
+    want_in["last_index"] = (i64, ["batch"])
     want_out = {"logits": (f32, ["batch", cfg.vocab_size])}
     for i in range(cfg.num_layers):
         for part in ("key", "value"):
@@ -58,6 +59,27 @@ def test_io_contract(kind, precision, fused_graph, sources):
     # one-row path for a decode step instead of re-packing the K cache (see _packed_qkv)
     scales = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in gqa]
     assert [s.get("scale") for s in scales] == [1.0] * cfg.num_layers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int4"])
+def test_no_node_derives_the_last_positions_from_shapes(kind, precision, fused_graph):
+    """The rows' last positions come in as `last_index`: no Shape op anywhere (the CUDA provider
+    places a Shape -> Gather chain on the CPU, and its host copy forbids CUDA-graph capture)."""
+    graph = fused_graph(kind, precision).graph
+    assert "Shape" not in {n.op_type for n in graph.node}
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def ancestors(name: str) -> set[str]:
+        node = producer.get(name)
+        if node is None:  # a graph input or an initializer
+            return {name}
+        return {node.op_type}.union(*(ancestors(i) for i in node.input if i))
+
+    gathers = [n for n in graph.node if n.op_type == "GatherND"]
+    assert len(gathers) == 2  # the last position of the residual stream and of the pending sum
+    for node in gathers:
+        assert ancestors(node.input[1]) == {"Unsqueeze", "last_index", "last/axes"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
