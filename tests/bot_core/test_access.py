@@ -4,12 +4,13 @@ who may change settings and personas, and server defaults under channel settings
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
 from bot.access import AccessRules, AccessService, Effect, Kind
 from bot.service import ChatService
 from bot.storage import repo
 from bot.storage.db import Database
-from bot.storage.models import Editors
+from bot.storage.models import AuditEntry, Editors
 
 CHANNEL, THREAD, OTHER = 100, 101, 102
 ALICE, BOB = 1, 2
@@ -103,7 +104,8 @@ async def test_the_service_caches_per_guild_and_changes_invalidate(db: Database,
     await fresh.set_rule(7, Kind.ROLE, MUTED, Effect.DENY, actor_id=BOB)
     assert not await AccessService(db).allows(7, channel_ids=[1], user_id=3, role_ids=[MUTED])
     async with db.session() as s:
-        actions = [e.action for e in await repo.audit_entries(s)]
+        entries = await s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()))
+        actions = [e.action for e in entries]
     assert actions[:3] == ["access.deny", "access.clear", "access.deny"]
 
 

@@ -17,7 +17,7 @@ from bot.privacy import PrivacyService, replies_to
 from bot.service import ChatService
 from bot.storage import repo
 from bot.storage.db import Database
-from bot.storage.models import Message, PendingMessage, Role
+from bot.storage.models import AuditEntry, Message, PendingMessage, Role
 from bot.turns import IncomingMessage, Speaker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ GENERAL, RANDOM, ELSEWHERE, DM = 10, 11, 12, 13
 
 def message(text: str, channel: int = GENERAL, author: Speaker = ALICE) -> IncomingMessage:
     guild = {GENERAL: GUILD, RANDOM: GUILD, ELSEWHERE: OTHER_GUILD}.get(channel)
-    return IncomingMessage(channel, guild, author, text, is_dm=guild is None)
+    return IncomingMessage(channel, guild, author, text)
 
 
 async def converse(service: ChatService, msg: IncomingMessage) -> str:
@@ -112,7 +112,7 @@ async def test_forget_me_deletes_the_user_their_replies_and_their_dms_only_in_sc
     ]
     assert await service.pending() == []
     async with service.db.session() as s:
-        entry = (await repo.audit_entries(s, 1))[0]
+        entry = (await s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()))).first()
     assert entry.action == "privacy.forget-me" and "alice" not in entry.detail
     # the conversation goes on with what is left
     await converse(service, message("bob again", author=BOB))
