@@ -5,7 +5,9 @@
   channel's persona and settings, no history) and stores nothing of the exchange. Such a
   message is lost if the bot crashes before answering (the user asks again); everyone else's
   messages are stored at once, as before. Their rows stored before opting out stay until
-  `/privacy forget-me`, but no training export contains them.
+  `/privacy forget-me`, but no training export contains them. A message accepted before its
+  author opted out (waiting for its turn, or in the inbox across a restart) leaves the inbox
+  and is answered the same way.
 - Forget me (`/privacy forget-me`): deletes the user's turns in every channel of the server and
   in their DMs with the bot, the inbox rows waiting for an answer, and the bot's replies to
   them (a reply often repeats what it answers, and an answer without its question does not keep

@@ -295,7 +295,9 @@ class ChatService:
             accepted.append(await self.accept(msg))
 
         async def start() -> _Started:
-            if unstored:
+            if unstored or await self.privacy.opted_out(msg.author.id):
+                if accepted:  # opted out while the message waited (or across a restart)
+                    await self.decline(accepted[0])
                 return await self._start_unstored(msg)
             return await self._start_reply(msg, bot, accepted[0] if accepted else None)
 

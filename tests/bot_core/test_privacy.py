@@ -72,6 +72,18 @@ async def test_an_opted_out_user_is_answered_from_the_live_message_and_nothing_i
     assert await PrivacyService(service.db).opted_out(ALICE.id) is False
 
 
+async def test_opting_out_while_a_message_waits_takes_it_out_of_the_inbox(
+    service: ChatService, engine
+):
+    pending_id = await service.accept(message("sent before opting out"))
+    await service.privacy.set_opted_out(ALICE.id, True)
+    async with service.reply(
+        message("sent before opting out"), bot=BOT, pending_id=pending_id
+    ) as r:
+        assert "".join([piece async for piece in r]) == engine.reply_text
+    assert await service.pending() == [] and await rows(service.db) == []
+
+
 def test_replies_follow_the_turn_they_answer():
     outline = [
         (1, 10, "user", 1),
