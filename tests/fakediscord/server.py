@@ -523,9 +523,6 @@ class FakeDiscord:
                 return self._edit(original, body)
             case ("PATCH", ["webhooks", _, _, "messages", message_id]):
                 return self._edit(int(message_id), body)
-            case ("DELETE", ["webhooks", _, token, "messages", "@original"]):
-                self.messages.pop(self._originals.get(token, 0), None)
-                return None
         return _json({"message": "404: Not Found (fake)", "code": 0}, status=404)
 
     def _record_pings(self, message: dict[str, Any]) -> None:
