@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,12 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 
 
 @pytest.fixture
-async def start_bot(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> AsyncIterator[Start]:
-    """start_bot(**settings) -> a connected ChatBot on the tiny model; all are closed at the end."""
-    running: list[tuple[Any, asyncio.Task]] = []
+def bot_config(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> Callable[..., BotConfig]:
+    """bot_config(**settings) -> the settings of a bot on the fake Discord and the tiny model."""
 
-    async def start(**overrides: Any) -> Any:
+    def config(**overrides: Any) -> BotConfig:
         values: dict[str, Any] = dict(
+            _env_file=None,
             discord_api_base=fake.api_base,
             discord_gateway_url=fake.gateway_url,
             data_dir=tmp_path,
@@ -44,8 +44,18 @@ async def start_bot(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> AsyncIt
             channel_rate_per_min=1000,
             engine_slots=4,
         )
-        values.update(overrides)
-        bot = await create_bot(BotConfig(**values))
+        return BotConfig(**{**values, **overrides})
+
+    return config
+
+
+@pytest.fixture
+async def start_bot(bot_config: Callable[..., BotConfig]) -> AsyncIterator[Start]:
+    """start_bot(**settings) -> a connected ChatBot on the tiny model; all are closed at the end."""
+    running: list[tuple[Any, asyncio.Task]] = []
+
+    async def start(**overrides: Any) -> Any:
+        bot = await create_bot(bot_config(**overrides))
         task = asyncio.create_task(bot.start("fake-token"))
         ready = asyncio.create_task(bot.wait_until_ready())
         await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)

@@ -454,26 +454,13 @@ async def test_shutdown_tells_waiting_and_late_mentions_to_ask_again(
         await db.close()
 
 
-async def test_leaving_async_with_waits_for_the_whole_shutdown(
-    fake: FakeDiscord, tiny_registry, tmp_path: Path
-) -> None:
+async def test_leaving_async_with_waits_for_the_whole_shutdown(bot_config) -> None:
     """What SIGTERM does in `serve`: close() from a signal handler while `async with bot:`
     waits in start(). Leaving the block must not end before the database is closed, or
     asyncio.run cancels that close (an ERROR in the log on every shutdown)."""
     from bot.client import create_bot
-    from bot.config import BotConfig
 
-    config = BotConfig(
-        _env_file=None,
-        discord_api_base=fake.api_base,
-        discord_gateway_url=fake.gateway_url,
-        data_dir=tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
-        model_registry=tiny_registry.root,
-        device="cpu",
-        command_guild_ids=[fake.guild_id],
-    )
-    bot = await create_bot(config)
+    bot = await create_bot(bot_config())
     async with bot:
         task = asyncio.create_task(bot.start("fake-token"))
         await asyncio.wait_for(bot.wait_until_ready(), 60)
