@@ -50,7 +50,9 @@ def bot_config(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> Callable[...
 
 
 @pytest.fixture
-async def start_bot(bot_config: Callable[..., BotConfig]) -> AsyncIterator[Start]:
+async def start_bot(
+    fake: FakeDiscord, bot_config: Callable[..., BotConfig]
+) -> AsyncIterator[Start]:
     """start_bot(**settings) -> a connected ChatBot on the tiny model; all are closed at the end."""
     running: list[tuple[Any, asyncio.Task]] = []
 
