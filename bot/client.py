@@ -43,7 +43,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COGS = ("bot.cogs.chat", "bot.cogs.channel", "bot.cogs.admin")
+COGS = (
+    "bot.cogs.chat",
+    "bot.cogs.channel",
+    "bot.cogs.admin",
+    "bot.cogs.access",
+    "bot.cogs.privacy",
+)
 SESSION_LIMITS = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
 APOLOGY = "Sorry, that command failed; the cause is in the bot's log."
 

@@ -52,6 +52,8 @@ class BotConfig(BaseSettings):
     discord_api_base: str = "https://discord.com/api/v10"
     discord_gateway_url: str | None = None  # None: ask the API (GET /gateway/bot)
     reply_in_dms: bool = True
+    reply_to_bots: bool = False  # answer other bots (never itself); mind two bots looping
+    history_retention_days: int = Field(0, ge=0, le=36_500)  # 0: keep the history for ever
     export_allowed_dir: Path | None = None  # None -> {data_dir}/checkpoints
     user_rate_per_min: int = Field(6, ge=0)  # 0: no limit
     channel_rate_per_min: int = Field(20, ge=0)  # 0: no limit

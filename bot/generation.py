@@ -97,6 +97,7 @@ class ChannelSettings(BaseModel):
     no_repeat_ngram_size: int = int(SETTINGS["no_repeat_ngram_size"].default)
     seed: int | None = None
     overridden: frozenset[str] = frozenset()  # the settings this channel set itself
+    from_server: frozenset[str] = frozenset()  # the settings its server's defaults set
 
     def values(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in SETTINGS}
@@ -109,9 +110,17 @@ class ChannelSettings(BaseModel):
         return f"{setting.shown_name} = {text}"
 
     def describe(self) -> list[str]:
-        """One line per setting, marking the channel's own values."""
+        """One line per setting, marking the channel's own values and its server's defaults."""
         return [
-            self.shown(key) + (" (set here)" if key in self.overridden else "") for key in SETTINGS
+            self.shown(key)
+            + (
+                " (set here)"
+                if key in self.overridden
+                else " (server default)"
+                if key in self.from_server
+                else ""
+            )
+            for key in SETTINGS
         ]
 
 
@@ -179,13 +188,18 @@ def model_defaults(generation: Mapping[str, Any] | None) -> dict[str, int | floa
 
 
 def effective_settings(
-    generation: Mapping[str, Any] | None, overrides: Mapping[str, Any]
+    generation: Mapping[str, Any] | None,
+    overrides: Mapping[str, Any],
+    server: Mapping[str, Any] | None = None,
 ) -> ChannelSettings:
-    """The model's defaults with the channel's non-null overrides on top."""
+    """The model's defaults, then the server's non-null defaults (`server`), then the channel's
+    non-null overrides on top."""
     values = model_defaults(generation)
+    shared = {k: v for k, v in (server or {}).items() if k in SETTINGS and v is not None}
     own = {k: v for k, v in overrides.items() if k in SETTINGS and v is not None}
+    values.update(shared)
     values.update(own)
-    return ChannelSettings(**values, overridden=frozenset(own))
+    return ChannelSettings(**values, overridden=frozenset(own), from_server=frozenset(shared))
 
 
 def generation_settings(model: LoadedModel, overrides: Mapping[str, Any]) -> ChannelSettings:

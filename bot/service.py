@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from bot.access import AccessService
 from bot.engine import EngineClosedError, PromptTooLongError, QueueFullError
 from bot.errors import (
     BusyError,
@@ -20,6 +21,7 @@ from bot.errors import (
     RestartingError,
 )
 from bot.generation import (
+    SETTINGS,
     ChannelSettings,
     SettingsError,
     effective_settings,
@@ -27,6 +29,7 @@ from bot.generation import (
     sampling_params,
     validate_changes,
 )
+from bot.privacy import PrivacyService
 from bot.prompt import (
     PLAIN_STOP,
     TRIM_TO,
@@ -273,18 +276,29 @@ class ChatService:
         self._window: dict[int, int | None] = {}
         # auto-reply channels, read once: the chat cog asks for every message in every guild
         self._autoreply: set[int] | None = None
+        self.access = AccessService(db)  # who may talk where, who may change settings
+        self.privacy = PrivacyService(db)  # opt-outs, forget-me, export, retention
 
     # -- replies --
     def reply(self, msg: IncomingMessage, *, bot: Speaker, pending_id: int | None = None) -> Reply:
         """One reply to `msg`. Entering stores the message in the inbox at once (or takes the
         inbox row `pending_id`, for a message accepted before a restart), then waits for the
-        channel's turn, when the message moves into the history and the reply starts."""
+        channel's turn, when the message moves into the history and the reply starts.
+        An opted-out author's message is stored nowhere: it is answered from itself alone."""
         accepted: list[int] = [] if pending_id is None else [pending_id]
+        unstored: list[bool] = []
 
         async def accept() -> None:
+            if await self.privacy.opted_out(msg.author.id):
+                unstored.append(True)
+                return
             accepted.append(await self.accept(msg))
 
         async def start() -> _Started:
+            if unstored or await self.privacy.opted_out(msg.author.id):
+                if accepted:  # opted out while the message waited (or across a restart)
+                    await self.decline(accepted[0])
+                return await self._start_unstored(msg)
             return await self._start_reply(msg, bot, accepted[0] if accepted else None)
 
         async def decline() -> None:
@@ -339,6 +353,19 @@ class ChatService:
             return _Started(stream, None, built)
 
         return Reply(self.db, start, channel_id=channel_id, queues=None)
+
+    async def _start_unstored(self, msg: IncomingMessage) -> _Started:
+        """A reply to an opted-out user: the channel's persona and settings, the live message
+        alone as the conversation, nothing stored."""
+        model = self.engine.model
+        async with self.db.session() as s:
+            channel = await repo.get_channel(s, msg.channel_id)
+            overrides = await repo.settings_overrides(s, msg.channel_id)
+        settings = generation_settings(model, overrides)
+        turns = [Turn(Role.USER, msg.content, msg.author.id, msg.author.name)]
+        system = (channel.persona if channel else None) or default_system(model)
+        built = await asyncio.to_thread(self._build, model, turns, system=system, settings=settings)
+        return _Started(self._submit(built, settings), None, built)
 
     async def _start_reply(
         self, msg: IncomingMessage, bot: Speaker, pending_id: int | None
@@ -437,25 +464,51 @@ class ChatService:
             raise GenerationFailedError(str(exc)) from exc
 
     # -- settings --
-    async def get_settings(self, channel_id: int) -> ChannelSettings:
+    async def get_settings(self, channel_id: int, guild_id: int | None = None) -> ChannelSettings:
         async with self.db.session() as s:
-            overrides = await repo.settings_overrides(s, channel_id)
-        return effective_settings(self.engine.model.manifest.generation, overrides)
+            server, own = await repo.settings_layers(s, channel_id, guild_id)
+        return effective_settings(self.engine.model.manifest.generation, own, server)
 
-    async def update_settings(
-        self, channel_id: int, actor_id: int, **changes: Any
+    async def get_server_settings(self, guild_id: int) -> ChannelSettings:
+        """A server's defaults for its channels (marked as set here) over the model's."""
+        async with self.db.session() as s:
+            row = await repo.guild_settings(s, guild_id)
+        values = {key: getattr(row, key) if row else None for key in SETTINGS}
+        return effective_settings(self.engine.model.manifest.generation, values)
+
+    async def update_server_settings(
+        self, guild_id: int, actor_id: int, **changes: Any
     ) -> ChannelSettings:
         values = validate_changes(changes)
         detail = ", ".join(f"{k}={v}" for k, v in values.items())
         async with self.db.session() as s, s.begin():
-            await repo.ensure_channel(s, channel_id)
+            await repo.set_guild_overrides(s, guild_id, actor_id, values)
+            await repo.add_audit(s, actor_id, "settings.set", f"guild {guild_id}: {detail}")
+        return await self.get_server_settings(guild_id)
+
+    async def reset_server_settings(self, guild_id: int, actor_id: int) -> ChannelSettings:
+        async with self.db.session() as s, s.begin():
+            await repo.set_guild_overrides(s, guild_id, actor_id, dict.fromkeys(SETTINGS))
+            await repo.add_audit(s, actor_id, "settings.reset", f"guild {guild_id}")
+        return await self.get_server_settings(guild_id)
+
+    async def update_settings(
+        self, channel_id: int, actor_id: int, *, guild_id: int | None = None, **changes: Any
+    ) -> ChannelSettings:
+        """Set a channel's own values (`guild_id`: its server, so its defaults apply)."""
+        values = validate_changes(changes)
+        detail = ", ".join(f"{k}={v}" for k, v in values.items())
+        async with self.db.session() as s, s.begin():
+            await repo.ensure_channel(s, channel_id, guild_id)
             await repo.set_overrides(s, channel_id, actor_id, values)
             await repo.add_audit(s, actor_id, "settings.set", f"channel {channel_id}: {detail}")
         return await self.get_settings(channel_id)
 
-    async def reset_settings(self, channel_id: int, actor_id: int) -> ChannelSettings:
+    async def reset_settings(
+        self, channel_id: int, actor_id: int, *, guild_id: int | None = None
+    ) -> ChannelSettings:
         async with self.db.session() as s, s.begin():
-            await repo.ensure_channel(s, channel_id)
+            await repo.ensure_channel(s, channel_id, guild_id)
             await repo.clear_overrides(s, channel_id, actor_id)
             await repo.add_audit(s, actor_id, "settings.reset", f"channel {channel_id}")
         return await self.get_settings(channel_id)

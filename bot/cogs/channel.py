@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.checks import managers_only
+from bot.cogs.checks import editors_only, managers_only, require_manager, talkers_only
 from bot.errors import ReplyError
 from bot.generation import SETTINGS
 from bot.replies import InteractionReply, split_message
@@ -45,6 +45,16 @@ RepetitionPenalty = _option("repetition_penalty")
 NoRepeatNgram = _option("no_repeat_ngram_size")
 
 
+Scope = Literal["channel", "server"]
+SERVER_SCOPE_REFUSAL = "Server-wide settings need the Manage Messages permission."
+
+
+def _guild(interaction: discord.Interaction) -> int:
+    if interaction.guild_id is None:
+        raise app_commands.AppCommandError("Server-wide settings only exist in a server.")
+    return interaction.guild_id
+
+
 def _channel(interaction: discord.Interaction) -> int:
     if interaction.channel_id is None:
         raise app_commands.AppCommandError("This command only works in a channel.")
@@ -68,17 +78,27 @@ class ChannelCommands(commands.Cog):
 
     # -- /settings --
     @settings_group.command(name="show", description="Show this channel's generation settings")
-    async def settings_show(self, interaction: discord.Interaction) -> None:
-        current = await self.bot.chat.get_settings(_channel(interaction))
+    @app_commands.describe(scope="this channel (default) or the server's defaults")
+    async def settings_show(
+        self, interaction: discord.Interaction, scope: Scope = "channel"
+    ) -> None:
+        chat = self.bot.chat
+        if scope == "server":
+            current = await chat.get_server_settings(_guild(interaction))
+        else:
+            current = await chat.get_settings(_channel(interaction), interaction.guild_id)
         await interaction.response.send_message(code_block(current.describe()), ephemeral=True)
 
     @settings_group.command(name="set", description="Change generation settings for this channel")
     @app_commands.describe(
-        **{SETTINGS[key].shown_name: SETTINGS[key].describe() for key in OPTIONS}
+        scope="this channel (default), or the server: defaults for channels without their own",
+        **{SETTINGS[key].shown_name: SETTINGS[key].describe() for key in OPTIONS},
     )
+    @editors_only("settings")
     async def settings_set(
         self,
         interaction: discord.Interaction,
+        scope: Scope = "channel",
         temperature: Temperature | None = None,
         top_p: TopP | None = None,
         top_k: TopK | None = None,
@@ -100,16 +120,36 @@ class ChannelCommands(commands.Cog):
                 "Give at least one setting to change.", ephemeral=True
             )
             return
-        updated = await self.bot.chat.update_settings(
-            _channel(interaction), interaction.user.id, **changes
-        )
+        chat, actor = self.bot.chat, interaction.user.id
+        if scope == "server":
+            guild_id = _guild(interaction)
+            require_manager(interaction, SERVER_SCOPE_REFUSAL)
+            updated = await chat.update_server_settings(guild_id, actor, **changes)
+            title = "Server defaults updated (channels' own values still win):\n"
+        else:
+            updated = await chat.update_settings(
+                _channel(interaction), actor, guild_id=interaction.guild_id, **changes
+            )
+            title = "Settings updated:\n"
         await interaction.response.send_message(
-            "Settings updated:\n" + code_block(updated.describe()), ephemeral=True
+            title + code_block(updated.describe()), ephemeral=True
         )
 
     @settings_group.command(name="reset", description="Back to the model's default settings")
-    async def settings_reset(self, interaction: discord.Interaction) -> None:
-        updated = await self.bot.chat.reset_settings(_channel(interaction), interaction.user.id)
+    @app_commands.describe(scope="this channel's own values (default) or the server's defaults")
+    @editors_only("settings")
+    async def settings_reset(
+        self, interaction: discord.Interaction, scope: Scope = "channel"
+    ) -> None:
+        chat, actor = self.bot.chat, interaction.user.id
+        if scope == "server":
+            guild_id = _guild(interaction)
+            require_manager(interaction, SERVER_SCOPE_REFUSAL)
+            updated = await chat.reset_server_settings(guild_id, actor)
+        else:
+            updated = await chat.reset_settings(
+                _channel(interaction), actor, guild_id=interaction.guild_id
+            )
         await interaction.response.send_message(
             "Settings reset:\n" + code_block(updated.describe()), ephemeral=True
         )
@@ -117,7 +157,7 @@ class ChannelCommands(commands.Cog):
     # -- /persona --
     @persona_group.command(name="set", description="Set this channel's system prompt")
     @app_commands.describe(text="who the bot is in this channel")
-    @managers_only()
+    @editors_only("persona")
     async def persona_set(self, interaction: discord.Interaction, text: str) -> None:
         await self.bot.chat.set_persona(_channel(interaction), text, interaction.user.id)
         await interaction.response.send_message("Persona set.", ephemeral=True)
@@ -131,7 +171,7 @@ class ChannelCommands(commands.Cog):
         )
 
     @persona_group.command(name="clear", description="Remove this channel's system prompt")
-    @managers_only()
+    @editors_only("persona")
     async def persona_clear(self, interaction: discord.Interaction) -> None:
         await self.bot.chat.clear_persona(_channel(interaction), interaction.user.id)
         await interaction.response.send_message("Persona cleared.", ephemeral=True)
@@ -148,6 +188,7 @@ class ChannelCommands(commands.Cog):
     # -- /ask --
     @app_commands.command(name="ask", description="A one-off answer, without the channel history")
     @app_commands.describe(prompt="what to ask", ephemeral="only you see the answer")
+    @talkers_only()
     async def ask(
         self,
         interaction: discord.Interaction,

@@ -92,7 +92,9 @@ class Chat(commands.Cog):
         me = self.bot.user
         if me is None:
             return None
-        from_bot = message.author.bot or message.author.id == me.id
+        from_bot = message.author.id == me.id or (
+            message.author.bot and not self.bot.settings.reply_to_bots
+        )
         is_dm = message.guild is None
         mentioned = me in message.mentions
         common = dict(
@@ -110,10 +112,26 @@ class Chat(commands.Cog):
         )
         return answer_reason(**common, replying_to_bot=replying, autoreply=autoreply)
 
+    async def allowed(self, message: discord.Message) -> bool:
+        """The server's access lists (bot.access) let this author talk here; DMs always."""
+        if message.guild is None:
+            return True
+        channel = message.channel
+        channel_ids = [channel.id]
+        parent_id = getattr(channel, "parent_id", None)
+        if parent_id is not None:  # a thread: its parent channel's entries count too
+            channel_ids.append(parent_id)
+        roles = [role.id for role in getattr(message.author, "roles", [])]
+        return await self.bot.chat.access.allows(
+            message.guild.id, channel_ids=channel_ids, user_id=message.author.id, role_ids=roles
+        )
+
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         try:
             why = await self.reason(message)
+            if why is not None and not await self.allowed(message):
+                why = None  # refused by the access lists: ignored, nothing stored
         except Exception:
             log.exception("cannot decide whether to answer message %s", message.id)
             return

@@ -1,12 +1,15 @@
-"""Server-side permission checks for app commands: admins and message managers."""
+"""Server-side permission checks for app commands: admins, message managers, and editors (who
+may change settings and personas: a per-server choice, see bot/access.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import discord
 from discord import app_commands
+
+from bot.storage.models import Editors
 
 T = TypeVar("T")
 
@@ -89,3 +92,66 @@ def managers_only() -> Callable[[T], T]:
         owner_in_dm=True,
         manage_messages=True,
     )
+
+
+def require_manager(interaction: discord.Interaction, refusal: str) -> None:
+    """Inside a command: NotAllowed(refusal) unless the user is a manager (or in a DM)."""
+    if interaction.guild_id is None:
+        return
+    if not can_manage(interaction.user, _admin_ids(interaction), _resolved(interaction)):
+        raise NotAllowed(refusal)
+
+
+def editors_only(what: Literal["settings", "persona"]) -> Callable[[T], T]:
+    """Whoever the server lets change its `what` (`/access editors`): everyone, or managers
+    only; the defaults are everyone for settings and managers for personas. In a DM, the user.
+    Discord's default permissions (shown in the README) follow the defaults."""
+
+    async def predicate(interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None:
+            return True
+        chat = getattr(interaction.client, "chat", None)
+        if chat is None:
+            raise NotAllowed("The bot is still starting; try again in a moment.")
+        editing = await chat.access.editing(interaction.guild_id)
+        if getattr(editing, what) == Editors.EVERYONE:
+            return True
+        require_manager(
+            interaction,
+            f"On this server, changing the {what} needs the Manage Messages permission.",
+        )
+        return True
+
+    def decorator(func: Any) -> Any:
+        if what == "persona":
+            func = app_commands.default_permissions(manage_messages=True)(func)
+        return app_commands.check(predicate)(func)
+
+    return decorator
+
+
+def talkers_only() -> Callable[[T], T]:
+    """Whoever the server's access lists (bot/access.py) let talk to the bot in this channel;
+    in a DM, the user. For commands that generate, like /ask."""
+
+    async def predicate(interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None:
+            return True
+        chat = getattr(interaction.client, "chat", None)
+        if chat is None:
+            raise NotAllowed("The bot is still starting; try again in a moment.")
+        channel_ids = [interaction.channel_id] if interaction.channel_id is not None else []
+        parent_id = getattr(interaction.channel, "parent_id", None)
+        if parent_id is not None:
+            channel_ids.append(parent_id)
+        roles = [role.id for role in getattr(interaction.user, "roles", [])]
+        if not await chat.access.allows(
+            interaction.guild_id,
+            channel_ids=channel_ids,
+            user_id=interaction.user.id,
+            role_ids=roles,
+        ):
+            raise NotAllowed("This server's access lists don't let you talk to the bot here.")
+        return True
+
+    return app_commands.check(predicate)

@@ -20,7 +20,8 @@ def answer_reason(
 ) -> str | None:
     """Why the bot should answer a message ("mention", "reply", "dm", "autoreply"), else None.
 
-    Messages from bots (the bot itself included) are never answered, so bots cannot loop.
+    `from_bot`: a message from the bot itself, or from another bot unless REPLY_TO_BOTS; such
+    messages are never answered, so bots cannot loop.
     """
     if from_bot:
         return None

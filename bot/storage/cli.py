@@ -1,4 +1,5 @@
-"""`python -m bot db upgrade [REV] | current | downgrade [REV] | history`: Alembic migrations."""
+"""`python -m bot db upgrade [REV] | current | downgrade [REV] | history`: Alembic migrations;
+`python -m bot db export-dialogues --guild ID --out FILE.jsonl`: a server's training data."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from alembic.util import CommandError
 from sqlalchemy.engine import make_url
@@ -23,6 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     down = sub.add_parser("downgrade", help="migrate back (default: one revision, -1)")
     down.add_argument("revision", nargs="?", default="-1", help="-1, a revision id, or base")
     sub.add_parser("history", help="list the revisions")
+    export = sub.add_parser(
+        "export-dialogues",
+        help="a server's stored conversations as .jsonl for `python -m models finetune`",
+    )
+    export.add_argument("--guild", type=int, required=True, help="the server (guild) id")
+    export.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
+    export.add_argument(
+        "--max-exchanges",
+        type=int,
+        default=None,
+        help="user/bot exchanges per conversation at most (default: 8)",
+    )
     parser.add_argument(
         "--database-url", default=None, help="database URL (default: DATABASE_URL / settings)"
     )
@@ -33,6 +47,27 @@ def _revisions(revisions: tuple[str, ...], heads: tuple[str, ...]) -> str:
         return "an empty schema (no revision)"
     text = ", ".join(revisions)
     return text + (" (head)" if set(revisions) == set(heads) else "")
+
+
+async def _export(url: str, guild_id: int, out: Path, max_exchanges: int | None) -> None:
+    from bot.dialogues import MAX_EXCHANGES, guild_dialogues, write_jsonl
+    from bot.privacy import PrivacyService
+
+    if max_exchanges is not None and max_exchanges < 1:
+        raise DatabaseError("--max-exchanges must be at least 1")
+    db = await Database.open(url)
+    try:
+        excluded = await PrivacyService(db).opted_out_users()
+        records = await guild_dialogues(db, guild_id, excluded, max_exchanges or MAX_EXCHANGES)
+    finally:
+        await db.close()
+    if not records:
+        raise DatabaseError(f"guild {guild_id}: no stored conversations to export")
+    try:
+        write_jsonl(out, records)
+    except OSError as exc:
+        raise DatabaseError(f"cannot write {out}: {exc.strerror or exc}") from None
+    print(f"wrote {len(records)} conversation(s) of guild {guild_id} to {out}")
 
 
 async def _run(url: str, action: str, revision: str | None) -> None:
@@ -73,7 +108,10 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     try:
         url = args.database_url or load_settings().database_url
-        asyncio.run(_run(url, args.action, getattr(args, "revision", None)))
+        if args.action == "export-dialogues":
+            asyncio.run(_export(url, args.guild, args.out, args.max_exchanges))
+        else:
+            asyncio.run(_run(url, args.action, getattr(args, "revision", None)))
     except (ConfigError, DatabaseError, CommandError) as exc:  # e.g. an unknown revision
         print(f"error: {exc}", file=sys.stderr)
         return 2

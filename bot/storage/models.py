@@ -1,4 +1,4 @@
-"""Typed ORM models: channels, messages, inbox, channel settings, audit log (SQLite, PostgreSQL)."""
+"""Typed ORM models: channels, messages, inbox, settings, access, privacy, audit log."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
 )
 from sqlalchemy.engine import Dialect
@@ -123,7 +124,7 @@ class Message(Base):
     )
     discord_message_id: Mapped[int | None] = mapped_column(BigInteger, index=True)  # the first
     discord_message_ids: Mapped[list[int]] = mapped_column(JSON, default=list)  # all, in order
-    author_id: Mapped[int | None] = mapped_column(BigInteger)
+    author_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     author_name: Mapped[str] = mapped_column(String(100), default="")
     role: Mapped[Role] = mapped_column(EnumString(Role), nullable=False)
     content: Mapped[str] = mapped_column(Text, default="")
@@ -137,7 +138,7 @@ class Message(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[Status] = mapped_column(EnumString(Status), default=Status.COMPLETE)
     forgotten: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, onupdate=utcnow)
 
 
@@ -159,14 +160,9 @@ class PendingMessage(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class ChannelSettingsRow(Base):
-    """Per-channel generation overrides; NULL means the model's default."""
+class GenerationColumns:
+    """The generation overrides a channel or a server may set; NULL means: not set here."""
 
-    __tablename__ = "channel_settings"
-
-    channel_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True
-    )
     temperature: Mapped[float | None] = mapped_column(Float)
     top_p: Mapped[float | None] = mapped_column(Float)
     top_k: Mapped[int | None] = mapped_column(Integer)
@@ -178,7 +174,71 @@ class ChannelSettingsRow(Base):
     updated_by: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
+
+class ChannelSettingsRow(GenerationColumns, Base):
+    """Per-channel generation overrides; NULL means the server's default, else the model's."""
+
+    __tablename__ = "channel_settings"
+
+    channel_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True
+    )
+
     channel: Mapped[Channel] = relationship(back_populates="settings")
+
+
+class Editors(StrEnum):
+    """Who may change a server's settings or personas."""
+
+    EVERYONE = "everyone"
+    MANAGERS = "managers"
+
+
+class GuildSettingsRow(GenerationColumns, Base):
+    """Per-server generation defaults for its channels, and who may change settings/personas."""
+
+    __tablename__ = "guild_settings"
+    __table_args__ = (
+        CheckConstraint("settings_editors IN ('everyone', 'managers')", name="settings_editors"),
+        CheckConstraint("persona_editors IN ('everyone', 'managers')", name="persona_editors"),
+    )
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    settings_editors: Mapped[str] = mapped_column(
+        String(16), default=Editors.EVERYONE, server_default=Editors.EVERYONE.value
+    )
+    persona_editors: Mapped[str] = mapped_column(
+        String(16), default=Editors.MANAGERS, server_default=Editors.MANAGERS.value
+    )
+
+
+class AccessRule(Base):
+    """One allow or deny entry of a server's access lists: a channel, a role or a user."""
+
+    __tablename__ = "access_rules"
+    __table_args__ = (
+        CheckConstraint("kind IN ('channel', 'role', 'user')", name="kind"),
+        CheckConstraint("effect IN ('allow', 'deny')", name="effect"),
+        UniqueConstraint("guild_id", "kind", "target_id"),
+    )
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    guild_id: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    target_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    effect: Mapped[str] = mapped_column(String(8), nullable=False)
+    created_by: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UserPrivacy(Base):
+    """A user's privacy choice, for every server and DM: opted out of storage and exports."""
+
+    __tablename__ = "user_privacy"
+
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    opted_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class AuditEntry(Base):

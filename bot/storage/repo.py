@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any, TypedDict, Unpack
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.generation import SETTINGS
 from bot.storage.models import (
+    AccessRule,
     AuditEntry,
     Channel,
     ChannelSettingsRow,
+    Editors,
+    GuildSettingsRow,
     Message,
     PendingMessage,
     Role,
     Status,
+    UserPrivacy,
 )
+
+DELETE_CHUNK = 500  # ids per DELETE ... WHERE id IN (...): well under every backend's limit
 
 
 async def ensure_channel(s: AsyncSession, channel_id: int, guild_id: int | None = None) -> None:
@@ -172,10 +179,71 @@ async def forget(s: AsyncSession, channel_id: int) -> int:
     return result.rowcount or 0
 
 
-async def settings_overrides(s: AsyncSession, channel_id: int) -> dict[str, Any]:
-    """The channel's own values (None where it uses the model's default)."""
-    row = await s.get(ChannelSettingsRow, channel_id)
+def _values(row: ChannelSettingsRow | GuildSettingsRow | None) -> dict[str, Any]:
     return {key: getattr(row, key) if row else None for key in SETTINGS}
+
+
+async def settings_layers(
+    s: AsyncSession, channel_id: int, guild_id: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the server's defaults, the channel's own values) of a channel; None where not set.
+    The server is the one stored with the channel, else `guild_id`."""
+    channel = await s.get(Channel, channel_id)
+    if channel is not None and channel.guild_id is not None:
+        guild_id = channel.guild_id
+    server = await s.get(GuildSettingsRow, guild_id) if guild_id is not None else None
+    return _values(server), _values(await s.get(ChannelSettingsRow, channel_id))
+
+
+async def settings_overrides(s: AsyncSession, channel_id: int) -> dict[str, Any]:
+    """What a channel overrides of the model's defaults: its own values over its server's
+    defaults (None where neither sets one)."""
+    server, own = await settings_layers(s, channel_id)
+    return {key: own[key] if own[key] is not None else server[key] for key in SETTINGS}
+
+
+async def guild_settings(s: AsyncSession, guild_id: int) -> GuildSettingsRow | None:
+    return await s.get(GuildSettingsRow, guild_id)
+
+
+async def _guild_row(s: AsyncSession, guild_id: int) -> GuildSettingsRow:
+    row = await s.get(GuildSettingsRow, guild_id)
+    if row is None:
+        row = GuildSettingsRow(
+            guild_id=guild_id, settings_editors=Editors.EVERYONE, persona_editors=Editors.MANAGERS
+        )
+        s.add(row)
+    return row
+
+
+async def set_guild_overrides(
+    s: AsyncSession, guild_id: int, actor_id: int | None, values: dict[str, Any]
+) -> None:
+    """Write some server defaults (None clears one); creates the server's row on first use."""
+    row = await _guild_row(s, guild_id)
+    for key, value in values.items():
+        setattr(row, key, value)
+    row.updated_by = actor_id
+    await s.flush()
+
+
+async def set_editors(
+    s: AsyncSession,
+    guild_id: int,
+    actor_id: int | None,
+    *,
+    settings: Editors | None = None,
+    persona: Editors | None = None,
+) -> GuildSettingsRow:
+    """Who may change settings and personas in a server (None: leave as it is)."""
+    row = await _guild_row(s, guild_id)
+    if settings is not None:
+        row.settings_editors = settings
+    if persona is not None:
+        row.persona_editors = persona
+    row.updated_by = actor_id
+    await s.flush()
+    return row
 
 
 async def set_overrides(
@@ -194,6 +262,149 @@ async def set_overrides(
 
 async def clear_overrides(s: AsyncSession, channel_id: int, actor_id: int | None) -> None:
     await set_overrides(s, channel_id, actor_id, dict.fromkeys(SETTINGS))
+
+
+# ---- access lists -------------------------------------------------------------------------------
+async def access_rules(s: AsyncSession, guild_id: int) -> list[AccessRule]:
+    query = select(AccessRule).where(AccessRule.guild_id == guild_id).order_by(AccessRule.id)
+    return list((await s.scalars(query)).all())
+
+
+async def set_access_rule(
+    s: AsyncSession, guild_id: int, kind: str, target_id: int, effect: str, actor_id: int | None
+) -> None:
+    """Allow or deny one channel, role or user (replacing its earlier entry, if any)."""
+    await remove_access_rule(s, guild_id, kind, target_id)
+    s.add(
+        AccessRule(
+            guild_id=guild_id, kind=kind, target_id=target_id, effect=effect, created_by=actor_id
+        )
+    )
+    await s.flush()
+
+
+async def remove_access_rule(s: AsyncSession, guild_id: int, kind: str, target_id: int) -> bool:
+    """Take one channel, role or user off the server's lists; False if it was on none."""
+    result = await s.execute(
+        delete(AccessRule).where(
+            AccessRule.guild_id == guild_id,
+            AccessRule.kind == kind,
+            AccessRule.target_id == target_id,
+        )
+    )
+    return bool(result.rowcount)
+
+
+async def clear_access_rules(s: AsyncSession, guild_id: int) -> int:
+    result = await s.execute(delete(AccessRule).where(AccessRule.guild_id == guild_id))
+    return result.rowcount or 0
+
+
+# ---- privacy and retention ----------------------------------------------------------------------
+async def opted_out_users(s: AsyncSession) -> set[int]:
+    query = select(UserPrivacy.user_id).where(UserPrivacy.opted_out.is_(True))
+    return set(await s.scalars(query))
+
+
+async def set_opted_out(s: AsyncSession, user_id: int, opted_out: bool) -> None:
+    row = await s.get(UserPrivacy, user_id)
+    if row is None:
+        s.add(UserPrivacy(user_id=user_id, opted_out=opted_out))
+    else:
+        row.opted_out = opted_out
+    await s.flush()
+
+
+async def user_privacy(s: AsyncSession, user_id: int) -> UserPrivacy | None:
+    return await s.get(UserPrivacy, user_id)
+
+
+def _in_scope(guild_id: int | None) -> Any:
+    """Channels of a server and every DM (channels without a server); DMs only for None."""
+    if guild_id is None:
+        return Channel.guild_id.is_(None)
+    return or_(Channel.guild_id == guild_id, Channel.guild_id.is_(None))
+
+
+async def user_messages(s: AsyncSession, user_id: int, guild_id: int | None) -> list[Message]:
+    """A user's own stored turns in a server's channels and in DMs, oldest first."""
+    scope = select(Channel.id).where(_in_scope(guild_id))
+    query = (
+        select(Message)
+        .where(Message.author_id == user_id, Message.channel_id.in_(scope))
+        .order_by(Message.id)
+    )
+    return list((await s.scalars(query)).all())
+
+
+async def user_pending(s: AsyncSession, user_id: int, guild_id: int | None) -> list[PendingMessage]:
+    scope = select(Channel.id).where(_in_scope(guild_id))
+    query = (
+        select(PendingMessage)
+        .where(PendingMessage.author_id == user_id, PendingMessage.channel_id.in_(scope))
+        .order_by(PendingMessage.id)
+    )
+    return list((await s.scalars(query)).all())
+
+
+async def channel_outline(
+    s: AsyncSession, channel_ids: Iterable[int]
+) -> list[tuple[int, int, str, int | None]]:
+    """(id, channel id, role, author id) of every stored turn of these channels, in order."""
+    query = (
+        select(Message.id, Message.channel_id, Message.role, Message.author_id)
+        .where(Message.channel_id.in_(list(channel_ids)))
+        .order_by(Message.channel_id, Message.id)
+    )
+    return [tuple(row) for row in (await s.execute(query)).all()]  # type: ignore[misc]
+
+
+async def delete_messages(s: AsyncSession, ids: Sequence[int]) -> int:
+    count = 0
+    for start in range(0, len(ids), DELETE_CHUNK):
+        chunk = list(ids[start : start + DELETE_CHUNK])
+        result = await s.execute(delete(Message).where(Message.id.in_(chunk)))
+        count += result.rowcount or 0
+    return count
+
+
+async def delete_pending(s: AsyncSession, ids: Sequence[int]) -> int:
+    result = await s.execute(delete(PendingMessage).where(PendingMessage.id.in_(list(ids))))
+    return result.rowcount or 0
+
+
+async def delete_older_than(s: AsyncSession, cutoff: datetime, limit: int) -> int:
+    """Delete at most `limit` stored turns created before `cutoff` (oldest first); how many."""
+    ids = list(
+        await s.scalars(
+            select(Message.id).where(Message.created_at < cutoff).order_by(Message.id).limit(limit)
+        )
+    )
+    return await delete_messages(s, ids)
+
+
+async def delete_pending_older_than(s: AsyncSession, cutoff: datetime) -> int:
+    result = await s.execute(delete(PendingMessage).where(PendingMessage.received_at < cutoff))
+    return result.rowcount or 0
+
+
+async def guild_channels(s: AsyncSession, guild_id: int) -> list[Channel]:
+    query = select(Channel).where(Channel.guild_id == guild_id).order_by(Channel.id)
+    return list((await s.scalars(query)).all())
+
+
+async def dialogue_rows(s: AsyncSession, channel_id: int) -> list[Message]:
+    """Every finished, remembered turn of a channel, oldest first (for training exports)."""
+    query = (
+        select(Message)
+        .where(
+            Message.channel_id == channel_id,
+            Message.forgotten.is_(False),
+            Message.status == Status.COMPLETE,
+        )
+        .order_by(Message.id)
+    )
+    return list((await s.scalars(query)).all())
 
 
 async def set_persona(s: AsyncSession, channel_id: int, persona: str | None) -> None:

@@ -20,7 +20,16 @@ from bot.storage.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = ", ".join(head_revisions())
-TABLES = {"channels", "messages", "inbox", "channel_settings", "audit_log"}
+TABLES = {
+    "channels",
+    "messages",
+    "inbox",
+    "channel_settings",
+    "audit_log",
+    "guild_settings",
+    "access_rules",
+    "user_privacy",
+}
 
 
 async def tables(db: Database) -> set[str]:
@@ -127,6 +136,9 @@ def test_offline_sql_for_postgresql(capsys):
     assert "CREATE TABLE messages" in sql and "id BIGSERIAL NOT NULL" in sql
     assert "CREATE INDEX ix_messages_channel_history ON messages (channel_id, forgotten, id)" in sql
     assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in sql
+    assert "CONSTRAINT uq_access_rules_guild_id_kind_target_id UNIQUE" in sql
+    assert "CREATE INDEX ix_messages_created_at ON messages (created_at)" in sql
+    assert "UPDATE alembic_version SET version_num='0003'" in sql
 
 
 INSTALLED_CHECK = """

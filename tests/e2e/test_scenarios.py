@@ -299,6 +299,8 @@ async def test_everyone_in_bot_output_pings_nobody(fake: FakeDiscord, start_bot:
     # short replies leave the tiny model's small context room for this persona's tokens
     await bot.chat.update_settings(channel, 1, max_tokens=32)
     persona = f"@everyone @here <@{alice['id']}> <@&{fake.admin_role_id}> listen"
+    # room for the persona in the tiny model's context, whatever the ids' digits
+    await bot.chat.update_settings(channel, 1, max_tokens=16)
     sub = {"type": 1, "name": "set", "options": [option("text", persona, 3)]}
     await fake.dispatch_interaction(channel, admin, "persona", [sub])
     assert await fake.wait_until(lambda: fake.find("POST", "/callback"), 30)

@@ -48,6 +48,7 @@ class FakeDiscord:
         self.owner = self.make_user("owner")
         self.guild_id = self.new_id()
         self.admin_role_id = self.new_id()
+        self.roles: dict[int, dict[str, Any]] = {}  # more roles than @everyone and admin
         self.channels: dict[int, dict[str, Any]] = {}
         for i in range(n_channels):
             self.add_channel(f"general-{i}")
@@ -110,7 +111,7 @@ class FakeDiscord:
         """The member's guild permissions, from @everyone and its roles."""
         member = self.members[int(user["id"])]
         admin = str(self.admin_role_id) in member["roles"]
-        return EVERYONE_PERMISSIONS | (ADMINISTRATOR if admin else 0)
+        return EVERYONE_PERMISSIONS | (ADMINISTRATOR if admin else 0) | self._role_permissions(user)
 
     def add_channel(self, name: str) -> int:
         """A new guild text channel; returns its id."""
@@ -182,7 +183,7 @@ class FakeDiscord:
             "name": "fake guild",
             "icon": None,
             "owner_id": self.owner["id"],
-            "roles": [everyone, admin],
+            "roles": [everyone, admin, *self.roles.values()],
             "emojis": [],
             "stickers": [],
             "features": [],
@@ -419,6 +420,7 @@ class FakeDiscord:
         guild_cmds = self.commands.get(self.guild_id, [])
         command = next((c for c in guild_cmds if c["name"] == name), None)
         data: dict[str, Any] = {"name": name, "type": 1, "options": list(options or [])}
+        data["resolved"] = self._resolved(options or [])
         if command is not None:
             data["guild_id"] = str(self.guild_id)
         else:
@@ -578,7 +580,10 @@ class FakeDiscord:
                 "response_message_ephemeral": bool(data.get("flags", 0) & 64),
             }
         }
-        if kind == 4:
+        if kind == 7 and token in self._originals:  # UPDATE_MESSAGE: a component's message
+            message = self._edit(self._originals[token], data)
+            result["resource"] = {"type": 7, "message": message}
+        elif kind == 4:
             message = self._message(channel_id, self.bot_user, **_message_fields(data))
             self._originals[token] = int(message["id"])
             result["interaction"]["response_message_id"] = message["id"]
@@ -586,6 +591,98 @@ class FakeDiscord:
         else:
             result["resource"] = {"type": kind}
         return result
+
+    # ---- roles, resolved options, component interactions ----------------------------------------
+
+    def add_role(self, name: str, permissions: int = 0) -> int:
+        """A new guild role (add it before the bot connects: it arrives in GUILD_CREATE)."""
+        role_id = self.new_id()
+        self.roles[role_id] = {
+            "id": str(role_id),
+            "name": name,
+            "permissions": str(permissions),
+            "position": len(self.roles) + 2,
+            "color": 0,
+            "hoist": False,
+            "managed": False,
+            "mentionable": False,
+            "flags": 0,
+        }
+        return role_id
+
+    def give_role(self, user: dict[str, Any], role_id: int) -> None:
+        """Give a member a role (seen in the member data of their next messages)."""
+        self.members[int(user["id"])]["roles"].append(str(role_id))
+
+    def _role_permissions(self, user: dict[str, Any]) -> int:
+        permissions = 0
+        for role_id in self.members[int(user["id"])]["roles"]:
+            role = self.roles.get(int(role_id))
+            permissions |= int(role["permissions"]) if role else 0
+        return permissions
+
+    def _resolved(self, options: list[dict[str, Any]]) -> dict[str, Any]:
+        """Discord's `resolved` data for user (6), channel (7) and role (8) options, nested
+        subcommand options included."""
+        resolved: dict[str, dict[str, Any]] = {}
+        stack = list(options)
+        while stack:
+            option = stack.pop()
+            stack += option.get("options", [])
+            kind, value = option.get("type"), str(option.get("value", ""))
+            if kind == 6 and int(value) in self.users:
+                resolved.setdefault("users", {})[value] = self.users[int(value)]
+                member = self.members.get(int(value))
+                if member is not None:
+                    entry = {k: v for k, v in member.items() if k != "user"}
+                    resolved.setdefault("members", {})[value] = entry
+            elif kind == 7 and int(value) in self.channels:
+                channel = dict(self.channels[int(value)], permissions=str(EVERYONE_PERMISSIONS))
+                resolved.setdefault("channels", {})[value] = channel
+            elif kind == 8 and int(value) in self.roles:
+                resolved.setdefault("roles", {})[value] = self.roles[int(value)]
+        return resolved
+
+    async def dispatch_component(
+        self, user: dict[str, Any], message: dict[str, Any], custom_id: str
+    ) -> dict[str, Any]:
+        """A user presses the button `custom_id` of `message` (MESSAGE_COMPONENT interaction);
+        returns the interaction payload. A type 7 callback (UPDATE_MESSAGE) edits `message`."""
+        channel_id = int(message["channel_id"])
+        channel = self.channels[channel_id]
+        interaction: dict[str, Any] = {
+            "id": str(self.new_id()),
+            "application_id": str(self.app_id),
+            "type": 3,
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "message": self.messages.get(int(message["id"]), message),
+            "channel_id": str(channel_id),
+            "channel": channel,
+            "token": f"itoken-{self.new_id()}",
+            "version": 1,
+            "app_permissions": str(EVERYONE_PERMISSIONS),
+            "locale": "en-US",
+            "attachment_size_limit": 8 * 1024 * 1024,
+            "entitlements": [],
+        }
+        self._interaction_channels[interaction["token"]] = channel_id
+        self._originals[interaction["token"]] = int(message["id"])
+        if channel["type"] == 0:
+            member = dict(self.members[int(user["id"])])
+            member["permissions"] = str(self.permissions(user))
+            interaction["guild_id"] = str(self.guild_id)
+            interaction["guild_locale"] = "en-US"
+            interaction["member"] = member
+        else:
+            interaction["user"] = user
+        await self.dispatch("INTERACTION_CREATE", interaction)
+        return interaction
+
+
+def button_ids(message: dict[str, Any]) -> list[str]:
+    """The custom ids of a message's buttons, in order."""
+    rows = message.get("components") or []
+    return [c["custom_id"] for row in rows for c in row.get("components", []) if "custom_id" in c]
 
 
 def _message_fields(body: dict[str, Any] | None, partial: bool = False) -> dict[str, Any]:
