@@ -48,6 +48,45 @@ async def autoreply_channels(s: AsyncSession) -> set[int]:
     return set(await s.scalars(select(Channel.id).where(Channel.autoreply.is_(True))))
 
 
+async def thread_reply_channels(s: AsyncSession) -> set[int]:
+    """Ids of the channels whose answers go into a new thread each."""
+    return set(await s.scalars(select(Channel.id).where(Channel.thread_replies.is_(True))))
+
+
+async def get_message(s: AsyncSession, message_id: int) -> Message | None:
+    return await s.get(Message, message_id)
+
+
+async def asker_of(s: AsyncSession, reply: Message) -> int | None:
+    """Who asked for a reply: the author of the newest user turn before it in its channel."""
+    query = (
+        select(Message.author_id)
+        .where(
+            Message.channel_id == reply.channel_id,
+            Message.id < reply.id,
+            Message.role == Role.USER,
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+    return await s.scalar(query)
+
+
+async def previous_reply(s: AsyncSession, reply: Message) -> Message | None:
+    """The channel's assistant turn before `reply` (the one whose buttons it takes over)."""
+    query = (
+        select(Message)
+        .where(
+            Message.channel_id == reply.channel_id,
+            Message.id < reply.id,
+            Message.role == Role.ASSISTANT,
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+    return (await s.scalars(query)).first()
+
+
 async def add_message(s: AsyncSession, **fields: Any) -> Message:
     """A new turn; flushed so that its id is known."""
     ids = fields.pop("discord_message_ids", None) or []
