@@ -14,7 +14,8 @@ import discord
 import pytest
 
 from bot.cogs.admin import last_json_line, resolve_checkpoint
-from bot.cogs.chat import APOLOGY, Chat
+from bot.cogs.chat import Chat
+from bot.cogs.controls import APOLOGY
 from bot.cogs.triggers import ChatLimits, RateLimiter, answer_reason, strip_mention
 from bot.errors import BusyError
 from export.registry import RegistryError
@@ -191,6 +192,8 @@ class FakeReply:
         self.message_ids: list[int] = []
         self.ids_at_exit: list[int] | None = None
         self.result = SimpleNamespace(tokens_per_s=12.5)
+        self.row_id = None  # nothing stored: no buttons
+        self.stopped = self.history_cut = False
 
     async def __aenter__(self) -> FakeReply:
         return self
