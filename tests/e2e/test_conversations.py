@@ -29,6 +29,22 @@ def bot_messages(fake: FakeDiscord, channel: int) -> list[dict[str, Any]]:
     ]
 
 
+async def settled(fake: FakeDiscord, bot: Any, message_id: int, after: int) -> None:
+    """Wait until a regenerated or continued reply has its buttons back on `message_id` (a
+    request recorded after the first `after` ones) and the bot is idle."""
+
+    def done() -> bool:
+        return any(
+            r.method == "PATCH"
+            and r.path.endswith(f"/messages/{message_id}")
+            and any(b.startswith("reply:regen:") for b in buttons(r.json))
+            for r in fake.requests[after:]
+        )
+
+    await fake.wait_until(done, 60)
+    await fake.wait_until(lambda: bot.active_replies == 0, 60)
+
+
 # ---- threads --------------------------------------------------------------------------------
 
 
@@ -139,14 +155,11 @@ async def test_buttons_follow_the_last_reply_and_regenerate_replaces_it(
     refused = await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{pressed['id']}/"))
     assert refused.json["data"]["content"] == NOT_YOURS and refused.json["data"]["flags"] & 64
 
-    n_edits = len(fake.find("PATCH", f"/channels/{channel}/messages/"))
+    n_requests = len(fake.requests)
     pressed = await fake.dispatch_component(second, alice, f"reply:regen:{rows[3].id}")
     ack = await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{pressed['id']}/"))
     assert ack.json["type"] == 6  # deferred update: the message itself changes
-    await fake.wait_until(
-        lambda: len(fake.find("PATCH", f"/channels/{channel}/messages/")) > n_edits + 1, 60
-    )
-    await fake.wait_until(lambda: bot.active_replies == 0, 60)
+    await settled(fake, bot, int(second["id"]), n_requests)
     after = await stored(bot, channel)
     assert [r.id for r in after] == [r.id for r in rows]  # replaced, not added
     regenerated = after[3]
@@ -171,10 +184,9 @@ async def test_continue_extends_a_reply_cut_by_max_tokens(
     last = fake.messages[row.discord_message_ids[-1]]
     assert buttons(last) == [f"reply:regen:{row.id}", f"reply:cont:{row.id}"]
 
-    pressed = await fake.dispatch_component(last, alice, f"reply:cont:{row.id}")
-    await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{pressed['id']}/"))
-    await fake.wait_until(lambda: bot.active_replies == 0 and bot.chat._live == {}, 60)
-    await fake.wait_until(lambda: buttons(fake.messages[int(last["id"])]) != buttons(last), 60)
+    n_requests = len(fake.requests)
+    await fake.dispatch_component(last, alice, f"reply:cont:{row.id}")
+    await settled(fake, bot, int(last["id"]), n_requests)
     longer = (await stored(bot, channel))[1]
     assert longer.id == row.id and longer.content.startswith(row.content)
     assert len(longer.content) > len(row.content)
@@ -221,13 +233,11 @@ async def test_buttons_work_after_a_restart(fake: FakeDiscord, start_bot: Start)
 
     bot = await start_bot()
     message = fake.messages[row.discord_message_ids[-1]]
+    n_requests = len(fake.requests)
     pressed = await fake.dispatch_component(message, alice, f"reply:regen:{row.id}")
     ack = await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{pressed['id']}/"))
     assert ack.json["type"] == 6
-    await fake.wait_until(lambda: (bot.active_replies, bot.chat._live) == (0, {}), 60)
-    await fake.wait_until(
-        lambda: fake.find("PATCH", f"/channels/{channel}/messages/{row.discord_message_ids[0]}")
-    )
+    await settled(fake, bot, int(message["id"]), n_requests)
     again = (await stored(bot, channel))[1]
     assert again.id == row.id and again.status == "complete"
     assert again.updated_at is not None and again.updated_at > row.updated_at
