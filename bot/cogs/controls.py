@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from bot.service import Reply
 
 log = logging.getLogger(__name__)
+NONE = discord.AllowedMentions.none()
 
 REGENERATE, CONTINUE, STOP = "regen", "cont", "stop"
 LOOK: dict[str, tuple[str, str, discord.ButtonStyle]] = {
@@ -105,16 +106,17 @@ async def move_buttons(
     result = reply.result
     more = not reply.stopped and result is not None and result.finish_reason == "length"
     try:
-        await out.messages[-1].edit(view=done_view(row_id, more))
+        await out.messages[-1].edit(view=done_view(row_id, more), allowed_mentions=NONE)
         for i, message in enumerate(out.messages[:-1]):
             if i == 0 or message.id in reused:
-                await message.edit(view=None)
+                await message.edit(view=None, allowed_mentions=NONE)
         if take_over:
             info = await bot.chat.reply_info(row_id)
             previous = info[2] if info is not None else None
             if previous is not None and previous.discord_message_ids:
                 last = previous.discord_message_ids[-1]
-                await out.channel.get_partial_message(last).edit(view=None)  # type: ignore[attr-defined]
+                old = out.channel.get_partial_message(last)  # type: ignore[attr-defined]
+                await old.edit(view=None, allowed_mentions=NONE)
     except discord.HTTPException as exc:
         log.info("cannot move the reply buttons in channel %s: %s", out.channel.id, exc)
 
