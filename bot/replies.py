@@ -220,6 +220,14 @@ class StreamedReply:
             kwargs["mention_author"] = False
         return await self.channel.send(chunk, **kwargs)
 
+    async def set_view(self, index: int, view: discord.ui.View | None) -> None:
+        """Put `view` on message `index` (None: take its components off), its text as shown."""
+        await self.messages[index].edit(
+            content=postable(self._shown[index]),
+            view=view,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+
     async def drop_unused(self) -> None:
         """Delete the messages given to reuse that the text did not need."""
         unused, self._reuse = self._reuse, []

@@ -106,10 +106,10 @@ async def move_buttons(
     result = reply.result
     more = not reply.stopped and result is not None and result.finish_reason == "length"
     try:
-        await out.messages[-1].edit(view=done_view(row_id, more), allowed_mentions=NONE)
+        await out.set_view(len(out.messages) - 1, done_view(row_id, more))
         for i, message in enumerate(out.messages[:-1]):
             if i == 0 or message.id in reused:
-                await message.edit(view=None, allowed_mentions=NONE)
+                await out.set_view(i, None)
         if take_over:
             info = await bot.chat.reply_info(row_id)
             previous = info[2] if info is not None else None
