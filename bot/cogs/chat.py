@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord.ext import commands
 
@@ -161,23 +162,18 @@ class Chat(commands.Cog):
         budget -= len(model.encode_text(content)) if content else 0
         read: list[attachments.FileText] = []
         notes: list[str] = []
-        for file in files:
+        for i, file in enumerate(files):
             name = attachments.display_name(file.filename)
             if not attachments.is_text_file(file.filename, file.content_type):
                 notes.append(attachments.ONLY_TEXT.format(name=name))
                 continue
             if file.size > attachments.MAX_BYTES:  # before downloading anything
-                notes.append(
-                    attachments.TOO_LARGE.format(
-                        name=name,
-                        size=-(-file.size // 1000),
-                        limit=attachments.MAX_BYTES // 1000,
-                    )
-                )
+                size, limit = -(-file.size // 1000), attachments.MAX_BYTES // 1000
+                notes.append(attachments.TOO_LARGE.format(name=name, size=size, limit=limit))
                 continue
             try:
                 data = await file.read()
-            except (discord.HTTPException, discord.ClientException) as exc:
+            except (discord.DiscordException, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning("cannot download attachment %s: %s", file.id, exc)
                 notes.append(attachments.UNREADABLE.format(name=name))
                 continue
@@ -185,7 +181,7 @@ class Chat(commands.Cog):
             if text is None:
                 notes.append(attachments.ONLY_TEXT.format(name=name))
                 continue
-            share = budget // max(1, len(files) - len(read) - len(notes))
+            share = max(0, budget) // (len(files) - i)  # this file's part of what is left
             text, cut = await asyncio.to_thread(
                 attachments.fit, text, share, lambda t: len(model.encode_text(t))
             )

@@ -322,3 +322,18 @@ async def test_chat_cog_loads_with_zero_rate_limits_and_never_refuses() -> None:
         await cog.on_message(message)  # type: ignore[arg-type]
     assert len(service.incoming) == len(channel.sent) == 30
     assert message.replies == []  # no "slow down" notes
+
+
+async def test_reply_notes_threads_and_closed_threads() -> None:
+    from bot.cogs.chat import thread_name
+    from bot.cogs.controls import closed_thread, done_view, footer, stop_view
+
+    assert footer([]) == "" and footer(["a", "b"]) == "\n\n*a*\n*b*"
+    assert thread_name("  how do\nthreads   work?") == "how do threads work?"
+    assert len(thread_name("x" * 300)) == 80
+    assert not closed_thread(SimpleNamespace(archived=True))  # not a discord.Thread
+    views = (stop_view(7), done_view(7, True))
+    ids = [[item.custom_id for item in view.children] for view in views]  # type: ignore[attr-defined]
+    assert ids == [["reply:stop:7"], ["reply:regen:7", "reply:cont:7"]]
+    assert [i.custom_id for i in done_view(7, False).children] == ["reply:regen:7"]  # type: ignore[attr-defined]
+    assert stop_view(7).timeout is None  # persistent
