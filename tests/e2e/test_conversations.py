@@ -338,3 +338,21 @@ async def test_history_cut_is_said_once_per_conversation(
     await bot.chat.forget(channel, 1)  # a new conversation
     assert HISTORY_CUT not in await ask(5)
     assert (await ask(6)).endswith(f"*{HISTORY_CUT}*")
+
+
+async def test_a_thread_archived_mid_reply_ends_it_quietly(
+    fake: FakeDiscord, start_bot: Start
+) -> None:
+    bot = await start_bot(edit_interval_s=0.05)
+    alice = fake.add_user("alice")
+    thread = await fake.add_thread(fake.text_channel_ids[11], "soon archived", owner=alice)
+    await fake.wait_until(lambda: bot.get_channel(thread))
+    await bot.chat.update_settings(thread, 1, max_tokens=200, temperature=1.0, seed=7)
+    await fake.dispatch_message(thread, alice, mention(fake, "long one"), [fake.bot_user])
+    await fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{thread}/messages")
+    await fake.set_thread_state(thread, archived=True)
+    await fake.wait_until(lambda: bot.active_replies == 0, 60)
+    posted = [m["content"] for m in bot_messages(fake, thread)]
+    assert len(posted) == 1 and "Sorry" not in posted[0]  # no apology, no error note
+    row = (await stored(bot, thread))[1]
+    assert row.status == "interrupted" and row.content.strip()  # what was shown is kept
