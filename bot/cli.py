@@ -17,7 +17,8 @@ from bot.config import BotConfig, ConfigError, get_settings
 from bot.logs import LEVELS, configure_logging
 from bot.storage.db import DatabaseError
 
-PERMISSIONS = 274877975552  # View Channels, Send Messages, Send in Threads, Read History
+PERMISSIONS = 309237713920  # View Channels, Send Messages, Create Public Threads, Send in Threads,
+# Read Message History
 NO_TOKEN_HELP = f"""\
 No Discord token configured. To run the bot on Discord:
   1. Create an application at https://discord.com/developers/applications and add a Bot.

@@ -34,6 +34,12 @@ class RestartingError(ReplyError):
     user_message = "I'm restarting; please ask again in a moment."
 
 
+class NotLatestReplyError(ReplyError):
+    """A button under a reply that can no longer be regenerated or continued."""
+
+    user_message = "Only the channel's latest reply can be regenerated or continued."
+
+
 class ReplyCutError(ReplyError):
     """The engine ended the reply early: its time limit, or the bot shutting down. The text
     streamed so far stays (stored as interrupted); this note tells the reader it is partial."""

@@ -110,6 +110,16 @@ def encode_messages(model: LoadedModel, messages: list[dict]) -> tuple[str, list
     return text, model.encode_text(text)
 
 
+def encode_continuation(model: LoadedModel, messages: list[dict]) -> tuple[str, list[int]]:
+    """encode_messages for a prompt that ends inside the assistant's reply (to continue it):
+    the messages before it with the generation prompt, then the reply's text so far."""
+    if not messages or messages[-1]["role"] != "assistant":
+        return encode_messages(model, messages)
+    text, ids = encode_messages(model, messages[:-1])
+    tail = messages[-1]["content"]
+    return text + tail, ids + model.encode_text(tail)
+
+
 def encode(model: LoadedModel, text: str) -> list[int]:
     """Token ids of user text as plain text (special-token strings in it are characters)."""
     return model.encode_text(text)

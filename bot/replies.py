@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import discord
@@ -142,7 +142,11 @@ class Splitter:
 
 
 class StreamedReply:
-    """Posts the first piece, edits at most once per interval, continues past the limit."""
+    """Posts the first piece, edits at most once per interval, continues past the limit.
+
+    `view`: components for the first message (a stop button). `reuse`: messages of an earlier
+    answer to write over, in order, before posting new ones (a regenerated or continued reply);
+    `drop_unused()` deletes those the new text did not need."""
 
     def __init__(
         self,
@@ -151,8 +155,12 @@ class StreamedReply:
         edit_interval_s: float = 1.0,
         reference: discord.Message | None = None,
         clock: Callable[[], float] = time.monotonic,
+        view: discord.ui.View | None = None,
+        reuse: Sequence[Any] = (),
     ) -> None:
         self.channel = channel
+        self.view = view
+        self._reuse = list(reuse)
         self.edit_interval_s = edit_interval_s
         self.reference = reference
         self.clock = clock
@@ -203,10 +211,28 @@ class StreamedReply:
     async def _send(self, chunk: str) -> Any:
         """A new message holding `chunk` (anything with `.id` and `.edit(content=...)`)."""
         kwargs: dict[str, Any] = {"allowed_mentions": discord.AllowedMentions.none()}
+        if self.view is not None and not self.messages:
+            kwargs["view"] = self.view
+        if self._reuse:
+            return await self._reuse.pop(0).edit(content=chunk, **kwargs)
         if self.reference is not None and not self.messages:
             kwargs["reference"] = self.reference
             kwargs["mention_author"] = False
         return await self.channel.send(chunk, **kwargs)
+
+    async def set_view(self, index: int, view: discord.ui.View | None) -> None:
+        """Put `view` on message `index` (None: take its components off), its text as shown."""
+        await self.messages[index].edit(
+            content=postable(self._shown[index]),
+            view=view,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+
+    async def drop_unused(self) -> None:
+        """Delete the messages given to reuse that the text did not need."""
+        unused, self._reuse = self._reuse, []
+        for message in unused:
+            await message.delete()
 
 
 class InteractionReply(StreamedReply):

@@ -16,6 +16,7 @@ from bot.errors import (
     BusyError,
     GenerationFailedError,
     MessageTooLongError,
+    NotLatestReplyError,
     ReplyCutError,
     ReplyError,
     RestartingError,
@@ -36,6 +37,7 @@ from bot.prompt import (
     build_prompt,
     default_system,
     encode,
+    encode_continuation,
     encode_messages,
 )
 from bot.storage import repo
@@ -96,6 +98,9 @@ class _Started:
     stream: Any  # the engine's stream: async iterator of str, .result, .cancel()
     row_id: int | None  # the assistant row (None: nothing stored, as for ask())
     prompt: Prompt
+    prefix: str = ""  # text the stored row keeps before what is generated (a continued reply)
+    prefix_tokens: int = 0
+    history_cut: bool = False  # the first prompt of the conversation without its oldest turns
 
 
 class Reply:
@@ -115,8 +120,11 @@ class Reply:
         accept: Callable[[], Awaitable[None]] | None = None,
         decline: Callable[[], Awaitable[None]] | None = None,
         closed: Callable[[], bool] = lambda: False,
+        live: dict[int, Reply] | None = None,
     ) -> None:
         self._db = db
+        self._live = live  # row id -> reply, while it streams (for stop())
+        self._stopped = False
         self._start = start
         self._accept = accept
         self._decline = decline
@@ -135,6 +143,27 @@ class Reply:
     @property
     def prompt(self) -> Prompt | None:
         return self._started.prompt if self._started else None
+
+    @property
+    def row_id(self) -> int | None:
+        """The stored assistant row (None before entering, and for ask())."""
+        return self._started.row_id if self._started else None
+
+    @property
+    def history_cut(self) -> bool:
+        """This is the first reply of its conversation whose prompt left out the oldest turns."""
+        return bool(self._started and self._started.history_cut)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def stop(self) -> None:
+        """End the reply where it is (a user pressed stop): the text so far stays, stored as
+        interrupted with finish reason "stopped"; iterating ends without an error."""
+        if self._started is not None and not self._finished:
+            self._stopped = True
+            self._started.stream.cancel()
 
     async def __aenter__(self) -> Reply:
         # a place in the channel's line first, so turns follow arrival order, then the message
@@ -162,6 +191,8 @@ class Reply:
             self._t0 = time.monotonic()
             self._started = await self._start()
             self._last_flush = time.monotonic()
+            if self._live is not None and self._started.row_id is not None:
+                self._live[self._started.row_id] = self
         except BaseException:
             self._release()
             raise
@@ -193,6 +224,8 @@ class Reply:
             raise GenerationFailedError(str(exc)) from exc
         self._finished = True
         self.result = stream.result
+        if self._stopped:
+            return
         reason = self.result.finish_reason if self.result is not None else None
         if reason == "error":
             self._failed = True
@@ -213,6 +246,8 @@ class Reply:
                 if self._started.row_id is not None:
                     await asyncio.shield(self._store_final())
         finally:
+            if self._live is not None and self._started is not None:
+                self._live.pop(self._started.row_id or 0, None)
             self._release()
 
     def _release(self) -> None:
@@ -226,21 +261,27 @@ class Reply:
         self._last_flush = time.monotonic()
         async with self._db.session() as s, s.begin():
             await repo.update_message(
-                s, self._started.row_id, content=self.text, discord_message_ids=self.message_ids
+                s,
+                self._started.row_id,
+                content=self._started.prefix + self.text,
+                discord_message_ids=self.message_ids,
             )
 
     async def _store_final(self) -> None:
         assert self._started is not None and self._started.row_id is not None
         result = self.result
         cut = result is not None and result.finish_reason in ReplyCutError.NOTES
-        complete = self._finished and not self._failed and not cut
+        complete = self._finished and not self._failed and not cut and not self._stopped
         reason = result.finish_reason if result is not None else "cancelled"
         if self._failed:
             reason = "error"
+        elif self._stopped:
+            reason = "stopped"
         elif not complete and reason in (None, "stop", "length"):
             reason = "cancelled"
+        text = result.text if complete and result is not None else self.text
         fields: repo.MessageUpdate = {
-            "content": result.text if complete and result is not None else self.text,
+            "content": self._started.prefix + text,
             "status": Status.COMPLETE if complete else Status.INTERRUPTED,
             "finish_reason": reason,
             "discord_message_ids": self.message_ids,
@@ -250,7 +291,7 @@ class Reply:
             if result.model:  # the version that actually produced it
                 fields["model_version"] = result.model
             fields.update(
-                token_count=result.completion_tokens,
+                token_count=self._started.prefix_tokens + result.completion_tokens,
                 queue_ms=result.queue_ms,
                 ttft_ms=result.ttft_ms,
                 tokens_per_s=result.tokens_per_s,
@@ -278,6 +319,8 @@ class ChatService:
         self._autoreply: set[int] | None = None
         self.access = AccessService(db)  # who may talk where, who may change settings
         self.privacy = PrivacyService(db)  # opt-outs, forget-me, export, retention
+        self._threaded: set[int] | None = None  # channels whose answers go into threads
+        self._live: dict[int, Reply] = {}  # assistant row id -> its reply, while it streams
 
     # -- replies --
     def reply(self, msg: IncomingMessage, *, bot: Speaker, pending_id: int | None = None) -> Reply:
@@ -313,6 +356,7 @@ class ChatService:
             accept=accept if pending_id is None else None,
             decline=decline,
             closed=lambda: bool(getattr(self.engine, "closed", False)),
+            live=self._live,
         )
 
     async def accept(self, msg: IncomingMessage) -> int:
@@ -388,6 +432,7 @@ class ChatService:
             )
             channel = await repo.get_channel(s, msg.channel_id)
             persona = channel.persona if channel else None
+            noted = bool(channel and channel.history_cut_noted)
             rows = await repo.history(s, msg.channel_id, HISTORY_LIMIT)
             overrides = await repo.settings_overrides(s, msg.channel_id)
         settings = generation_settings(model, overrides)
@@ -402,8 +447,11 @@ class ChatService:
         )
         self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
         stream = self._submit(built, settings)
+        history_cut = bool(built.turns_dropped) and not noted
         try:
             async with self.db.session() as s, s.begin():
+                if history_cut:  # said once per conversation: remembered with the channel
+                    await repo.set_history_cut_noted(s, msg.channel_id, True)
                 row = await repo.add_message(
                     s,
                     channel_id=msg.channel_id,
@@ -418,7 +466,99 @@ class ChatService:
         except BaseException:
             stream.cancel()
             raise
-        return _Started(stream, row.id, built)
+        return _Started(stream, row.id, built, history_cut=history_cut)
+
+    # -- regenerate, continue, stop --
+    def regenerate(self, row_id: int, *, channel_id: int, bot: Speaker) -> Reply:
+        """A new sample in place of the channel's last reply (`row_id`): the same prompt (whose
+        KV the engine kept), a fresh seed; the stored row's content is replaced."""
+        return self._again(row_id, channel_id, bot, extend=False)
+
+    def continue_reply(self, row_id: int, *, channel_id: int, bot: Speaker) -> Reply:
+        """More of the channel's last reply (`row_id`, cut by max_tokens): the prompt ends
+        inside the reply, and what is generated is appended to the stored row."""
+        return self._again(row_id, channel_id, bot, extend=True)
+
+    def _again(self, row_id: int, channel_id: int, bot: Speaker, *, extend: bool) -> Reply:
+        async def start() -> _Started:
+            return await self._restart_reply(row_id, channel_id, bot, extend=extend)
+
+        return Reply(
+            self.db,
+            start,
+            channel_id=channel_id,
+            queues=self._queues,
+            closed=lambda: bool(getattr(self.engine, "closed", False)),
+            live=self._live,
+        )
+
+    async def _restart_reply(
+        self, row_id: int, channel_id: int, bot: Speaker, *, extend: bool
+    ) -> _Started:
+        model = self.engine.model
+        async with self.db.session() as s, s.begin():
+            row = await repo.get_message(s, row_id)
+            if row is None or row.role != Role.ASSISTANT or row.forgotten:
+                raise NotLatestReplyError(f"no reply {row_id} to take up again")
+            if row.channel_id != channel_id:
+                raise NotLatestReplyError(f"reply {row_id} is not in channel {channel_id}")
+            rows = await repo.history(s, row.channel_id, HISTORY_LIMIT)
+            if not rows or rows[-1].id != row_id:
+                raise NotLatestReplyError(f"reply {row_id} is not its channel's last")
+            if extend and row.finish_reason != "length":
+                raise NotLatestReplyError(
+                    f"reply {row_id} was not cut by max_tokens",
+                    "Only a reply cut off by its length can be continued.",
+                )
+            channel = await repo.get_channel(s, row.channel_id)
+            persona = channel.persona if channel else None
+            overrides = await repo.settings_overrides(s, row.channel_id)
+            status, content, tokens = row.status, row.content, row.token_count or 0
+            await repo.update_message(s, row_id, status=Status.IN_PROGRESS)
+        settings = generation_settings(model, overrides)
+        if not extend:
+            settings = settings.model_copy(update={"seed": None})  # a new sample, not the same
+        turns = [_turn(r, bot) for r in rows if r.content or r.role == Role.USER]
+        if not extend:
+            turns = turns[:-1]
+        system = persona or default_system(model)
+        start = self._window.get(row.channel_id)
+        ids = [t.row_id for t in turns]
+        keep = len(turns) - ids.index(start) if start in ids else None
+        try:
+            built = await asyncio.to_thread(
+                self._build,
+                model,
+                turns,
+                system=system,
+                settings=settings,
+                keep=keep,
+                extend=extend,
+            )
+            stream = self._submit(built, settings)
+        except BaseException:
+            async with self.db.session() as s, s.begin():
+                await repo.update_message(s, row_id, status=status)  # left as it was
+            raise
+        if not extend:
+            return _Started(stream, row_id, built)
+        return _Started(stream, row_id, built, prefix=content, prefix_tokens=tokens)
+
+    def stop(self, row_id: int) -> bool:
+        """Stop the reply stored as `row_id` if it is streaming; False if it is not."""
+        reply = self._live.get(row_id)
+        if reply is None:
+            return False
+        reply.stop()
+        return True
+
+    async def reply_info(self, row_id: int) -> tuple[Message, int | None, Message | None] | None:
+        """(the assistant row, who asked for it, the channel's reply before it), or None."""
+        async with self.db.session() as s:
+            row = await repo.get_message(s, row_id)
+            if row is None or row.role != Role.ASSISTANT:
+                return None
+            return row, await repo.asker_of(s, row), await repo.previous_reply(s, row)
 
     @staticmethod
     def _build(
@@ -428,13 +568,15 @@ class ChatService:
         system: str | None,
         settings: ChannelSettings,
         keep: int | None = None,
+        extend: bool = False,
     ) -> Prompt:
         templated = bool(model.manifest.tokenizer.chat_template)
+        encoder = encode_continuation if extend else encode_messages
         try:
             prompt = build_prompt(
                 turns,
                 system=system,
-                encode_chat=lambda messages: encode_messages(model, messages),
+                encode_chat=lambda messages: encoder(model, messages),
                 budget=model.max_context - settings.max_new_tokens,
                 keep=keep,
                 trim_to=TRIM_TO,
@@ -554,17 +696,39 @@ class ChatService:
         """Turns taken out of the channel's memory; they stay in the database, marked forgotten."""
         async with self.db.session() as s, s.begin():
             count = await repo.forget(s, channel_id)
+            await repo.set_history_cut_noted(s, channel_id, False)
             await repo.add_audit(s, actor_id, "forget", f"channel {channel_id}: {count} turns")
         return count
 
-    async def set_autoreply(self, channel_id: int, enabled: bool, actor_id: int) -> None:
+    async def set_autoreply(
+        self, channel_id: int, enabled: bool, actor_id: int, *, threads: bool = False
+    ) -> None:
+        """Answer every message of the channel (`threads`: each answer in a new thread)."""
+        threads = bool(enabled and threads)
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, channel_id)
-            await repo.set_autoreply(s, channel_id, bool(enabled))
-            state = "on" if enabled else "off"
+            await repo.set_autoreply(s, channel_id, bool(enabled), threads=threads)
+            state = ("threads" if threads else "on") if enabled else "off"
             await repo.add_audit(s, actor_id, f"autoreply.{state}", f"channel {channel_id}")
         if self._autoreply is not None:
             (self._autoreply.add if enabled else self._autoreply.discard)(channel_id)
+        if self._threaded is not None:
+            (self._threaded.add if threads else self._threaded.discard)(channel_id)
+
+    async def replies_in_threads(self, channel_id: int) -> bool:
+        """Whether answers to this channel's messages go into a new thread each."""
+        if self._threaded is None:
+            async with self.db.session() as s:
+                self._threaded = await repo.thread_reply_channels(s)
+        return channel_id in self._threaded
+
+    async def adopt_thread(self, thread_id: int, guild_id: int | None) -> None:
+        """A thread the bot started for a conversation: it answers every message there."""
+        async with self.db.session() as s, s.begin():
+            await repo.ensure_channel(s, thread_id, guild_id)
+            await repo.set_autoreply(s, thread_id, True)
+        if self._autoreply is not None:
+            self._autoreply.add(thread_id)
 
     async def is_autoreply(self, channel_id: int) -> bool:
         if self._autoreply is None:

@@ -243,13 +243,27 @@ class Admin(commands.Cog):
 
     # -- /channel autoreply --
     @channel_group.command(name="autoreply", description="Answer every message in this channel")
-    @app_commands.describe(enabled="on: answer every message; off: only mentions and replies")
+    @app_commands.describe(
+        enabled="on: answer every message; off: only mentions and replies",
+        threads="answer each message in a new thread of its own (keeps busy channels readable)",
+    )
     @admin_only()
-    async def channel_autoreply(self, interaction: discord.Interaction, enabled: bool) -> None:
+    async def channel_autoreply(
+        self, interaction: discord.Interaction, enabled: bool, threads: bool = False
+    ) -> None:
         if interaction.channel_id is None:
             raise app_commands.AppCommandError("This command only works in a channel.")
-        await self.bot.chat.set_autoreply(interaction.channel_id, enabled, interaction.user.id)
-        state = "on: I answer every message here" if enabled else "off: mention me to talk"
+        if threads and isinstance(interaction.channel, discord.Thread | discord.DMChannel):
+            raise app_commands.AppCommandError("Threads can only start in a server's text channel.")
+        await self.bot.chat.set_autoreply(
+            interaction.channel_id, enabled, interaction.user.id, threads=threads
+        )
+        if not enabled:
+            state = "off: mention me to talk"
+        elif threads:
+            state = "on: I answer every message here, each in a new thread"
+        else:
+            state = "on: I answer every message here"
         await interaction.response.send_message(f"Auto-reply is {state}.", ephemeral=True)
 
     # -- /stats --

@@ -1,19 +1,23 @@
-"""The chat cog: answers mentions, replies to the bot, DMs and auto-reply channels, streaming."""
+"""The chat cog: answers mentions, replies to the bot, DMs and auto-reply channels, streaming
+(in threads when a channel asks for it; text attachments read; buttons under the last reply)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord.ext import commands
 
+from bot import attachments
+from bot.cogs.controls import ReplyButton, closed_thread, deliver
 from bot.cogs.triggers import ChatLimits, answer_reason, strip_mention
-from bot.errors import ReplyError, RestartingError
+from bot.errors import RestartingError
 from bot.replies import StreamedReply
 from bot.turns import IncomingMessage, Speaker
 
@@ -23,13 +27,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-APOLOGY = "Sorry, something went wrong while answering; please try again."
 EMPTY_PROMPT = "Say something after the mention and I'll answer."
 EMPTY_REPLY = "(the model gave an empty answer)"
 NONE = discord.AllowedMentions.none()
 RECOVER_WITHIN = timedelta(minutes=15)  # after a restart, older unanswered messages are declined
 INTERRUPTED = "*(interrupted: the bot restarted before this reply was finished)*"
 MISSED = "I restarted before I could answer this; please ask again."
+THREAD_NAME_CHARS = 80
+
+
+def thread_name(content: str) -> str:
+    """A thread's name from the message that starts it: its first line, shortened."""
+    line = " ".join(content.split())
+    return (line[: THREAD_NAME_CHARS - 3] + "...") if len(line) > THREAD_NAME_CHARS else line
 
 
 async def note(message: discord.Message, text: str) -> None:
@@ -126,10 +136,23 @@ class Chat(commands.Cog):
             message.guild.id, channel_ids=channel_ids, user_id=message.author.id, role_ids=roles
         )
 
+    async def _closed(self, message: discord.Message) -> bool:
+        """The message is in an archived or locked thread (one discord.py no longer caches
+        is looked up: its archived threads leave the cache)."""
+        channel: Any = message.channel
+        if isinstance(channel, discord.PartialMessageable) and message.guild is not None:
+            try:
+                channel = await self.bot.fetch_channel(channel.id)
+            except discord.HTTPException:
+                return False
+        return closed_thread(channel)
+
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         try:
             why = await self.reason(message)
+            if why is not None and await self._closed(message):
+                return
             if why is not None and not await self.allowed(message):
                 why = None  # refused by the access lists: ignored, nothing stored
         except Exception:
@@ -142,7 +165,8 @@ class Chat(commands.Cog):
             return
         assert self.bot.user is not None
         content = strip_mention(message.content, self.bot.user.id)
-        if not content:
+        files = list(getattr(message, "attachments", None) or [])
+        if not content and not files:
             await note(message, EMPTY_PROMPT)
             return
         refused = self.limits.check(message.author.id, message.channel.id)
@@ -150,55 +174,112 @@ class Chat(commands.Cog):
             await note(message, refused)
             return
         with self.bot.in_flight():
-            await self.answer(message, content)
+            notes: list[str] = []
+            if files:
+                content, notes = await self.read_files(message, content, files)
+                if not content:  # nothing but files it cannot read
+                    await note(message, "\n".join(notes))
+                    return
+            channel = await self.thread_for(message, content)
+            await self.answer(message, content, notes=notes, channel=channel)
+
+    async def read_files(
+        self, message: discord.Message, content: str, files: list[discord.Attachment]
+    ) -> tuple[str, list[str]]:
+        """The message's text with its readable text files appended (each cut to its share of
+        half the prompt budget); and the notes about files skipped or cut."""
+        bot = self.bot
+        model = bot.engine.model
+        settings = await bot.chat.get_settings(message.channel.id)
+        budget = max(0, (model.max_context - settings.max_new_tokens) // 2)
+        budget -= len(model.encode_text(content)) if content else 0
+        read: list[attachments.FileText] = []
+        notes: list[str] = []
+        for i, file in enumerate(files):
+            name = attachments.display_name(file.filename)
+            if not attachments.is_text_file(file.filename, file.content_type):
+                notes.append(attachments.ONLY_TEXT.format(name=name))
+                continue
+            if file.size > attachments.MAX_BYTES:  # before downloading anything
+                size, limit = -(-file.size // 1000), attachments.MAX_BYTES // 1000
+                notes.append(attachments.TOO_LARGE.format(name=name, size=size, limit=limit))
+                continue
+            try:
+                data = await file.read()
+            except (discord.DiscordException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("cannot download attachment %s: %s", file.id, exc)
+                notes.append(attachments.UNREADABLE.format(name=name))
+                continue
+            text = attachments.decode(data[: attachments.MAX_BYTES])
+            if text is None:
+                notes.append(attachments.ONLY_TEXT.format(name=name))
+                continue
+            share = max(0, budget) // (len(files) - i)  # this file's part of what is left
+            text, cut = await asyncio.to_thread(
+                attachments.fit, text, share, lambda t: len(model.encode_text(t))
+            )
+            if cut:
+                notes.append(attachments.CUT.format(name=name))
+            budget -= len(model.encode_text(text))
+            read.append(attachments.FileText(name, text))
+        if read:
+            content = "\n\n".join(part for part in (content, attachments.render(read)) if part)
+        return (content if read or content else ""), notes
+
+    async def thread_for(self, message: discord.Message, content: str) -> Any:
+        """Where to answer: a new thread on the message in a channel whose answers go into
+        threads (the thread is its own conversation, answered without mentions), else the
+        message's channel (also when the thread cannot be made)."""
+        channel = message.channel
+        if not isinstance(channel, discord.TextChannel) or message.guild is None:
+            return channel
+        if not await self.bot.chat.replies_in_threads(channel.id):
+            return channel
+        try:
+            thread = await message.create_thread(
+                name=thread_name(content) or "conversation", auto_archive_duration=1440
+            )
+        except discord.HTTPException as exc:
+            log.info("cannot start a thread in channel %s: %s", channel.id, exc)
+            return channel
+        await self.bot.chat.adopt_thread(thread.id, message.guild.id)
+        return thread
 
     async def answer(
-        self, message: discord.Message, content: str, pending_id: int | None = None
+        self,
+        message: discord.Message,
+        content: str,
+        *,
+        notes: Sequence[str] = (),
+        channel: Any = None,
+        pending_id: int | None = None,
     ) -> None:
-        """Stream one reply to `message`; errors end it with a short note, never silence.
-        `pending_id`: the inbox row of a message accepted before a restart."""
+        """Stream one reply to `message` (into `channel`, default the message's own); errors
+        end it with a short note, never silence. `pending_id`: the inbox row of a message
+        accepted before a restart."""
         bot = self.bot
         assert bot.user is not None
+        target = channel if channel is not None else message.channel
         incoming = IncomingMessage(
-            channel_id=message.channel.id,
+            channel_id=target.id,
             guild_id=message.guild.id if message.guild else None,
             author=Speaker(message.author.id, message.author.display_name, message.author.bot),
             content=content,
             message_id=message.id,
         )
         me = Speaker(bot.user.id, bot.user.display_name, is_bot=True)
+        in_place = target is message.channel
         out = StreamedReply(
-            message.channel, edit_interval_s=bot.settings.edit_interval_s, reference=message
+            target,
+            edit_interval_s=bot.settings.edit_interval_s,
+            reference=message if in_place else None,
         )
-        problem: str | None = None
-        try:
-            replying = bot.chat.reply(incoming, bot=me, pending_id=pending_id)
-            async with typing(message.channel), replying as reply:
-                try:
-                    async for piece in reply:
-                        await out.push(piece)
-                        reply.message_ids[:] = out.message_ids
-                    await out.finish()
-                    if reply.result is not None:
-                        bot.record_speed(reply.result.tokens_per_s)
-                finally:
-                    reply.message_ids[:] = out.message_ids
-        except ReplyError as exc:
-            problem = exc.user_message
-        except discord.HTTPException as exc:
-            log.warning("Discord refused a reply in channel %s: %s", message.channel.id, exc)
-            problem = APOLOGY
-        except Exception:
-            log.exception("reply failed in channel %s", message.channel.id)
-            problem = APOLOGY
+        async with typing(target):
+            problem = await deliver(
+                bot, bot.chat.reply(incoming, bot=me, pending_id=pending_id), out, notes=notes
+            )
         if problem is not None:
-            if out.messages:
-                try:
-                    await out.finish(f"\n\n*{problem}*")
-                except discord.HTTPException:
-                    await note(message, problem)
-            else:
-                await note(message, problem)
+            await note(message, problem)
         elif not out.messages:
             await note(message, EMPTY_REPLY)
 
@@ -262,4 +343,5 @@ class Chat(commands.Cog):
 
 
 async def setup(bot: ChatBot) -> None:
+    bot.add_dynamic_items(ReplyButton)  # the reply buttons, persistent across restarts
     await bot.add_cog(Chat(bot))

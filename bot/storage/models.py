@@ -99,6 +99,10 @@ class Channel(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     guild_id: Mapped[int | None] = mapped_column(BigInteger)
     autoreply: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # answers to messages in this channel go into a new thread each (auto-reply's thread mode)
+    thread_replies: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # the conversation was told once that its oldest turns no longer fit (reset by /forget)
+    history_cut_noted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     persona: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -56,6 +56,45 @@ async def autoreply_channels(s: AsyncSession) -> set[int]:
     return set(await s.scalars(select(Channel.id).where(Channel.autoreply.is_(True))))
 
 
+async def thread_reply_channels(s: AsyncSession) -> set[int]:
+    """Ids of the channels whose answers go into a new thread each."""
+    return set(await s.scalars(select(Channel.id).where(Channel.thread_replies.is_(True))))
+
+
+async def get_message(s: AsyncSession, message_id: int) -> Message | None:
+    return await s.get(Message, message_id)
+
+
+async def asker_of(s: AsyncSession, reply: Message) -> int | None:
+    """Who asked for a reply: the author of the newest user turn before it in its channel."""
+    query = (
+        select(Message.author_id)
+        .where(
+            Message.channel_id == reply.channel_id,
+            Message.id < reply.id,
+            Message.role == Role.USER,
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+    return await s.scalar(query)
+
+
+async def previous_reply(s: AsyncSession, reply: Message) -> Message | None:
+    """The channel's assistant turn before `reply` (the one whose buttons it takes over)."""
+    query = (
+        select(Message)
+        .where(
+            Message.channel_id == reply.channel_id,
+            Message.id < reply.id,
+            Message.role == Role.ASSISTANT,
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+    return (await s.scalars(query)).first()
+
+
 async def add_message(
     s: AsyncSession,
     *,
@@ -411,8 +450,17 @@ async def set_persona(s: AsyncSession, channel_id: int, persona: str | None) -> 
     await s.execute(update(Channel).where(Channel.id == channel_id).values(persona=persona))
 
 
-async def set_autoreply(s: AsyncSession, channel_id: int, enabled: bool) -> None:
-    await s.execute(update(Channel).where(Channel.id == channel_id).values(autoreply=enabled))
+async def set_autoreply(
+    s: AsyncSession, channel_id: int, enabled: bool, *, threads: bool = False
+) -> None:
+    """Answer every message of the channel (`threads`: each answer in a new thread)."""
+    values = {"autoreply": enabled, "thread_replies": enabled and threads}
+    await s.execute(update(Channel).where(Channel.id == channel_id).values(**values))
+
+
+async def set_history_cut_noted(s: AsyncSession, channel_id: int, noted: bool) -> None:
+    """Whether the channel was told that its oldest turns no longer fit the prompt."""
+    await s.execute(update(Channel).where(Channel.id == channel_id).values(history_cut_noted=noted))
 
 
 async def add_audit(s: AsyncSession, actor_id: int, action: str, detail: str = "") -> None:

@@ -14,7 +14,8 @@ import discord
 import pytest
 
 from bot.cogs.admin import last_json_line, resolve_checkpoint
-from bot.cogs.chat import APOLOGY, Chat
+from bot.cogs.chat import Chat
+from bot.cogs.controls import APOLOGY
 from bot.cogs.triggers import ChatLimits, RateLimiter, answer_reason, strip_mention
 from bot.errors import BusyError
 from export.registry import RegistryError
@@ -191,6 +192,8 @@ class FakeReply:
         self.message_ids: list[int] = []
         self.ids_at_exit: list[int] | None = None
         self.result = SimpleNamespace(tokens_per_s=12.5)
+        self.row_id = None  # nothing stored: no buttons
+        self.stopped = self.history_cut = False
 
     async def __aenter__(self) -> FakeReply:
         return self
@@ -319,3 +322,18 @@ async def test_chat_cog_loads_with_zero_rate_limits_and_never_refuses() -> None:
         await cog.on_message(message)  # type: ignore[arg-type]
     assert len(service.incoming) == len(channel.sent) == 30
     assert message.replies == []  # no "slow down" notes
+
+
+async def test_reply_notes_threads_and_closed_threads() -> None:
+    from bot.cogs.chat import thread_name
+    from bot.cogs.controls import closed_thread, done_view, footer, stop_view
+
+    assert footer([]) == "" and footer(["a", "b"]) == "\n\n*a*\n*b*"
+    assert thread_name("  how do\nthreads   work?") == "how do threads work?"
+    assert len(thread_name("x" * 300)) == 80
+    assert not closed_thread(SimpleNamespace(archived=True))  # not a discord.Thread
+    views = (stop_view(7), done_view(7, True))
+    ids = [[item.custom_id for item in view.children] for view in views]  # type: ignore[attr-defined]
+    assert ids == [["reply:stop:7"], ["reply:regen:7", "reply:cont:7"]]
+    assert [i.custom_id for i in done_view(7, False).children] == ["reply:regen:7"]  # type: ignore[attr-defined]
+    assert stop_view(7).timeout is None  # persistent

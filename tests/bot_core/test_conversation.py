@@ -12,6 +12,7 @@ from bot.errors import (
     BusyError,
     GenerationFailedError,
     MessageTooLongError,
+    NotLatestReplyError,
     ReplyCutError,
     RestartingError,
 )
@@ -427,3 +428,95 @@ async def test_prompts_are_built_off_the_event_loop(service: ChatService, monkey
         [piece async for piece in reply]
     assert len(threads) == 2
     assert all(t is not threading.main_thread() for t in threads)
+
+
+# ---- regenerate, continue, stop, history cut ----
+async def _last_reply(service: ChatService, channel: int = 10) -> Message:
+    return (await service.recent_messages(channel, 100))[-1]
+
+
+async def test_regenerate_replaces_the_last_reply_with_a_new_sample_of_the_same_prompt(
+    service: ChatService, engine: FakeEngine
+):
+    await service.update_settings(10, 1, seed=5)
+    await converse(service, message("hello"), posted=[222])
+    row = await _last_reply(service)
+    async with service.regenerate(row.id, channel_id=10, bot=BOT) as reply:
+        assert reply.row_id == row.id
+        text = "".join([piece async for piece in reply])
+    again = await service.recent_messages(10, 100)
+    assert [m.id for m in again] == [row.id - 1, row.id]  # replaced, not added
+    assert again[-1].content == text and again[-1].status == "complete"
+    assert engine.submitted[1][0] == engine.submitted[0][0]  # the same prompt: its KV is kept
+    assert engine.submitted[0][1].seed == 5 and engine.submitted[1][1].seed is None
+
+
+async def test_only_the_last_reply_of_its_channel_can_be_taken_up_again(service: ChatService):
+    await converse(service, message("one"))
+    first = await _last_reply(service)
+    await converse(service, message("two"))
+    with pytest.raises(NotLatestReplyError):
+        async with service.regenerate(first.id, channel_id=10, bot=BOT):
+            pass
+    last = await _last_reply(service)
+    with pytest.raises(NotLatestReplyError):  # another channel's id
+        async with service.regenerate(last.id, channel_id=11, bot=BOT):
+            pass
+    with pytest.raises(NotLatestReplyError) as refused:
+        async with service.continue_reply(last.id, channel_id=10, bot=BOT):
+            pass  # it ended by itself ("stop"): nothing to continue
+    assert "cut off by its length" in refused.value.user_message
+    assert (await _last_reply(service)).status == "complete"  # left as it was
+
+
+async def test_continue_appends_to_a_reply_cut_by_max_tokens(db: Database, settings):
+    engine = FakeEngine(reply_text="one two three four five six")
+    service = ChatService(db, engine, settings)
+    await service.update_settings(10, 1, max_tokens=7)
+    await converse(service, message("count"))
+    row = await _last_reply(service)
+    assert (row.content, row.finish_reason) == ("one two", "length")
+    engine.reply_text = " three"
+    async with service.continue_reply(row.id, channel_id=10, bot=BOT) as reply:
+        assert "".join([piece async for piece in reply]) == " three"
+    longer = await _last_reply(service)
+    assert longer.id == row.id and longer.content == "one two three"
+    assert longer.token_count == row.token_count + len(b" three")
+    prompt = engine.prompt_text(1)
+    assert prompt.endswith("<|im_start|>assistant\none two")  # goes on inside the reply
+
+
+async def test_stop_keeps_the_text_so_far_and_says_stopped(db: Database, settings):
+    engine = FakeEngine(delay_s=0.01, reply_text="a b c d e f g h i j")
+    service = ChatService(db, engine, settings)
+    pieces = []
+    async with service.reply(message("go"), bot=BOT) as reply:
+        assert service.stop(reply.row_id + 1) is False  # no such reply streaming
+        async for piece in reply:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                assert service.stop(reply.row_id)
+    assert reply.stopped and "".join(pieces) == "a b c"
+    row = await _last_reply(service)
+    assert (row.status, row.finish_reason, row.content) == ("interrupted", "stopped", "a b c")
+    assert service.stop(row.id) is False  # it has finished
+
+
+async def test_the_history_cut_is_flagged_once_per_conversation(db: Database, settings):
+    engine = FakeEngine(max_context=400, reply_text="ok")
+    service = ChatService(db, engine, settings)
+    await service.update_settings(10, 1, max_tokens=100)
+    flags = []
+    for i in range(12):
+        async with service.reply(message(f"message number {i:02d}"), bot=BOT) as reply:
+            [piece async for piece in reply]
+        flags.append(reply.history_cut)
+    assert flags.count(True) == 1 and reply.prompt.turns_dropped > 0
+    first = flags.index(True)
+    assert first > 0 and not any(flags[first + 1 :])
+    await service.forget(10, 1)  # a new conversation may be told again
+    for i in range(12):
+        async with service.reply(message(f"again {i:02d}"), bot=BOT) as reply:
+            [piece async for piece in reply]
+        flags.append(reply.history_cut)
+    assert flags.count(True) == 2

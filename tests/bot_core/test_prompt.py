@@ -103,3 +103,13 @@ def test_a_message_too_long_for_the_budget_is_refused_with_a_friendly_line():
     with pytest.raises(MessageTooLongError) as info:
         build_prompt([alice("x" * 500)], system="sys", encode_chat=encode_chat, budget=100)
     assert "too long" in info.value.user_message and "\n" not in info.value.user_message
+
+
+def test_a_continuation_prompt_ends_inside_the_reply() -> None:
+    from bot.prompt import encode_continuation, encode_messages
+
+    messages = [{"role": "user", "content": "count"}, {"role": "assistant", "content": "one two"}]
+    text, ids = encode_continuation(MODEL, messages)  # type: ignore[arg-type]
+    head, head_ids = encode_messages(MODEL, messages[:1])  # type: ignore[arg-type]
+    assert text == head + "one two" and ids == head_ids + MODEL.encode_text("one two")
+    assert encode_continuation(MODEL, messages[:1]) == (head, head_ids)  # type: ignore[arg-type]

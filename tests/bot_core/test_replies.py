@@ -289,3 +289,32 @@ def test_reported_persona_does_not_hang_the_process() -> None:
     assert done.returncode == 0, done.stderr[-500:]
     count, longest = map(int, done.stdout.split())
     assert count == 2 and longest <= MAX_LEN
+
+
+class _Reusable(_Msg):
+    """An earlier answer's message: edits return it, as discord.py returns the edited message;
+    it records views and deletion."""
+
+    async def edit(self, **kw: object) -> _Reusable:  # type: ignore[override]
+        self.log.append(("edit", self.id, kw.get("content"), "view" in kw and kw["view"]))
+        self.content = str(kw.get("content", self.content))
+        return self
+
+    async def delete(self) -> None:
+        self.log.append(("delete", self.id, None, None))
+
+
+@pytest.mark.asyncio
+async def test_a_new_answer_writes_over_the_old_messages_and_deletes_the_rest() -> None:
+    ch = _Channel()
+    old = [_Reusable("old one", ch.log), _Reusable("old two", ch.log)]
+    view = object()
+    r = StreamedReply(ch, edit_interval_s=0.0, reuse=old, view=view)  # type: ignore[arg-type]
+    await r.push("new")
+    await r.finish()
+    await r.drop_unused()
+    assert r.message_ids == [old[0].id]  # nothing posted
+    assert ch.log[0] == ("edit", old[0].id, "new", view)  # the first carries the view
+    assert ch.log[-1] == ("delete", old[1].id, None, None)
+    await r.set_view(0, None)
+    assert ch.log[-1] == ("edit", old[0].id, "new", None)  # the text stays, the view goes

@@ -21,6 +21,9 @@ EVERYONE_RE = re.compile(r"@(?:everyone|here)")
 MENTION_RE = re.compile(r"<@([!&]?)(\d+)>")
 ADMINISTRATOR = 1 << 3
 EVERYONE_PERMISSIONS = 0x0000_0400_0000_0C00  # view channel, send messages, read history
+PUBLIC_THREAD, PRIVATE_THREAD = 11, 12
+THREAD_TYPES = (PUBLIC_THREAD, PRIVATE_THREAD)
+GUILD_TYPES = (0, *THREAD_TYPES)  # channel types whose messages carry the guild id
 
 
 @dataclass
@@ -63,6 +66,9 @@ class FakeDiscord:
         self.identifies: list[dict[str, Any]] = []
         self._interaction_channels: dict[str, int] = {}  # interaction token -> channel id
         self._originals: dict[str, int] = {}  # interaction token -> original response message id
+        self.files: dict[int, bytes] = {}  # attachment id -> the bytes its URL serves
+        self.downloads: list[int] = []  # attachment ids fetched, in order
+        self._pending_events: list[tuple[str, dict[str, Any]]] = []  # sent after the response
         self._changed = asyncio.Condition()
         self._sockets: list[_Session] = []
         self._runner: web.AppRunner | None = None
@@ -141,6 +147,88 @@ class FakeDiscord:
             "last_message_id": None,
         }
         return channel_id
+
+    def thread(
+        self,
+        parent_id: int,
+        name: str,
+        *,
+        thread_id: int | None = None,
+        kind: int = PUBLIC_THREAD,
+        owner_id: str | None = None,
+    ) -> dict[str, Any]:
+        """A new thread object under `parent_id` (not yet announced on the gateway)."""
+        thread_id = thread_id or self.new_id()
+        thread = {
+            "id": str(thread_id),
+            "type": kind,
+            "guild_id": str(self.guild_id),
+            "parent_id": str(parent_id),
+            "name": name,
+            "owner_id": owner_id or self.bot_user["id"],
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "message_count": 0,
+            "member_count": 1,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 1440,
+                "archive_timestamp": _now(),
+                "locked": False,
+                "invitable": True,
+            },
+        }
+        self.channels[thread_id] = thread
+        return thread
+
+    async def add_thread(
+        self, parent_id: int, name: str, *, kind: int = PUBLIC_THREAD, owner: dict | None = None
+    ) -> int:
+        """A user starts a thread under `parent_id` (THREAD_CREATE); returns its id."""
+        owner_id = (owner or self.owner)["id"]
+        thread = self.thread(parent_id, name, kind=kind, owner_id=owner_id)
+        await self.dispatch("THREAD_CREATE", dict(thread, newly_created=True))
+        return int(thread["id"])
+
+    async def set_thread_state(
+        self, thread_id: int, *, archived: bool | None = None, locked: bool | None = None
+    ) -> None:
+        """Archive/unarchive or lock/unlock a thread (THREAD_UPDATE)."""
+        meta = self.channels[thread_id]["thread_metadata"]
+        if archived is not None:
+            meta["archived"] = archived
+            meta["archive_timestamp"] = _now()
+        if locked is not None:
+            meta["locked"] = locked
+        await self.dispatch("THREAD_UPDATE", dict(self.channels[thread_id]))
+
+    def thread_ids(self, parent_id: int) -> list[int]:
+        """Ids of the threads under `parent_id`, in creation order."""
+        return [
+            cid
+            for cid, ch in self.channels.items()
+            if ch["type"] in THREAD_TYPES and ch.get("parent_id") == str(parent_id)
+        ]
+
+    def attachment(
+        self, filename: str, data: bytes, content_type: str | None = None, size: int | None = None
+    ) -> dict[str, Any]:
+        """An attachment object whose URL (on this fake) serves `data`; `size` overrides the
+        announced size (to test that the bot checks it before downloading)."""
+        attachment_id = self.new_id()
+        self.files[attachment_id] = data
+        url = f"{self.base_url}/attachments/{attachment_id}/{filename}"
+        found: dict[str, Any] = {
+            "id": str(attachment_id),
+            "filename": filename,
+            "size": len(data) if size is None else size,
+            "url": url,
+            "proxy_url": url,
+        }
+        if content_type is not None:
+            found["content_type"] = content_type
+        return found
 
     @property
     def text_channel_ids(self) -> list[int]:
@@ -226,6 +314,7 @@ class FakeDiscord:
         """Listen on 127.0.0.1 on a free port."""
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/attachments/{id}/{name}", self._download)
         app.router.add_route("*", API + "/{tail:.*}", self._rest)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -369,7 +458,7 @@ class FakeDiscord:
             "type": 0,
             "flags": 0,
         }
-        if channel["type"] == 0:
+        if channel["type"] in GUILD_TYPES:
             message["guild_id"] = str(self.guild_id)
         message.update(extra)
         if author is self.bot_user:
@@ -385,9 +474,13 @@ class FakeDiscord:
         content: str,
         mentions: list[dict[str, Any]] | None = None,
         reply_to: dict[str, Any] | None = None,
+        attachments: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """A user posts `content` (MESSAGE_CREATE); returns the message object."""
+        """A user posts `content` (MESSAGE_CREATE) with optional `attachments` (made with
+        `attachment()`); returns the message object."""
         extra: dict[str, Any] = {"mentions": list(mentions or [])}
+        if attachments:
+            extra["attachments"] = list(attachments)
         if reply_to is not None:
             extra["type"] = 19
             extra["message_reference"] = {
@@ -440,8 +533,41 @@ class FakeDiscord:
             "attachment_size_limit": 8 * 1024 * 1024,
             "entitlements": [],
         }
-        self._interaction_channels[interaction["token"]] = channel_id
-        if channel["type"] == 0:
+        await self._send_interaction(interaction, channel, user)
+        return interaction
+
+    async def dispatch_component(
+        self, message: dict[str, Any], user: dict[str, Any], custom_id: str
+    ) -> dict[str, Any]:
+        """A user presses the button `custom_id` under `message` (MESSAGE_COMPONENT
+        interaction); returns the interaction payload."""
+        channel_id = int(message["channel_id"])
+        channel = self.channels[channel_id]
+        interaction: dict[str, Any] = {
+            "id": str(self.new_id()),
+            "application_id": str(self.app_id),
+            "type": 3,
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "message": self.messages.get(int(message["id"]), message),
+            "channel_id": str(channel_id),
+            "channel": channel,
+            "token": f"itoken-{self.new_id()}",
+            "version": 1,
+            "app_permissions": str(EVERYONE_PERMISSIONS),
+            "locale": "en-US",
+            "attachment_size_limit": 8 * 1024 * 1024,
+            "entitlements": [],
+        }
+        self._originals[interaction["token"]] = int(message["id"])
+        await self._send_interaction(interaction, channel, user)
+        return interaction
+
+    async def _send_interaction(
+        self, interaction: dict[str, Any], channel: dict[str, Any], user: dict[str, Any]
+    ) -> None:
+        """Add who acts (member in a guild, user in a DM) and dispatch INTERACTION_CREATE."""
+        self._interaction_channels[interaction["token"]] = int(channel["id"])
+        if channel["type"] in GUILD_TYPES:
             member = dict(self.members[int(user["id"])])
             member["permissions"] = str(self.permissions(user))
             interaction["guild_id"] = str(self.guild_id)
@@ -450,9 +576,18 @@ class FakeDiscord:
         else:
             interaction["user"] = user
         await self.dispatch("INTERACTION_CREATE", interaction)
-        return interaction
 
     # ---- REST ---------------------------------------------------------------------------------
+
+    async def _download(self, request: web.Request) -> web.Response:
+        """An attachment's bytes (what Discord's CDN serves at the attachment's URL)."""
+        attachment_id = int(request.match_info["id"])
+        data = self.files.get(attachment_id)
+        if data is None:
+            return web.Response(status=404)
+        self.downloads.append(attachment_id)
+        await self._notify()
+        return web.Response(body=data, content_type="application/octet-stream")
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         body = await _read_body(request)
@@ -462,6 +597,9 @@ class FakeDiscord:
         )
         try:
             response = self._route(request.method, path.strip("/").split("/"), body)
+            events, self._pending_events = self._pending_events, []
+            for event, data in events:
+                await self.dispatch(event, data)
         finally:
             await self._notify()
         if response is None:
@@ -497,11 +635,19 @@ class FakeDiscord:
             case ("POST", ["channels", channel_id, "typing"]):
                 return None
             case ("POST", ["channels", channel_id, "messages"]):
-                return self._message(int(channel_id), self.bot_user, **_message_fields(body))
+                return self._closed(int(channel_id)) or self._message(
+                    int(channel_id), self.bot_user, **_message_fields(body)
+                )
             case ("GET", ["channels", _, "messages", message_id]):
                 return self.messages.get(int(message_id)) or _not_found()
-            case ("PATCH", ["channels", _, "messages", message_id]):
-                return self._edit(int(message_id), body)
+            case ("PATCH", ["channels", channel_id, "messages", message_id]):
+                return self._closed(int(channel_id)) or self._edit(int(message_id), body)
+            case ("DELETE", ["channels", _, "messages", message_id]):
+                return None if self.messages.pop(int(message_id), None) else _not_found()
+            case ("POST", ["channels", channel_id, "messages", message_id, "threads"]):
+                return self._start_thread(int(channel_id), body, int(message_id))
+            case ("POST", ["channels", channel_id, "threads"]):
+                return self._start_thread(int(channel_id), body)
             case ("POST", ["interactions", interaction_id, token, "callback"]):
                 if token not in self._interaction_channels:
                     return _json({"message": "Unknown interaction", "code": 10062}, 404)
@@ -524,6 +670,36 @@ class FakeDiscord:
             case ("PATCH", ["webhooks", _, _, "messages", message_id]):
                 return self._edit(int(message_id), body)
         return _json({"message": "404: Not Found (fake)", "code": 0}, status=404)
+
+    def _closed(self, channel_id: int) -> web.Response | None:
+        """Discord's refusal of a bot message in an archived or locked thread, else None."""
+        meta = self.channels.get(channel_id, {}).get("thread_metadata")
+        if meta and meta["locked"]:
+            return _json({"message": "Thread is locked", "code": 160005}, 403)
+        if meta and meta["archived"]:
+            return _json({"message": "Thread is archived", "code": 50083}, 400)
+        return None
+
+    def _start_thread(
+        self, parent_id: int, body: dict[str, Any], message_id: int | None = None
+    ) -> Any:
+        """The bot starts a thread (from a message: the thread takes the message's id)."""
+        parent = self.channels.get(parent_id)
+        if parent is None or parent["type"] != 0:
+            return _json({"message": "Cannot start a thread here (fake)", "code": 50024}, 400)
+        if message_id is not None:
+            message = self.messages.get(message_id)
+            if message is None:
+                return _not_found()
+            if int(message["id"]) in self.channels:
+                return _json({"message": "A thread has already been created", "code": 160004}, 400)
+        kind = PUBLIC_THREAD if message_id is not None else int(body.get("type", PRIVATE_THREAD))
+        thread = self.thread(parent_id, str(body["name"])[:100], thread_id=message_id, kind=kind)
+        thread["thread_metadata"]["auto_archive_duration"] = body.get("auto_archive_duration", 1440)
+        if message_id is not None:
+            self.messages[message_id]["thread"] = thread
+        self._pending_events.append(("THREAD_CREATE", dict(thread, newly_created=True)))
+        return thread
 
     def _record_pings(self, message: dict[str, Any]) -> None:
         """Who Discord would notify for a bot message, given its allowed_mentions (absent: the
@@ -588,6 +764,9 @@ class FakeDiscord:
             self._originals[token] = int(message["id"])
             result["interaction"]["response_message_id"] = message["id"]
             result["resource"] = {"type": 4, "message": message}
+        elif kind == 7:  # UPDATE_MESSAGE: edits the message whose component was used
+            message = self._edit(self._originals[token], data)
+            result["resource"] = {"type": 7, "message": message}
         else:
             result["resource"] = {"type": kind}
         return result

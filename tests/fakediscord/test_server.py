@@ -183,3 +183,86 @@ async def test_pings_follow_allowed_mentions(pointed: FakeDiscord) -> None:
     finally:
         await client.close()
         await task
+
+
+async def test_threads_follow_discord(pointed: FakeDiscord) -> None:
+    """Threads as discord.py sees them: THREAD_CREATE (a user's and the bot's, from a message),
+    messages inside, THREAD_UPDATE archiving and locking, and refusals in closed threads."""
+    client = EchoClient()
+    task = await _run(client)
+    try:
+        alice = pointed.add_user("alice")
+        parent = pointed.text_channel_ids[0]
+        thread_id = await pointed.add_thread(parent, "talk", owner=alice)
+        thread = await pointed.wait_until(lambda: client.get_channel(thread_id))
+        assert isinstance(thread, discord.Thread) and thread.parent_id == parent
+        await pointed.dispatch_message(thread_id, alice, "olleh", mentions=[pointed.bot_user])
+        echo = await pointed.wait_for(lambda r: r.path == f"/channels/{thread_id}/messages")
+        assert echo.json["content"] == "hello"
+        assert isinstance(client.seen[-1].channel, discord.Thread)
+
+        started = await pointed.dispatch_message(parent, alice, "start here")
+        message = await client.get_channel(parent).fetch_message(int(started["id"]))  # type: ignore[union-attr]
+        made = await message.create_thread(name="from a message")
+        assert made.id == message.id and made.parent_id == parent
+        assert pointed.thread_ids(parent) == [thread_id, made.id]
+        assert await pointed.wait_until(lambda: client.get_channel(made.id))
+
+        await pointed.set_thread_state(thread_id, locked=True)
+        await pointed.wait_until(lambda: thread.locked)
+        with pytest.raises(discord.Forbidden):
+            await thread.send("nope")
+        await pointed.set_thread_state(thread_id, locked=False, archived=True)
+        await pointed.wait_until(lambda: thread.archived)
+        with pytest.raises(discord.HTTPException) as refused:
+            await thread.send("nope")
+        assert refused.value.code == 50083
+    finally:
+        await client.close()
+        await task
+
+
+async def test_attachments_are_served(pointed: FakeDiscord) -> None:
+    client = EchoClient()
+    task = await _run(client)
+    try:
+        alice = pointed.add_user("alice")
+        channel = pointed.text_channel_ids[0]
+        file = pointed.attachment("notes.txt", b"some notes", "text/plain")
+        await pointed.dispatch_message(channel, alice, "see file", attachments=[file])
+        seen = await pointed.wait_until(lambda: client.seen)
+        (attachment,) = seen[0].attachments
+        assert (attachment.filename, attachment.size) == ("notes.txt", 10)
+        assert await attachment.read() == b"some notes"
+        assert pointed.downloads == [attachment.id]
+    finally:
+        await client.close()
+        await task
+
+
+async def test_button_interaction_round_trip(pointed: FakeDiscord) -> None:
+    """A message with a button; pressing it sends a MESSAGE_COMPONENT interaction whose update
+    response edits the message."""
+
+    class Press(discord.ui.View):
+        def __init__(self) -> None:
+            super().__init__(timeout=None)
+
+        @discord.ui.button(label="press", custom_id="test:press")
+        async def press(self, interaction: discord.Interaction, _: discord.ui.Button) -> None:
+            await interaction.response.edit_message(content="pressed", view=None)
+
+    client = EchoClient()
+    task = await _run(client)
+    try:
+        client.add_view(Press())
+        channel = client.get_channel(pointed.text_channel_ids[0])
+        sent = await channel.send("press me", view=Press())  # type: ignore[union-attr]
+        shown = pointed.messages[sent.id]
+        assert shown["components"][0]["components"][0]["custom_id"] == "test:press"
+        await pointed.dispatch_component(shown, pointed.add_user("bob"), "test:press")
+        await pointed.wait_until(lambda: pointed.messages[sent.id]["content"] == "pressed")
+        assert pointed.messages[sent.id]["components"] == []
+    finally:
+        await client.close()
+        await task
