@@ -178,7 +178,7 @@ async def test_forget_me_asks_first_and_only_the_asker_can_confirm(
 
     _, asked = await command(fake, general, alice, "privacy", [sub("forget-me")])
     first = next(m for m in fake.channel_messages(general) if m.get("components"))
-    interaction = await fake.dispatch_component(alice, first, button_ids(first)[1])  # cancel
+    interaction = await fake.dispatch_component(first, alice, button_ids(first)[1])  # cancel
     await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{interaction['id']}/"))
     assert fake.messages[int(first["id"])]["content"] == "Nothing was deleted."
     assert len(await stored(bot, general)) == 4
@@ -190,14 +190,14 @@ async def test_forget_me_asks_first_and_only_the_asker_can_confirm(
     confirm, cancel = button_ids(message)
     assert confirm != cancel
 
-    interaction = await fake.dispatch_component(bob, message, confirm)  # not the asker
+    interaction = await fake.dispatch_component(message, bob, confirm)  # not the asker
     answer = await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{interaction['id']}/"))
     assert (
         answer.json["type"] == 4 and "Only the member who asked" in answer.json["data"]["content"]
     )
     assert len(await stored(bot, general)) == 4
 
-    interaction = await fake.dispatch_component(alice, message, confirm)
+    interaction = await fake.dispatch_component(message, alice, confirm)
     answer = await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{interaction['id']}/"))
     assert answer.json["type"] == 7
     assert fake.messages[int(message["id"])]["content"].startswith("Deleted 2 message(s)")

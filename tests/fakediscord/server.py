@@ -822,41 +822,6 @@ class FakeDiscord:
                 resolved.setdefault("roles", {})[value] = self.roles[int(value)]
         return resolved
 
-    async def dispatch_component(
-        self, user: dict[str, Any], message: dict[str, Any], custom_id: str
-    ) -> dict[str, Any]:
-        """A user presses the button `custom_id` of `message` (MESSAGE_COMPONENT interaction);
-        returns the interaction payload. A type 7 callback (UPDATE_MESSAGE) edits `message`."""
-        channel_id = int(message["channel_id"])
-        channel = self.channels[channel_id]
-        interaction: dict[str, Any] = {
-            "id": str(self.new_id()),
-            "application_id": str(self.app_id),
-            "type": 3,
-            "data": {"custom_id": custom_id, "component_type": 2},
-            "message": self.messages.get(int(message["id"]), message),
-            "channel_id": str(channel_id),
-            "channel": channel,
-            "token": f"itoken-{self.new_id()}",
-            "version": 1,
-            "app_permissions": str(EVERYONE_PERMISSIONS),
-            "locale": "en-US",
-            "attachment_size_limit": 8 * 1024 * 1024,
-            "entitlements": [],
-        }
-        self._interaction_channels[interaction["token"]] = channel_id
-        self._originals[interaction["token"]] = int(message["id"])
-        if channel["type"] == 0:
-            member = dict(self.members[int(user["id"])])
-            member["permissions"] = str(self.permissions(user))
-            interaction["guild_id"] = str(self.guild_id)
-            interaction["guild_locale"] = "en-US"
-            interaction["member"] = member
-        else:
-            interaction["user"] = user
-        await self.dispatch("INTERACTION_CREATE", interaction)
-        return interaction
-
 
 def button_ids(message: dict[str, Any]) -> list[str]:
     """The custom ids of a message's buttons, in order."""
