@@ -764,9 +764,6 @@ class FakeDiscord:
             self._originals[token] = int(message["id"])
             result["interaction"]["response_message_id"] = message["id"]
             result["resource"] = {"type": 4, "message": message}
-        elif kind == 7:  # UPDATE_MESSAGE: edits the message whose component was used
-            message = self._edit(self._originals[token], data)
-            result["resource"] = {"type": 7, "message": message}
         else:
             result["resource"] = {"type": kind}
         return result
