@@ -1,0 +1,237 @@
+"""The quality gate: greedy answers of a graph to fixed chat prompts, token for token vs fp32."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Factual questions and small talk, each rendered as one user turn with the model's chat template.
+# The first is README's example; its answer must name EXAMPLE_EXPECTED.
+PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in the solar system?",
+    "How many days are in a week?",
+    "What color is the sky on a clear day?",
+    "What is the boiling point of water in Celsius?",
+    "Who painted the Mona Lisa?",
+    "What language is spoken in Brazil?",
+    "What is 2 + 2?",
+    "Translate 'hello' into Spanish.",
+    "What is water made of?",
+    "Name three primary colors.",
+    "What is photosynthesis?",
+    "Hi! How are you today?",
+    "Good morning! Any plans for the weekend?",
+    "Can you recommend a good book?",
+    "Tell me a joke.",
+    "What's your favorite food?",
+    "I'm feeling a bit tired today.",
+    "Thanks for your help!",
+    "What should I cook for dinner tonight?",
+    "Do you like music?",
+    "Can you give me a tip for learning to code?",
+)
+EXAMPLE_PROMPT = PROMPTS[0]
+EXAMPLE_EXPECTED = "Paris"
+NEW_TOKENS = 24
+# answers that must equal the fp32 graph's, of len(PROMPTS) (fp32 is the reference itself)
+MIN_EQUAL: dict[str, int] = {"fp32": 24, "fp16": 22, "int8": 22, "int4": 20}
+KV_BUDGET_BYTES = 512 << 20  # rows per batch are chosen so the KV buffers stay under this
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The gate's prompts as token ids, and the ids that end an answer."""
+
+    ids: list[list[int]]
+    stop_ids: frozenset[int]
+
+
+def render_prompts(tokenizer: Any, stop_ids: list[int]) -> Prompts | None:
+    """PROMPTS through a models.tokenizer.TokenizerBundle's chat template (None: no template)."""
+    if tokenizer is None or not tokenizer.chat_template:
+        return None
+    ids = [
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]))
+        for p in PROMPTS
+    ]
+    return Prompts(ids=ids, stop_ids=frozenset(stop_ids))
+
+
+def _session(graph: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
+def greedy_answers(graph: str | Path, prompts: Prompts, new_tokens: int = NEW_TOKENS) -> list:
+    """Greedy continuations of every prompt through a fused graph (ORT, CPU), each cut after its
+    first stop token. Prompts run in right-padded batches, as the engine's first prefill does."""
+    import onnxruntime as ort
+
+    session = _session(Path(graph))
+    inputs = {i.name: i for i in session.get_inputs()}
+    first = inputs["past_key_values.0.key"]
+    kv_dtype = np.float16 if "float16" in first.type else np.float32
+    _, kv_heads, max_context, head_dim = first.shape
+    longest = max(len(p) for p in prompts.ids)
+    if longest + new_tokens > max_context:
+        raise ValueError(
+            f"gate prompts need {longest + new_tokens} positions, graph has {max_context}"
+        )
+    kv_names = [n for n in inputs if n.startswith("past_key_values.")]
+    row_bytes = len(kv_names) * kv_heads * max_context * head_dim * np.dtype(kv_dtype).itemsize
+    rows = max(1, min(len(prompts.ids), KV_BUDGET_BYTES // row_bytes))
+    answers: list[list[int]] = []
+    for start in range(0, len(prompts.ids), rows):
+        batch = prompts.ids[start : start + rows]
+        answers += _greedy_batch(ort, session, inputs, kv_names, batch, new_tokens, kv_dtype)
+    return [_cut(a, prompts.stop_ids) for a in answers]
+
+
+def _greedy_batch(
+    ort: Any,
+    session: Any,
+    inputs: dict,
+    kv_names: list[str],
+    batch: list[list[int]],
+    new_tokens: int,
+    kv_dtype: Any,
+) -> list[list[int]]:
+    _, kv_heads, max_context, head_dim = inputs[kv_names[0]].shape
+    rows, width = len(batch), max(len(p) for p in batch)
+    binding = session.io_binding()
+    keep = []  # buffers stay alive while bound
+    for name in kv_names:
+        value = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((rows, kv_heads, max_context, head_dim), kv_dtype)
+        )
+        keep.append(value)
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+    logits = np.zeros((rows, session.get_outputs()[0].shape[1]), np.float32)
+    keep.append(ort.OrtValue.ortvalue_from_numpy(logits))
+    binding.bind_ortvalue_output("logits", keep[-1])
+    ids = np.zeros((rows, width), np.int64)
+    for r, p in enumerate(batch):
+        ids[r, : len(p)] = p
+    lengths = np.array([len(p) for p in batch], np.int32)  # tokens in each row's cache after a run
+    seqlens, total = lengths - 1, width
+    out: list[list[int]] = [[] for _ in batch]
+    for _ in range(new_tokens):
+        feeds = {
+            "input_ids": ids,
+            "seqlens_k": seqlens.astype(np.int32),
+            "total_sequence_length": np.array(total, np.int32),
+        }
+        if "position_ids" in inputs:  # prefill: 0.., a step: the row's cached length
+            positions = np.arange(width) if ids.shape[1] > 1 else seqlens
+            feeds["position_ids"] = np.broadcast_to(
+                positions[:, None] if ids.shape[1] == 1 else positions, ids.shape
+            ).astype(np.int64)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        session.run_with_iobinding(binding)
+        tokens = logits.argmax(-1)
+        for r, t in enumerate(tokens):
+            out[r].append(int(t))
+        ids = tokens[:, None].astype(np.int64)
+        seqlens = lengths.copy()  # the next step's token lands at index `lengths`
+        lengths = lengths + 1
+        total = int(lengths.max())
+    return out
+
+
+def _cut(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def reference_answers(src: Any, prompts: Prompts, new_tokens: int = NEW_TOKENS) -> list:
+    """The fp32 fused graph's greedy answers, built in a temporary folder just long enough."""
+    from export.graph_fused import build_fused_graph, save_graph
+
+    longest = max(len(p) for p in prompts.ids)
+    context = min(-(-(longest + new_tokens) // 64) * 64, src.config.max_position_embeddings)
+    with tempfile.TemporaryDirectory(prefix="gate-fp32-") as tmp:
+        path = save_graph(
+            build_fused_graph(src, precision="fp32", max_context=context), Path(tmp) / "model.onnx"
+        )
+        return greedy_answers(path, prompts, new_tokens)
+
+
+def evaluate(
+    answers: list[list[int]],
+    reference: list[list[int]],
+    precision: str,
+    decode: Any,
+    seconds: float,
+) -> dict[str, Any]:
+    """The gate's figures (export.manifest.Gate fields) from answers and the fp32 answers."""
+    differing = [i for i, (a, b) in enumerate(zip(answers, reference, strict=True)) if a != b]
+    example = decode(answers[PROMPTS.index(EXAMPLE_PROMPT)])
+    example_correct = EXAMPLE_EXPECTED.lower() in example.lower()
+    equal = len(answers) - len(differing)
+    min_equal = MIN_EQUAL[precision]
+    return {
+        "passed": bool(equal >= min_equal and example_correct),
+        "prompts": len(answers),
+        "new_tokens": NEW_TOKENS,
+        "answers_equal": equal,
+        "min_equal": min_equal,
+        "differing": differing,
+        "example_prompt": EXAMPLE_PROMPT,
+        "example_expected": EXAMPLE_EXPECTED,
+        "example_answer": example,
+        "example_correct": bool(example_correct),
+        "seconds": round(seconds, 3),
+    }
+
+
+_REFERENCE_CACHE: dict[tuple, list] = {}
+
+
+def run_gate(graph: str | Path, src: Any, precision: str, stop_ids: list[int]) -> dict | None:
+    """Gate figures for the graph of `src` at `precision`; None when the model has no chat
+    template (nothing to render the prompts with). fp32 answers are cached per source files."""
+    started = time.perf_counter()
+    prompts = render_prompts(src.tokenizer, stop_ids)
+    if prompts is None:
+        return None
+    answers = greedy_answers(graph, prompts)
+    if precision == "fp32":
+        reference = answers
+    else:
+        key = (
+            tuple((str(f.path), f.sha256) for f in src.source_files),
+            tuple(map(tuple, prompts.ids)),
+        )
+        if key not in _REFERENCE_CACHE:
+            _REFERENCE_CACHE.clear()
+            _REFERENCE_CACHE[key] = reference_answers(src, prompts)
+        reference = _REFERENCE_CACHE[key]
+    return evaluate(
+        answers, reference, precision, src.tokenizer.decode, time.perf_counter() - started
+    )
+
+
+def describe(gate: dict[str, Any]) -> str:
+    """One line: how many answers equal fp32's, and the example's answer."""
+    verdict = "passed" if gate["passed"] else "FAILED"
+    example = "answered" if gate["example_correct"] else "NOT answered"
+    return (
+        f"quality gate {verdict}: {gate['answers_equal']}/{gate['prompts']} greedy answers equal "
+        f"the fp32 graph's (needs {gate['min_equal']}); README's example {example} "
+        f"({gate['example_answer'].strip()[:60]!r})"
+    )
