@@ -224,14 +224,3 @@ def run_gate(graph: str | Path, src: Any, precision: str, stop_ids: list[int]) -
     return evaluate(
         answers, reference, precision, src.tokenizer.decode, time.perf_counter() - started
     )
-
-
-def describe(gate: dict[str, Any]) -> str:
-    """One line: how many answers equal fp32's, and the example's answer."""
-    verdict = "passed" if gate["passed"] else "FAILED"
-    example = "answered" if gate["example_correct"] else "NOT answered"
-    return (
-        f"quality gate {verdict}: {gate['answers_equal']}/{gate['prompts']} greedy answers equal "
-        f"the fp32 graph's (needs {gate['min_equal']}); README's example {example} "
-        f"({gate['example_answer'].strip()[:60]!r})"
-    )
