@@ -67,8 +67,8 @@ class FusedWriter(GraphWriter):
         return y
 
     def _add_offsets(self, x: str, y: str, q: BlockQuantized, name: str) -> str:
-        """y + (block sums of x) @ offsets.T: the per-block float offsets of an affine weight,
-        exact, as two small float MatMuls (K -> K/block, K/block -> N) and an Add."""
+        """y + (block sums of x) @ offsets.T: what integer zero points leave of an affine
+        weight's block minimum, in float, as two small MatMuls (K -> K/block -> N) and an Add."""
         sums = f"block_sums.{q.k}x{q.block_size}"  # one indicator matrix per K, shared
         if sums not in self._names:
             k_blocks = q.offsets.shape[1]

@@ -96,12 +96,15 @@ def on_symmetric_grid(weight: np.ndarray, *, bits: int, block_size: int = 32) ->
 
 
 def quantize_affine(weight: np.ndarray, *, bits: int = 4, block_size: int = 32) -> BlockQuantized:
-    """Quantize a float [N, K] weight as `scale * q + offset` per block, q in 0..2**bits-1.
+    """Quantize a float [N, K] weight as `scale * q + min` per block, q in 0..2**bits-1.
 
     Each block maps [min, max] onto the levels (Q4_1's rule), so a block whose values already
     lie on 2**bits evenly spaced levels from its minimum (a dequantized GGUF Q4_1 block) is
-    reproduced exactly; other blocks are rounded to the nearest level. Zero points are 0 and
-    the minimum is the float `offsets` (see BlockQuantized).
+    reproduced exactly (to float32 rounding); other blocks are rounded to the nearest level.
+    The op sees `scale * (q - zero_point)` with the integer zero point nearest to -min/scale;
+    what that leaves of the minimum, at most half a step, is the float `offsets` (see
+    BlockQuantized). Keeping the op's part centred keeps its int8-activation error that of the
+    weight itself (a zero point of 0 would double it).
     """
     w = _check(bits, block_size, weight)
     n, k = w.shape
@@ -111,16 +114,17 @@ def quantize_affine(weight: np.ndarray, *, bits: int = 4, block_size: int = 32) 
     scales = ((blocks.max(axis=-1, keepdims=True) - lo) / np.float32(qmax)).astype(np.float32)
     safe = np.where(scales == 0, 1.0, scales).astype(np.float32)
     q = np.clip(np.rint((blocks - lo) / safe), 0, qmax)
-    zero_points = _pack(np.zeros(blocks.shape[:2], np.uint8), bits).reshape(-1)
+    zp = np.clip(np.rint(-lo / safe), 0, qmax).astype(np.float32)
+    offsets = (lo + scales * zp).astype(np.float32)  # (q - zp) * scale + offsets = scale*q + lo
     return BlockQuantized(
         packed=_pack(q, bits),
         scales=scales.reshape(-1),
-        zero_points=zero_points,
+        zero_points=_pack(zp[..., 0], bits).reshape(-1),
         n=n,
         k=k,
         bits=bits,
         block_size=block_size,
-        offsets=lo[..., 0].astype(np.float32),
+        offsets=offsets[..., 0],
     )
 
 

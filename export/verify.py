@@ -23,7 +23,7 @@ class Threshold:
 #   fp32 (reference and fused):  2.8e-6 / 1.000
 #   fp16 (fused):                2.5e-3 / 1.000
 #   int8 (fused, MatMulNBits):   5.7e-2 / 0.985 (the tied Q8_0 embedding/head kept exact)
-#   int4 (fused, MatMulNBits):   1.4e-1 / 0.926 (weights exactly the GGUF's Q4_1/Q8_0 blocks)
+#   int4 (fused, MatMulNBits):   4.1e-2 / 0.985 (weights exactly the GGUF's Q4_1/Q8_0 blocks)
 # What is left in int8 and int4 is the int8 activations of MatMulNBits' fast path
 # (accuracy_level 4): with float activations int4 gives 9.5e-6 / 1.000 but decodes slower than
 # fp32 (docs/performance.md, "Faithful quantization"). The quantized bars are there to catch a
