@@ -102,7 +102,8 @@ def quantize_affine(weight: np.ndarray, *, bits: int = 4, block_size: int = 32) 
     lie on 2**bits evenly spaced levels from its minimum (a dequantized GGUF Q4_1 block) is
     reproduced exactly (to float32 rounding); other blocks are rounded to the nearest level.
     The op sees `scale * (q - zero_point)` with the integer zero point nearest to -min/scale;
-    what that leaves of the minimum, at most half a step, is the float `offsets` (see
+    what that leaves of the minimum (at most half a step for a block that straddles 0) is the
+    float `offsets` (see
     BlockQuantized). Keeping the op's part centred keeps its int8-activation error that of the
     weight itself (a zero point of 0 would double it).
     """
