@@ -65,89 +65,45 @@ def render_prompts(tokenizer: Any, stop_ids: list[int]) -> Prompts | None:
     return Prompts(ids=ids, stop_ids=frozenset(stop_ids))
 
 
-def _session(graph: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-
-
 def greedy_answers(graph: str | Path, prompts: Prompts, new_tokens: int = NEW_TOKENS) -> list:
     """Greedy continuations of every prompt through a fused graph (ORT, CPU), each cut after its
     first stop token. Prompts run in right-padded batches, as the engine's first prefill does."""
-    import onnxruntime as ort
+    from export.runner import PAST, FusedRunner, cpu_session
 
-    session = _session(Path(graph))
-    inputs = {i.name: i for i in session.get_inputs()}
-    first = inputs["past_key_values.0.key"]
-    kv_dtype = np.float16 if "float16" in first.type else np.float32
-    _, kv_heads, max_context, head_dim = first.shape
+    session = cpu_session(Path(graph))
+    kv = [i for i in session.get_inputs() if i.name.startswith(PAST)]
+    _, kv_heads, max_context, head_dim = kv[0].shape
     longest = max(len(p) for p in prompts.ids)
     if longest + new_tokens > max_context:
         raise ValueError(
-            f"gate prompts need {longest + new_tokens} positions, graph has {max_context}"
+            f"the gate's prompts need {longest + new_tokens} positions, the graph {max_context}"
         )
-    kv_names = [n for n in inputs if n.startswith("past_key_values.")]
-    row_bytes = len(kv_names) * kv_heads * max_context * head_dim * np.dtype(kv_dtype).itemsize
+    itemsize = 2 if kv[0].type == "tensor(float16)" else 4
+    row_bytes = len(kv) * kv_heads * max_context * head_dim * itemsize
     rows = max(1, min(len(prompts.ids), KV_BUDGET_BYTES // row_bytes))
+    runner = FusedRunner(session, rows)
     answers: list[list[int]] = []
     for start in range(0, len(prompts.ids), rows):
         batch = prompts.ids[start : start + rows]
-        answers += _greedy_batch(ort, session, inputs, kv_names, batch, new_tokens, kv_dtype)
+        answers += _greedy_batch(runner, batch, new_tokens)
     return [_cut(a, prompts.stop_ids) for a in answers]
 
 
-def _greedy_batch(
-    ort: Any,
-    session: Any,
-    inputs: dict,
-    kv_names: list[str],
-    batch: list[list[int]],
-    new_tokens: int,
-    kv_dtype: Any,
-) -> list[list[int]]:
-    _, kv_heads, max_context, head_dim = inputs[kv_names[0]].shape
-    rows, width = len(batch), max(len(p) for p in batch)
-    binding = session.io_binding()
-    keep = []  # buffers stay alive while bound
-    for name in kv_names:
-        value = ort.OrtValue.ortvalue_from_numpy(
-            np.zeros((rows, kv_heads, max_context, head_dim), kv_dtype)
-        )
-        keep.append(value)
-        binding.bind_ortvalue_input(name, value)
-        binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
-    logits = np.zeros((rows, session.get_outputs()[0].shape[1]), np.float32)
-    keep.append(ort.OrtValue.ortvalue_from_numpy(logits))
-    binding.bind_ortvalue_output("logits", keep[-1])
-    ids = np.zeros((rows, width), np.int64)
+def _greedy_batch(runner: Any, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+    n, width = len(batch), max(len(p) for p in batch)
+    ids = np.zeros((n, width), np.int64)
     for r, p in enumerate(batch):
         ids[r, : len(p)] = p
-    lengths = np.array([len(p) for p in batch], np.int32)  # tokens in each row's cache after a run
-    seqlens, total = lengths - 1, width
-    out: list[list[int]] = [[] for _ in batch]
-    for _ in range(new_tokens):
-        feeds = {
-            "input_ids": ids,
-            "seqlens_k": seqlens.astype(np.int32),
-            "total_sequence_length": np.array(total, np.int32),
-        }
-        if "position_ids" in inputs:  # prefill: 0.., a step: the row's cached length
-            positions = np.arange(width) if ids.shape[1] > 1 else seqlens
-            feeds["position_ids"] = np.broadcast_to(
-                positions[:, None] if ids.shape[1] == 1 else positions, ids.shape
-            ).astype(np.int64)
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        session.run_with_iobinding(binding)
-        tokens = logits.argmax(-1)
+    lengths = np.array([len(p) for p in batch])
+    tokens = runner.run(0, ids, past=np.zeros(n, np.int64), counts=lengths).argmax(-1)
+    out = [[int(t)] for t in tokens]
+    for _ in range(new_tokens - 1):
+        runner.ids[:n, 0] = tokens
+        runner.seqlens[:n] = lengths  # the cached length: the new token's index
+        tokens = runner.decode(0, n)[:n].argmax(-1)
+        lengths = lengths + 1
         for r, t in enumerate(tokens):
             out[r].append(int(t))
-        ids = tokens[:, None].astype(np.int64)
-        seqlens = lengths.copy()  # the next step's token lands at index `lengths`
-        lengths = lengths + 1
-        total = int(lengths.max())
     return out
 
 
@@ -160,12 +116,13 @@ def _cut(tokens: list[int], stop_ids: frozenset[int]) -> list[int]:
 
 def reference_answers(src: Any, prompts: Prompts, new_tokens: int = NEW_TOKENS) -> list:
     """The fp32 fused graph's greedy answers, built in a temporary folder just long enough."""
-    from export.graph_fused import build_fused_graph, save_graph
+    from export.graph_fused import build_fused_graph
+    from export.onnx_graph import save_model
 
     longest = max(len(p) for p in prompts.ids)
     context = min(-(-(longest + new_tokens) // 64) * 64, src.config.max_position_embeddings)
     with tempfile.TemporaryDirectory(prefix="gate-fp32-") as tmp:
-        path = save_graph(
+        path = save_model(
             build_fused_graph(src, precision="fp32", max_context=context), Path(tmp) / "model.onnx"
         )
         return greedy_answers(path, prompts, new_tokens)

@@ -8,8 +8,9 @@ import torch
 
 from export import gate
 from export.__main__ import main
-from export.graph_fused import build_fused_graph, save_graph
+from export.graph_fused import build_fused_graph
 from export.manifest import Manifest
+from export.onnx_graph import save_model
 from export.pipeline import ExportRequest, GateError, _tokenizer_info, export_checkpoint
 from export.registry import Registry
 from export.weights import load_export_source, reference_model
@@ -27,7 +28,7 @@ def torch_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_greedy_answers_of_ragged_batches_equal_pytorch(kind, tiny_checkpoints, tmp_path):
     src = load_export_source(tiny_checkpoints[kind])
-    graph = save_graph(
+    graph = save_model(
         build_fused_graph(src, precision="fp32", max_context=128), tmp_path / "model.onnx"
     )
     prompts = gate.render_prompts(src.tokenizer, stop_ids=[])
@@ -41,7 +42,7 @@ def test_greedy_answers_of_ragged_batches_equal_pytorch(kind, tiny_checkpoints, 
 
 def test_answers_are_cut_after_the_first_stop_token(tiny_checkpoints, tmp_path):
     src = load_export_source(tiny_checkpoints["llama"])
-    graph = save_graph(
+    graph = save_model(
         build_fused_graph(src, precision="fp32", max_context=128), tmp_path / "model.onnx"
     )
     full = gate.greedy_answers(graph, gate.render_prompts(src.tokenizer, []), new_tokens=8)
