@@ -46,6 +46,10 @@ MIN_EQUAL: dict[str, int] = {"fp32": 24, "fp16": 22, "int8": 22, "int4": 20}
 KV_BUDGET_BYTES = 512 << 20  # rows per batch are chosen so the KV buffers stay under this
 
 
+class DoesNotFit(ValueError):
+    """The gate's prompts and answers need more positions than the graph's max_context."""
+
+
 @dataclass(frozen=True)
 class Prompts:
     """The gate's prompts as token ids, and the ids that end an answer."""
@@ -75,7 +79,7 @@ def greedy_answers(graph: str | Path, prompts: Prompts, new_tokens: int = NEW_TO
     _, kv_heads, max_context, head_dim = kv[0].shape
     longest = max(len(p) for p in prompts.ids)
     if longest + new_tokens > max_context:
-        raise ValueError(
+        raise DoesNotFit(
             f"the gate's prompts need {longest + new_tokens} positions, the graph {max_context}"
         )
     itemsize = 2 if kv[0].type == "tensor(float16)" else 4
@@ -161,12 +165,16 @@ _REFERENCE_CACHE: dict[tuple, list] = {}
 
 def run_gate(graph: str | Path, src: Any, precision: str, stop_ids: list[int]) -> dict | None:
     """Gate figures for the graph of `src` at `precision`; None when the model has no chat
-    template (nothing to render the prompts with). fp32 answers are cached per source files."""
+    template (nothing to render the prompts with) or the graph's max_context is too short for
+    them. fp32 answers are cached per source files."""
     started = time.perf_counter()
     prompts = render_prompts(src.tokenizer, stop_ids)
     if prompts is None:
         return None
-    answers = greedy_answers(graph, prompts)
+    try:
+        answers = greedy_answers(graph, prompts)
+    except DoesNotFit:
+        return None
     if precision == "fp32":
         reference = answers
     else:

@@ -208,7 +208,10 @@ def _gate(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any] | None:
 
 def _gate_failure(gate: dict[str, Any] | None) -> str:
     if gate is None:
-        return "quality gate not run (the model has no chat template); not published"
+        return (
+            "quality gate not run (no chat template, or a max context too short for its "
+            "prompts); not published"
+        )
     return Gate(**gate).summary() + "; not published"
 
 

@@ -98,6 +98,18 @@ def test_every_export_records_the_gate_and_a_required_gate_refuses(tiny_checkpoi
     assert [v.ref for v in registry.versions()] == ["tiny@1"]  # nothing published
 
 
+def test_a_graph_too_short_for_the_prompts_records_no_gate(tiny_checkpoints, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    req = ExportRequest(tiny_checkpoints["llama"], "tiny", max_context=32, progress=False)
+    _, manifest = export_checkpoint(req, registry)
+    assert manifest.gate is None
+    required = ExportRequest(
+        tiny_checkpoints["llama"], "tiny", max_context=32, progress=False, require_gate=True
+    )
+    with pytest.raises(GateError, match="quality gate not run"):
+        export_checkpoint(required, registry)
+
+
 def test_ensure_default_publishes_the_first_candidate_that_passes(
     capsys, monkeypatch, tiny_checkpoints, tmp_path
 ):
