@@ -18,6 +18,7 @@ from export.pipeline import (
     PRECISIONS,
     ExportError,
     ExportRequest,
+    GateError,
     ParityError,
     export_checkpoint,
 )
@@ -88,8 +89,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
             "--precision",
             choices=("auto", *PRECISIONS),
             default="auto",
-            help="auto: fp16 when PyTorch sees a CUDA GPU, else int8 (2.3x the fp32 decode "
-            "speed on a CPU at 0.97 top-1 agreement; docs/performance.md)",
+            help="auto: the first of the serving candidates (fp16 when PyTorch sees a CUDA GPU, "
+            "else int8 then int4) that passes the quality gate, else fp32 "
+            "(docs/performance.md, 'Faithful quantization')",
         )
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(p, json_flag=command != "ensure-default")
@@ -130,6 +132,10 @@ def _read(info: VersionInfo) -> Manifest | None:
         return None
 
 
+def _gate_line(manifest: Manifest) -> str:
+    return manifest.gate.summary() if manifest.gate else "quality gate: not run"
+
+
 def _parity_line(manifest: Manifest) -> str:
     p = manifest.parity
     if p is None:
@@ -167,9 +173,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     text = (
         f"published {info.ref} ({manifest.flavour}, {manifest.precision}) at {info.path}"
         f"{' [active]' if info.active else ''} in {seconds:.1f}s\n{_parity_line(manifest)}"
+        f"\n{_gate_line(manifest)}"
     )
     parity = manifest.parity.model_dump(exclude={"per_step"}) if manifest.parity else None
-    data = _version_dict(info, manifest) | {"parity": parity}
+    gate = manifest.gate.model_dump() if manifest.gate else None
+    data = _version_dict(info, manifest) | {"parity": parity, "gate": gate}
     _emit(args, text, data)
     return 0
 
@@ -226,6 +234,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"  source {manifest.source.path}",
             f"  stop tokens {', '.join(manifest.tokenizer.stop_tokens) or 'none'}",
             f"  {_parity_line(manifest)}",
+            f"  {_gate_line(manifest)}",
             f"  files: {', '.join(f.name for f in manifest.files)} (checked: sizes"
             f"{' and sha256' if args.verify_hashes else ''})",
         ]
@@ -254,12 +263,12 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def serving_precision() -> str:
-    """The precision the bot's default version is exported in: fp16 for a CUDA GPU, int8 for a
-    CPU (fp32 stays the default of explicit exports: the faithful one)."""
+def serving_candidates() -> tuple[str, ...]:
+    """The precisions ensure-default tries, in order, before falling back to fp32: fp16 for a
+    CUDA GPU, int8 then int4 for a CPU (fp32 stays the default of explicit exports)."""
     import torch
 
-    return "fp16" if torch.cuda.is_available() else "int8"
+    return ("fp16",) if torch.cuda.is_available() else ("int8", "int4")
 
 
 def cmd_ensure_default(args: argparse.Namespace) -> int:
@@ -268,20 +277,46 @@ def cmd_ensure_default(args: argparse.Namespace) -> int:
     if active is not None:
         print(f"active: {active.ref} ({active.path}); nothing to do")
         return 0
-    req = ExportRequest(
-        checkpoint=args.model_dir,
-        name=args.name,
-        precision=serving_precision() if args.precision == "auto" else args.precision,
-        flavour=DEFAULT_FLAVOUR,
-        progress=False if args.quiet else None,
-    )
-    info, manifest = export_checkpoint(req, registry)
+    candidates = serving_candidates() if args.precision == "auto" else (args.precision,)
+    refused: list[str] = []
+    result = None
+    for precision in candidates:
+        req = ExportRequest(
+            checkpoint=args.model_dir,
+            name=args.name,
+            precision=precision,
+            flavour=DEFAULT_FLAVOUR,
+            progress=False if args.quiet else None,
+            require_gate=args.precision == "auto" and precision != "fp32",
+        )
+        try:
+            result = export_checkpoint(req, registry)
+            break
+        except (GateError, ParityError) as exc:
+            if args.precision != "auto":
+                raise
+            refused.append(f"{precision}: {exc}")
+            print(f"not serving {precision}: {exc}")
+    if result is None:
+        req = ExportRequest(
+            checkpoint=args.model_dir,
+            name=args.name,
+            precision="fp32",
+            flavour=DEFAULT_FLAVOUR,
+            progress=False if args.quiet else None,
+        )
+        result = export_checkpoint(req, registry)
+        print(
+            f"publishing fp32: no quantized version passed the quality gate ({len(refused)} tried)"
+        )
+    info, manifest = result
     info = registry.use(info.ref)
     print(
         f"published and activated {info.ref} ({manifest.flavour}, {manifest.precision}) "
         f"at {info.path}"
     )
     print(_parity_line(manifest))
+    print(_gate_line(manifest))
     return 0
 
 

@@ -10,11 +10,20 @@ from onnx import TensorProto, helper
 
 from export.manifest import PRECISIONS
 from export.onnx_graph import GraphWriter
-from export.quantize import BITS, quantize_blockwise
+from export.quantize import (
+    BITS,
+    BlockQuantized,
+    on_symmetric_grid,
+    quantize_affine,
+    quantize_blockwise,
+)
 
 BLOCK_SIZE = 32
-ACCURACY_LEVEL = 4  # MatMulNBits int8 activations: int4 decode 152 vs 34 tok/s, same accuracy
-SYMMETRIC = False  # zero points per block: closer to fp32 than symmetric (docs/performance.md)
+# MatMulNBits with int8 activations (per block of 32, as llama.cpp's Q8_1): the only fast CPU
+# path of ORT 1.31 on AVX2; level 1 (float activations) is exact but slower than fp32 MatMul
+# (docs/performance.md, "Faithful quantization")
+ACCURACY_LEVEL = 4
+SYMMETRIC = False  # int8: zero points per block: closer to fp32 than symmetric
 
 
 class Source(Protocol):
@@ -38,9 +47,7 @@ class FusedWriter(GraphWriter):
         w = np.asarray(w, dtype=np.float32)
         n, k = w.shape
         if self.precision in BITS:
-            q = quantize_blockwise(
-                w, bits=BITS[self.precision], block_size=BLOCK_SIZE, symmetric=SYMMETRIC
-            )
+            q = quantize_weight(w, self.precision)
             inputs = [
                 x,
                 self.const(f"{name}.qweight", q.packed),
@@ -51,11 +58,27 @@ class FusedWriter(GraphWriter):
             attrs = dict(K=k, N=n, bits=q.bits, block_size=q.block_size)
             attrs["accuracy_level"] = ACCURACY_LEVEL
             y = self.op("MatMulNBits", inputs, name, **attrs)
+            if q.offsets is not None:
+                y = self._add_offsets(x, y, q, name)
         else:
             y = self.op("MatMul", [x, self.weight(f"{name}.weight_t", w.T)], name)
         if bias is not None:
             y = self.op("Add", [y, self.weight(f"{name}.bias", bias)], f"{name}/bias")
         return y
+
+    def _add_offsets(self, x: str, y: str, q: BlockQuantized, name: str) -> str:
+        """y + (block sums of x) @ offsets.T: what integer zero points leave of an affine
+        weight's block minimum, in float, as two small MatMuls (K -> K/block -> N) and an Add."""
+        sums = f"block_sums.{q.k}x{q.block_size}"  # one indicator matrix per K, shared
+        if sums not in self._names:
+            k_blocks = q.offsets.shape[1]
+            indicator = np.zeros((q.k, k_blocks), np.float32)
+            indicator[np.arange(q.k), np.arange(q.k) // q.block_size] = 1.0
+            self.const(sums, indicator)
+        s = self.op("MatMul", [x, sums], f"{name}/block_sums")
+        offsets_t = self.const(f"{name}.offsets_t", np.ascontiguousarray(q.offsets.T))
+        c = self.op("MatMul", [s, offsets_t], f"{name}/offsets")
+        return self.op("Add", [y, c], f"{name}/with_offsets")
 
     def embedding(self, ids: str, table: np.ndarray, name: str) -> tuple[str, str | None]:
         """Rows of a [vocab, hidden] table; returns (output, the float table initializer or None).
@@ -64,9 +87,7 @@ class FusedWriter(GraphWriter):
         of the float32 bytes. It is read a few rows per step, so this saves memory, not time.
         """
         if self.precision in BITS:
-            q = quantize_blockwise(
-                table, bits=BITS[self.precision], block_size=BLOCK_SIZE, symmetric=SYMMETRIC
-            )
+            q = quantize_table(table, self.precision)
             vocab = q.n
             inputs = [
                 self.const(f"{name}.qweight", q.packed.reshape(vocab, -1)),
@@ -93,6 +114,30 @@ class FusedWriter(GraphWriter):
         weight = tied_to or self.weight(f"{name}.weight", w)
         y = self.op("Gemm", [x, weight], name, transB=1)
         return y
+
+
+def quantize_weight(w: np.ndarray, precision: str) -> BlockQuantized:
+    """The MatMulNBits weight of a linear layer at int8/int4.
+
+    A weight that already lies on a quantization grid keeps it exactly: a dequantized Q8_0
+    tensor (GGUF) stays symmetric 8-bit, whatever the precision (int4 would re-round it); int4
+    is `scale * q + offset` per block (quantize_affine: Q4_1 blocks exactly, others rounded
+    between their min and max); int8 is asymmetric 8-bit.
+    """
+    if on_symmetric_grid(w, bits=8, block_size=BLOCK_SIZE):
+        return quantize_blockwise(w, bits=8, block_size=BLOCK_SIZE, symmetric=True)
+    if precision == "int4":
+        return quantize_affine(w, bits=4, block_size=BLOCK_SIZE)
+    return quantize_blockwise(w, bits=BITS[precision], block_size=BLOCK_SIZE, symmetric=SYMMETRIC)
+
+
+def quantize_table(table: np.ndarray, precision: str) -> BlockQuantized:
+    """The GatherBlockQuantized table of an embedding (integer zero points only): exact 8-bit
+    for a Q8_0 table, else block-wise at the precision's bits."""
+    if on_symmetric_grid(table, bits=8, block_size=BLOCK_SIZE):
+        return quantize_blockwise(table, bits=8, block_size=BLOCK_SIZE, symmetric=True)
+    bits = BITS[precision]
+    return quantize_blockwise(table, bits=bits, block_size=BLOCK_SIZE, symmetric=SYMMETRIC)
 
 
 def _check(src: Source, precision: str, max_context: int) -> None:

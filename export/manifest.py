@@ -120,6 +120,32 @@ class Parity(_Model):
     seconds: float
 
 
+class Gate(_Model):
+    """Figures of export.gate: greedy answers to fixed chat prompts against the fp32 graph's."""
+
+    passed: bool
+    prompts: int
+    new_tokens: int
+    answers_equal: int  # answers identical token for token (up to the first stop token)
+    min_equal: int
+    differing: list[int]  # indices into export.gate.PROMPTS
+    example_prompt: str  # README's example question
+    example_expected: str
+    example_answer: str
+    example_correct: bool
+    seconds: float
+
+    def summary(self) -> str:
+        """One line: the verdict, answers equal to fp32's, README's example."""
+        verdict = "passed" if self.passed else "FAILED"
+        example = "right" if self.example_correct else "WRONG"
+        return (
+            f"quality gate {verdict}: {self.answers_equal}/{self.prompts} greedy answers equal "
+            f"fp32's (needs {self.min_equal}); example {example}: "
+            f"{self.example_answer.strip()[:60]!r}"
+        )
+
+
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
@@ -141,6 +167,7 @@ class Manifest(_Model):
     generation: dict[str, Any]  # defaults from generation_config.json (temperature, top_p, ...)
     parity: Parity | None
     forced: bool = False  # published although parity failed (or was skipped)
+    gate: Gate | None = None  # None: not run (no chat template, or an older version)
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per export stage
     files: list[FileEntry]  # every file of the version folder except manifest.json
 

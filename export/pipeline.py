@@ -15,6 +15,7 @@ from export.manifest import (
     PRECISIONS,
     Architecture,
     FileEntry,
+    Gate,
     GraphInfo,
     Manifest,
     Parity,
@@ -47,6 +48,14 @@ class ExportError(Exception):
     """A bad export request (option combination, unavailable flavour); one line for users."""
 
 
+class GateError(Exception):
+    """The quality gate failed for an export that required it (ensure-default); not published."""
+
+    def __init__(self, message: str, figures: dict[str, Any] | None) -> None:
+        super().__init__(message)
+        self.figures = figures
+
+
 class ParityError(Exception):
     """The graph failed verification and --force was not given; carries the figures."""
 
@@ -64,6 +73,7 @@ class ExportRequest:
     max_context: int | None = None
     force: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    require_gate: bool = False  # publish only if the quality gate passes (export.gate)
 
 
 def check_request(req: ExportRequest) -> None:
@@ -88,7 +98,7 @@ def check_request(req: ExportRequest) -> None:
 class _Stages:
     """A tqdm bar over the export stages, and the seconds each one took."""
 
-    NAMES = ("load", "build", "save", "verify")
+    NAMES = ("load", "build", "save", "verify", "gate")
 
     def __init__(self, enabled: bool | None) -> None:
         from tqdm import tqdm
@@ -143,7 +153,12 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
                     describe_failure(figures) + "; not published (--force publishes anyway)",
                     figures,
                 )
+            with stage("gate"):
+                gate = _gate(folder, src, req)
+            if req.require_gate and not (gate and gate["passed"]):
+                raise GateError(_gate_failure(gate), gate)
             manifest = _manifest(src, req, folder, graph_info, figures, max_context, forced)
+            manifest.gate = Gate(**gate) if gate else None
             manifest.timings = dict(stages.timings)
             manifest.write(folder)
 
@@ -180,6 +195,24 @@ def _verify(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any]:
     from export.verify import verify
 
     return verify(folder / GRAPH_FILE, src, flavour=req.flavour, precision=req.precision)
+
+
+def _gate(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any] | None:
+    """The quality gate's figures (fused graphs with a chat template), else None."""
+    if req.flavour != "fused":
+        return None
+    from export.gate import run_gate
+
+    return run_gate(folder / "model.onnx", src, req.precision, _tokenizer_info(src).stop_token_ids)
+
+
+def _gate_failure(gate: dict[str, Any] | None) -> str:
+    if gate is None:
+        return (
+            "quality gate not run (no chat template, or a max context too short for its "
+            "prompts); not published"
+        )
+    return Gate(**gate).summary() + "; not published"
 
 
 # ---- the manifest ------------------------------------------------------------------------------

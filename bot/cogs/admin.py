@@ -110,6 +110,7 @@ class Admin(commands.Cog):
             f"context: {m.max_context} tokens",
             f"created: {m.created_at:%Y-%m-%d %H:%M} UTC",
             f"provider: {provider}",
+            m.gate.summary() if m.gate else "quality gate: not run",
             f"recent speed: {speed:.1f} tokens/s" if speed else "recent speed: no replies yet",
         ]
         await interaction.response.send_message("```\n" + "\n".join(lines) + "\n```")

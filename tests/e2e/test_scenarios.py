@@ -467,3 +467,17 @@ async def test_leaving_async_with_waits_for_the_whole_shutdown(bot_config) -> No
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(bot.close()))
         await asyncio.wait_for(task, 60)
     assert bot.shut_down
+
+
+async def test_model_info_shows_the_quality_gate(fake: FakeDiscord, start_bot: Start) -> None:
+    bot = await start_bot()
+    admin = fake.add_user("admin", admin=True)
+    channel = fake.text_channel_ids[8]
+    sub = {"type": 1, "name": "info"}
+    _, callback = await command(fake, channel, admin, "model", [sub])
+    lines = callback.json["data"]["content"].strip("`\n").splitlines()
+    gate = bot.engine.model.manifest.gate
+    assert gate is not None and gate.summary() in lines
+    # the tiny fp32 model is its own reference, and knows no capital
+    assert f"{gate.prompts}/{gate.prompts} greedy answers equal fp32's" in gate.summary()
+    assert "example WRONG" in gate.summary()

@@ -252,7 +252,7 @@ def test_cuda_without_graphs_when_capture_is_refused(engine_registry, fake_cuda,
 def test_the_default_version_on_a_gpu_is_one_cuda_runs(monkeypatch):
     import torch
 
-    from export.__main__ import serving_precision
+    from export.__main__ import serving_candidates
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert serving_precision() in CUDA_PRECISIONS
+    assert set(serving_candidates()) <= set(CUDA_PRECISIONS)

@@ -15,7 +15,7 @@ import pytest
 
 import export.graph_reference as graph_reference
 import export.onnx_graph as onnx_graph
-from export.__main__ import main, serving_precision
+from export.__main__ import main, serving_candidates
 from export.manifest import Manifest
 from export.registry import Registry
 
@@ -169,7 +169,12 @@ def test_ensure_default_exports_once(capsys, registry, tiny_checkpoints):
     active = Registry(registry).active()
     manifest = Manifest.read(active.path)
     assert active.ref == "tiny@1" and manifest.flavour == "fused"
-    assert manifest.precision == serving_precision()  # int8 here (no GPU), fp16 with CUDA
+    # a random model does not answer README's example, so no quantized candidate passes the
+    # quality gate (tests/export/test_gate.py) and fp32 is published, saying why
+    assert manifest.precision == "fp32" and manifest.gate is not None
+    for precision in serving_candidates():
+        assert f"not serving {precision}: quality gate FAILED" in out
+    assert "publishing fp32: no quantized version passed the quality gate" in out
     before = _snapshot(registry)
     code, out, _ = _run(
         capsys,
@@ -303,9 +308,11 @@ def test_disk_full_exits_2_and_publishes_nothing(capsys, seeded, tiny_checkpoint
     assert sorted(p.name for p in (seeded / "chat").iterdir()) == ["v1", "v2"]
 
 
-@pytest.mark.parametrize(("cuda", "precision"), [(False, "int8"), (True, "fp16")])
-def test_the_default_version_is_int8_on_a_cpu_and_fp16_with_cuda(monkeypatch, cuda, precision):
+@pytest.mark.parametrize(("cuda", "candidates"), [(False, ("int8", "int4")), (True, ("fp16",))])
+def test_the_default_version_candidates_are_int8_int4_on_a_cpu_and_fp16_with_cuda(
+    monkeypatch, cuda, candidates
+):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert serving_precision() == precision
+    assert serving_candidates() == candidates
