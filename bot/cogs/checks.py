@@ -102,6 +102,14 @@ def require_manager(interaction: discord.Interaction, refusal: str) -> None:
         raise NotAllowed(refusal)
 
 
+def _chat(interaction: discord.Interaction) -> Any:
+    """The bot's ChatService; NotAllowed while the bot is still starting."""
+    chat = getattr(interaction.client, "chat", None)
+    if chat is None:
+        raise NotAllowed("The bot is still starting; try again in a moment.")
+    return chat
+
+
 def editors_only(what: Literal["settings", "persona"]) -> Callable[[T], T]:
     """Whoever the server lets change its `what` (`/access editors`): everyone, or managers
     only; the defaults are everyone for settings and managers for personas. In a DM, the user.
@@ -110,9 +118,7 @@ def editors_only(what: Literal["settings", "persona"]) -> Callable[[T], T]:
     async def predicate(interaction: discord.Interaction) -> bool:
         if interaction.guild_id is None:
             return True
-        chat = getattr(interaction.client, "chat", None)
-        if chat is None:
-            raise NotAllowed("The bot is still starting; try again in a moment.")
+        chat = _chat(interaction)
         editing = await chat.access.editing(interaction.guild_id)
         if getattr(editing, what) == Editors.EVERYONE:
             return True
@@ -137,9 +143,7 @@ def talkers_only() -> Callable[[T], T]:
     async def predicate(interaction: discord.Interaction) -> bool:
         if interaction.guild_id is None:
             return True
-        chat = getattr(interaction.client, "chat", None)
-        if chat is None:
-            raise NotAllowed("The bot is still starting; try again in a moment.")
+        chat = _chat(interaction)
         channel_ids = [interaction.channel_id] if interaction.channel_id is not None else []
         parent_id = getattr(interaction.channel, "parent_id", None)
         if parent_id is not None:

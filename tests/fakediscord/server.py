@@ -519,20 +519,7 @@ class FakeDiscord:
         else:
             command = next((c for c in self.commands.get(None, []) if c["name"] == name), None)
         data["id"] = command["id"] if command else str(self.new_id())
-        interaction: dict[str, Any] = {
-            "id": str(self.new_id()),
-            "application_id": str(self.app_id),
-            "type": 2,
-            "data": data,
-            "channel_id": str(channel_id),
-            "channel": channel,
-            "token": f"itoken-{self.new_id()}",
-            "version": 1,
-            "app_permissions": str(EVERYONE_PERMISSIONS),
-            "locale": "en-US",
-            "attachment_size_limit": 8 * 1024 * 1024,
-            "entitlements": [],
-        }
+        interaction = self._interaction(2, channel_id, data)
         await self._send_interaction(interaction, channel, user)
         return interaction
 
@@ -543,14 +530,22 @@ class FakeDiscord:
         interaction); returns the interaction payload."""
         channel_id = int(message["channel_id"])
         channel = self.channels[channel_id]
-        interaction: dict[str, Any] = {
+        data = {"custom_id": custom_id, "component_type": 2}
+        interaction = self._interaction(3, channel_id, data)
+        interaction["message"] = self.messages.get(int(message["id"]), message)
+        self._originals[interaction["token"]] = int(message["id"])
+        await self._send_interaction(interaction, channel, user)
+        return interaction
+
+    def _interaction(self, kind: int, channel_id: int, data: dict[str, Any]) -> dict[str, Any]:
+        """An interaction payload of `kind` (2: slash command, 3: component) in a channel."""
+        return {
             "id": str(self.new_id()),
             "application_id": str(self.app_id),
-            "type": 3,
-            "data": {"custom_id": custom_id, "component_type": 2},
-            "message": self.messages.get(int(message["id"]), message),
+            "type": kind,
+            "data": data,
             "channel_id": str(channel_id),
-            "channel": channel,
+            "channel": self.channels[channel_id],
             "token": f"itoken-{self.new_id()}",
             "version": 1,
             "app_permissions": str(EVERYONE_PERMISSIONS),
@@ -558,9 +553,6 @@ class FakeDiscord:
             "attachment_size_limit": 8 * 1024 * 1024,
             "entitlements": [],
         }
-        self._originals[interaction["token"]] = int(message["id"])
-        await self._send_interaction(interaction, channel, user)
-        return interaction
 
     async def _send_interaction(
         self, interaction: dict[str, Any], channel: dict[str, Any], user: dict[str, Any]
