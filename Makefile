@@ -23,8 +23,9 @@ model: setup
 run: model
 	$(PY) -m bot start
 
+# PostgreSQL and Redis tests run against throwaway local servers (skipped where not installed).
 test: setup
-	$(PY) -m pytest -q
+	scripts/test_services.sh $(PY) -m pytest -q
 
 lint:
 	$(PY) -m ruff check .
