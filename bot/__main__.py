@@ -1,4 +1,4 @@
-"""Command line of the bot: `python -m bot start|run|chat|db|generate|bench`."""
+"""Command line of the bot: `python -m bot start|run|chat|db|generate|bench|worker`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("bot.storage.cli", "database migrations: upgrade, current, downgrade"),
     "generate": ("bot.engine.cli", "generate text with a model version"),
     "bench": ("bot.engine.bench", "measure time to first token and tokens/s"),
+    "worker": ("bot.worker", "serve generation requests from Redis (REDIS_URL)"),
 }
 
 

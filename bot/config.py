@@ -61,6 +61,12 @@ class BotConfig(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, le=3600, allow_inf_nan=False)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for collectors
+    # scale-out (docs/deployment.md): generation by `python -m bot worker` processes via Redis
+    redis_url: str = ""  # "": the in-process engine
+    redis_prefix: str = Field("bot", pattern=r"^[A-Za-z0-9_.-]+$")  # key prefix of a deployment
+    worker_id: str = ""  # "": HOST-PID
+    worker_claim_idle_s: float = Field(15.0, gt=0)  # requests idle this long are claimed
+    worker_heartbeat_s: float = Field(1.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,91 @@
+"""`python -m bot worker`: an inference worker; serves generation requests from Redis (REDIS_URL).
+
+It loads the version pinned in Redis (else MODEL or the registry's active version; MODEL_REGISTRY,
+DEVICE and ENGINE_* as for the bot), then runs bot.backends.worker.InferenceWorker until SIGTERM
+or SIGINT: replies in flight get SHUTDOWN_GRACE_S to finish, the rest are left to other workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Configuration comes from the environment, .env or BOT_CONFIG (REDIS_URL is required)."""
+    parser.add_argument("--id", help="worker id (default: WORKER_ID, else HOST-PID)")
+
+
+async def serve(settings: Settings, worker_id: str) -> None:
+    from redis.exceptions import RedisError
+
+    from bot import console
+    from bot.backends.protocol import Keys
+    from bot.backends.redis_backend import connect
+    from bot.backends.worker import InferenceWorker
+    from bot.engine import Engine
+
+    ref = console.resolve_model(settings)
+    client = connect(settings.redis_url)
+    engine = None
+    try:
+        pinned = None
+        with contextlib.suppress(RedisError):
+            pinned = await client.get(Keys(settings.redis_prefix).model)
+        options = settings.engine_options()
+        options["max_queue"] = max(options["max_queue"], options["slots"])
+        engine = await Engine.start(pinned or ref, **options)
+        worker = InferenceWorker(
+            client,
+            engine,
+            worker_id=worker_id,
+            prefix=settings.redis_prefix,
+            claim_idle_s=settings.worker_claim_idle_s,
+            heartbeat_s=settings.worker_heartbeat_s,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await worker.run(stop)
+    finally:
+        if engine is not None:
+            await engine.close()
+        await client.aclose()
+
+
+def main(args: argparse.Namespace) -> int:
+    from bot.config import ConfigError, get_settings
+    from bot.engine import EngineError
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = get_settings()
+        if not settings.redis_url:
+            raise ConfigError("REDIS_URL is not set; a worker serves requests from Redis")
+        asyncio.run(serve(settings, args.id or settings.worker_id or default_worker_id()))
+    except (ConfigError, EngineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f'error: {exc}; install the redis extra: pip install -e ".[redis]"', file=sys.stderr)
+        return 2
+    return 0
