@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", help="worker id (default: WORKER_ID, else HOST-PID)")
 
 
-async def serve(settings: Settings, worker_id: str) -> None:
+async def serve(settings: Settings, worker_id: str, worker_cls: type | None = None) -> None:
+    """Run a worker until SIGTERM/SIGINT (`worker_cls`: an InferenceWorker subclass, for tests)."""
     from redis.exceptions import RedisError
 
     from bot import console
@@ -49,7 +50,7 @@ async def serve(settings: Settings, worker_id: str) -> None:
         options = settings.engine_options()
         options["max_queue"] = max(options["max_queue"], options["slots"])
         engine = await Engine.start(pinned or ref, **options)
-        worker = InferenceWorker(
+        worker = (worker_cls or InferenceWorker)(
             client,
             engine,
             worker_id=worker_id,

@@ -15,22 +15,26 @@ class ScriptedStream:
         self.prompt, self.params, self.model = prompt, params, model
         self.result: GenerationResult | None = None
         self.cancelled = False
-        self.text = ""
+        self.text = ""  # read so far
+        self.fed = ""
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         self._done = asyncio.Event()
 
     def feed(self, *pieces: str) -> None:
         for piece in pieces:
+            self.fed += piece
             self._queue.put_nowait(piece)
 
     def end(self, reason: str = "stop") -> None:
+        """The end after the pieces fed so far (a cancel: after those already read)."""
         if self.result is None:
+            text = self.text if reason == "cancelled" else self.fed
             self.result = GenerationResult(
-                token_ids=list(range(len(self.text))),
-                text=self.text,
+                token_ids=list(range(len(text))),
+                text=text,
                 finish_reason=reason,
                 prompt_tokens=len(self.prompt),
-                completion_tokens=len(self.text),
+                completion_tokens=len(text),
                 model=self.model,
             )
             self._queue.put_nowait(None)
@@ -49,7 +53,7 @@ class ScriptedStream:
             if item is None:
                 self._queue.put_nowait(None)
                 raise StopAsyncIteration
-            if self.result is None:
+            if not self.cancelled:
                 self.text += item
                 return item
 
