@@ -18,7 +18,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bot.config import Settings
+    from bot.config import BotConfig
 
 
 def default_worker_id() -> str:
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", help="worker id (default: WORKER_ID, else HOST-PID)")
 
 
-async def serve(settings: Settings, worker_id: str, worker_cls: type | None = None) -> None:
+async def serve(settings: BotConfig, worker_id: str, worker_cls: type | None = None) -> None:
     """Run a worker until SIGTERM/SIGINT (`worker_cls`: an InferenceWorker subclass, for tests)."""
     from redis.exceptions import RedisError
 
