@@ -1,5 +1,6 @@
 """`python -m bot db upgrade [REV] | current | downgrade [REV] | history`: Alembic migrations;
-`python -m bot db export-dialogues --guild ID --out FILE.jsonl`: a server's training data."""
+`python -m bot db export-dialogues --guild ID --out FILE.jsonl`: a server's training data;
+`python -m bot db copy URL`: every row into another, empty database."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from alembic.util import CommandError
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot.config import ConfigError, load_settings
 from bot.storage.db import Database, DatabaseError
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="user/bot exchanges per conversation at most (default: 8)",
     )
+    copy = sub.add_parser("copy", help="copy every row into another, empty database")
+    copy.add_argument("target", help="the target's URL, e.g. postgresql+asyncpg://...")
     parser.add_argument(
         "--database-url", default=None, help="database URL (default: DATABASE_URL / settings)"
     )
@@ -68,6 +72,19 @@ async def _export(url: str, guild_id: int, out: Path, max_exchanges: int | None)
     except OSError as exc:
         raise DatabaseError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"wrote {len(records)} conversation(s) of guild {guild_id} to {out}")
+
+
+async def _copy(url: str, target_url: str) -> None:
+    from bot.storage.copy import copy_database
+
+    source, target = Database(url), Database(target_url)
+    try:
+        copied = await copy_database(source, target)
+    finally:
+        await source.close()
+        await target.close()
+    for table, count in copied.items():
+        print(f"{table}: {count} rows")
 
 
 async def _run(url: str, action: str, revision: str | None) -> None:
@@ -110,9 +127,14 @@ def main(args: argparse.Namespace) -> int:
         url = args.database_url or load_settings().database_url
         if args.action == "export-dialogues":
             asyncio.run(_export(url, args.guild, args.out, args.max_exchanges))
+        elif args.action == "copy":
+            asyncio.run(_copy(url, args.target))
         else:
             asyncio.run(_run(url, args.action, getattr(args, "revision", None)))
     except (ConfigError, DatabaseError, CommandError) as exc:  # e.g. an unknown revision
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, SQLAlchemyError) as exc:  # a server that cannot be reached
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
