@@ -242,6 +242,9 @@ class RedisBackend:
         """The version new requests are pinned to now, loaded here if another shard changed it."""
         self._followed = time.monotonic()
         pinned = await self.client.get(self.keys.model)
+        if pinned is None:  # a Redis that restarted empty: pin what this process runs
+            await self.client.set(self.keys.model, self._model.ref, nx=True)
+            pinned = await self.client.get(self.keys.model)
         if pinned and pinned != self._model.ref:
             async with self._model_lock:
                 if pinned != self._model.ref:

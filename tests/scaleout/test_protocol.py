@@ -144,3 +144,9 @@ async def test_stats_list_live_workers_and_drop_expired_ones(backend, fake):
     assert (stats.queued, stats.active, stats.slots, stats.model) == (1, 1, 4, "tiny@1")
     assert stats.provider == "cpu"
     assert await fake.smembers("t:workers") == {"w1"}
+
+
+async def test_a_lost_pin_is_set_again_by_the_next_check(backend, fake):
+    await fake.delete("t:model")  # Redis restarted empty
+    assert (await backend.refresh()).ref == "tiny@1"
+    assert await fake.get("t:model") == "tiny@1"
