@@ -7,8 +7,10 @@ key in a sorted set, timed by the Redis server's clock (shards need not agree on
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 # KEYS: one sorted set per limit. ARGV: window ms, member, then one limit per key (0: no limit).
 # Checks every key; if all allow, records the event in every one. Returns {index of the first

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import event, literal_column, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import (
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from bot.storage.migrate import run_command
-from bot.storage.models import Message, Status
+from bot.storage.models import Channel, Message, Status
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(inner).__name__
 
 
+Shards = tuple[Sequence[int], int]  # (the shard ids a bot process serves, the shard count)
+
+
 class Database:
     """One async engine and its session factory. Use one unit of work per event:
 
@@ -97,15 +101,18 @@ class Database:
         return f"Database({make_url(self.url)!r})"  # URL repr hides the password
 
     @classmethod
-    async def open(cls, url: str, *, upgrade: bool = True) -> Database:
-        """Start-up: connect, migrate to head, mark replies left in progress as interrupted."""
+    async def open(
+        cls, url: str, *, upgrade: bool = True, shards: Shards | None = None
+    ) -> Database:
+        """Start-up: connect, migrate to head, mark replies left in progress as interrupted
+        (only in the channels of `shards` when given: other bot processes own the rest)."""
         db = cls(url)
         try:
             if db.sqlite_file is not None:
                 await asyncio.to_thread(_check_writable, db.sqlite_file)
             if upgrade:
                 await db.upgrade()
-            await db.mark_interrupted()
+            await db.mark_interrupted(shards)
         except (DBAPIError, OSError) as exc:  # unreachable server, read-only or full disk, ...
             await db.close()
             raise DatabaseError(f"cannot use the database {db.safe_url}: {_reason(exc)}") from exc
@@ -134,18 +141,23 @@ class Database:
         """Alembic upgrade on this engine (the same code as `python -m bot db upgrade`)."""
         await run_command(self.engine, "upgrade", revision)
 
-    async def mark_interrupted(self) -> int:
+    async def mark_interrupted(self, shards: Shards | None = None) -> int:
         """Replies still in progress from an earlier run become `interrupted` (finish reason
         "restart"); returns how many. `self.interrupted` keeps (channel id, Discord message ids)
-        of each, so the bot can tell the channel the reply was cut."""
+        of each, so the bot can tell the channel the reply was cut. With `shards`, only those in
+        channels of guilds these shards serve (DMs: shard 0): other processes own the rest."""
+        query = select(Message.id, Message.channel_id, Message.discord_message_ids).where(
+            Message.status == Status.IN_PROGRESS
+        )
+        if shards is not None:
+            ids, count = shards  # Discord routes a guild to shard (id >> 22) % count
+            shard = Channel.guild_id.op(">>")(literal_column("22")) % count
+            mine = shard.in_(list(ids))
+            if 0 in ids:
+                mine = or_(mine, Channel.guild_id.is_(None))
+            query = query.where(Message.channel_id.in_(select(Channel.id).where(mine)))
         async with self.session() as s, s.begin():
-            rows = (
-                await s.execute(
-                    select(Message.id, Message.channel_id, Message.discord_message_ids)
-                    .where(Message.status == Status.IN_PROGRESS)
-                    .order_by(Message.id)
-                )
-            ).all()
+            rows = (await s.execute(query.order_by(Message.id))).all()
             await s.execute(
                 update(Message)
                 .where(Message.id.in_([row.id for row in rows]))

@@ -1,0 +1,65 @@
+"""A bot process that restarts marks only its own shards' replies interrupted, on SQLite and on
+PostgreSQL (BOT_TEST_POSTGRES_URL): other shard processes may be answering in theirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from bot.storage import repo
+from bot.storage.db import Database
+from bot.storage.migrate import run_command
+from bot.storage.models import Message, Status
+
+PG_URL = os.environ.get("BOT_TEST_POSTGRES_URL")
+
+
+def guild_on_shard(shard: int, count: int, n: int = 1) -> int:
+    """A guild id (snowflake) that Discord routes to `shard` of `count`."""
+    return ((count * (1_000_000 + n) + shard) << 22) | 12345
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def url(request, tmp_path: Path):
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+        return
+    if not PG_URL:
+        pytest.skip("BOT_TEST_POSTGRES_URL not set (`make test` starts a PostgreSQL)")
+    db = Database(PG_URL)
+    await run_command(db.engine, "downgrade", "base")
+    yield PG_URL
+    await run_command(db.engine, "downgrade", "base")
+    await db.close()
+
+
+async def test_only_the_restarting_shards_replies_are_marked_interrupted(url: str):
+    db = await Database.open(url)
+    channels = {  # channel -> guild: shards 0, 1, 2 of 3, and a DM
+        10: guild_on_shard(0, 3),
+        11: guild_on_shard(1, 3),
+        12: guild_on_shard(2, 3),
+        13: None,
+    }
+    async with db.session() as s, s.begin():
+        for channel, guild in channels.items():
+            await repo.ensure_channel(s, channel, guild)
+            await repo.add_message(s, channel_id=channel, role="assistant", status="in_progress")
+    await db.close()
+    db = await Database.open(url, shards=([1, 2], 3))  # shards 1 and 2 restart
+    try:
+        async with db.session() as s:
+            rows = (await s.execute(select(Message.channel_id, Message.status))).all()
+        assert dict(rows) == {
+            10: Status.IN_PROGRESS,
+            11: Status.INTERRUPTED,
+            12: Status.INTERRUPTED,
+            13: Status.IN_PROGRESS,
+        }
+        assert await db.mark_interrupted(([0], 3)) == 2  # shard 0 has the DM too
+        assert await db.mark_interrupted() == 0
+    finally:
+        await db.close()
