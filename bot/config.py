@@ -67,6 +67,8 @@ class BotConfig(BaseSettings):
     worker_id: str = ""  # "": HOST-PID
     worker_claim_idle_s: float = Field(15.0, gt=0)  # requests idle this long are claimed
     worker_heartbeat_s: float = Field(1.0, gt=0)
+    shard_count: int = Field(0, ge=0)  # gateway shards of the whole bot; 0: as Discord advises
+    shard_ids: IdList = Field(default_factory=list)  # the shards this process runs; []: all
 
     @classmethod
     def settings_customise_sources(
@@ -86,7 +88,7 @@ class BotConfig(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
 
-    @field_validator("admin_user_ids", "command_guild_ids", mode="before")
+    @field_validator("admin_user_ids", "command_guild_ids", "shard_ids", mode="before")
     @classmethod
     def _split_ids(cls, value: Any) -> Any:
         """Accept "1, 2,3" (environment) as well as a list (TOML, arguments)."""
@@ -107,6 +109,21 @@ class BotConfig(BaseSettings):
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _shards(self) -> BotConfig:
+        if self.shard_ids and not self.shard_count:
+            raise ValueError("SHARD_IDS needs SHARD_COUNT (the bot's total number of shards)")
+        bad = [i for i in self.shard_ids if not 0 <= i < self.shard_count]
+        if bad or len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError(f"SHARD_IDS must be distinct numbers from 0 to {self.shard_count - 1}")
+        return self
+
+    def shards(self) -> tuple[list[int], int] | None:
+        """(the shard ids this process runs, the shard count), or None when Discord decides."""
+        if not self.shard_count:
+            return None
+        return (self.shard_ids or list(range(self.shard_count)), self.shard_count)
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> BotConfig:

@@ -63,3 +63,24 @@ async def test_only_the_restarting_shards_replies_are_marked_interrupted(url: st
         assert await db.mark_interrupted() == 0
     finally:
         await db.close()
+
+
+def test_shard_settings(monkeypatch):
+    from bot.config import ConfigError, load_settings
+
+    monkeypatch.setenv("SHARD_COUNT", "4")
+    monkeypatch.setenv("SHARD_IDS", "2, 3")
+    assert load_settings().shards() == ([2, 3], 4)
+    monkeypatch.delenv("SHARD_IDS")
+    assert load_settings().shards() == ([0, 1, 2, 3], 4)
+    monkeypatch.delenv("SHARD_COUNT")
+    assert load_settings().shards() is None
+    for count, ids, message in [
+        ("0", "1", "SHARD_IDS needs SHARD_COUNT"),
+        ("2", "0,2", "distinct numbers from 0 to 1"),
+        ("2", "1,1", "distinct numbers from 0 to 1"),
+    ]:
+        monkeypatch.setenv("SHARD_COUNT", count)
+        monkeypatch.setenv("SHARD_IDS", ids)
+        with pytest.raises(ConfigError, match=message):
+            load_settings()
