@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import discord
 
+from bot.backends.base import RestartPiece
+
 MAX_LEN = 2000
 MIN_LEN = 100  # the smallest limit split_message accepts: room for a reopened fence and text
 FENCE = "```"
@@ -176,7 +178,11 @@ class StreamedReply:
         return [m.id for m in self.messages]
 
     async def push(self, piece: str) -> None:
-        """Add a piece of text; updates Discord if the edit interval allows."""
+        """Add a piece of text; updates Discord if the edit interval allows. A RestartPiece
+        starts the text over (another worker generates the reply again): the messages already
+        shown are edited to the new text, not added to."""
+        if isinstance(piece, RestartPiece):
+            self.text, self._visible, self._splitter = "", False, Splitter()
         self.text += piece
         self._visible = self._visible or bool(piece.strip())
         await self._sync(force=False)
@@ -202,6 +208,9 @@ class StreamedReply:
                 )
                 self._shown[i] = chunk
                 self._last_edit = self.clock()
+        while force and len(self.messages) > len(chunks):  # a restarted reply came out shorter
+            await self.messages.pop().delete()
+            self._shown.pop()
 
     async def _post(self, chunk: str) -> None:
         self.messages.append(await self._send(postable(chunk)))

@@ -661,6 +661,8 @@ class FakeDiscord:
                 return self._edit(original, body)
             case ("PATCH", ["webhooks", _, _, "messages", message_id]):
                 return self._edit(int(message_id), body)
+            case ("DELETE", ["webhooks", _, _, "messages", message_id]):
+                return self._delete(int(message_id))
         return _json({"message": "404: Not Found (fake)", "code": 0}, status=404)
 
     def _closed(self, channel_id: int) -> web.Response | None:
@@ -734,6 +736,11 @@ class FakeDiscord:
         message["edited_timestamp"] = _now()
         self._record_pings(message)
         return message
+
+    def _delete(self, message_id: int) -> Any:
+        if self.messages.pop(message_id, None) is None:
+            return _not_found()
+        return None
 
     def _callback(self, interaction_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
         """Answer an interaction callback; type 4 creates the original response message."""
