@@ -42,7 +42,8 @@ def _now() -> str:
 
 
 class FakeDiscord:
-    """A fake Discord on 127.0.0.1 (random port): one guild, text channels, users and a bot user."""
+    """A fake Discord on 127.0.0.1 (random port): a guild (more with add_guild), text channels,
+    users and a bot user. Sharded clients get the guilds of their shard, (id >> 22) % count."""
 
     def __init__(self, n_channels: int = 3) -> None:
         self._ids = itertools.count(1_100_000_000_000_000_000)
@@ -50,6 +51,7 @@ class FakeDiscord:
         self.bot_user = self.make_user("fakebot", bot=True, user_id=self.app_id)
         self.owner = self.make_user("owner")
         self.guild_id = self.new_id()
+        self.guild_names: dict[int, str] = {self.guild_id: "fake guild"}
         self.admin_role_id = self.new_id()
         self.roles: dict[int, dict[str, Any]] = {}  # more roles than @everyone and admin
         self.channels: dict[int, dict[str, Any]] = {}
@@ -119,13 +121,18 @@ class FakeDiscord:
         admin = str(self.admin_role_id) in member["roles"]
         return EVERYONE_PERMISSIONS | (ADMINISTRATOR if admin else 0) | self._role_permissions(user)
 
-    def add_channel(self, name: str) -> int:
-        """A new guild text channel; returns its id."""
+    def add_guild(self, name: str, guild_id: int) -> int:
+        """Another guild with the same members (give it an id on the shard you want)."""
+        self.guild_names[guild_id] = name
+        return guild_id
+
+    def add_channel(self, name: str, guild_id: int | None = None) -> int:
+        """A new guild text channel (in the first guild by default); returns its id."""
         channel_id = self.new_id()
         self.channels[channel_id] = {
             "id": str(channel_id),
             "type": 0,
-            "guild_id": str(self.guild_id),
+            "guild_id": str(guild_id or self.guild_id),
             "name": name,
             "position": len(self.channels),
             "permission_overwrites": [],
@@ -162,7 +169,7 @@ class FakeDiscord:
         thread = {
             "id": str(thread_id),
             "type": kind,
-            "guild_id": str(self.guild_id),
+            "guild_id": self.channels[parent_id].get("guild_id") or str(self.guild_id),
             "parent_id": str(parent_id),
             "name": name,
             "owner_id": owner_id or self.bot_user["id"],
@@ -251,10 +258,11 @@ class FakeDiscord:
             "summary": "",
         }
 
-    def guild(self) -> dict[str, Any]:
+    def guild(self, guild_id: int | None = None) -> dict[str, Any]:
         """The guild object sent in GUILD_CREATE: channels, members, @everyone and admin roles."""
+        guild_id = guild_id or self.guild_id
         everyone = {
-            "id": str(self.guild_id),
+            "id": str(guild_id),
             "name": "@everyone",
             "permissions": str(EVERYONE_PERMISSIONS),
             "position": 0,
@@ -267,8 +275,8 @@ class FakeDiscord:
         admin = dict(everyone, id=str(self.admin_role_id), name="admin", position=1)
         admin["permissions"] = str(ADMINISTRATOR)
         return {
-            "id": str(self.guild_id),
-            "name": "fake guild",
+            "id": str(guild_id),
+            "name": self.guild_names[guild_id],
             "icon": None,
             "owner_id": self.owner["id"],
             "roles": [everyone, admin, *self.roles.values()],
@@ -278,7 +286,11 @@ class FakeDiscord:
             "member_count": len(self.members),
             "large": False,
             "unavailable": False,
-            "channels": [ch for ch in self.channels.values() if ch["type"] == 0],
+            "channels": [
+                ch
+                for ch in self.channels.values()
+                if ch["type"] == 0 and ch["guild_id"] == str(guild_id)
+            ],
             "threads": [],
             "members": list(self.members.values()),
             "voice_states": [],
@@ -395,10 +407,12 @@ class FakeDiscord:
             await session.send(11, None)
         elif op == 2:
             self.identifies.append(data)
+            session.shard = tuple(data.get("shard") or (0, 1))
+            guilds = [g for g in self.guild_names if session.serves(g)]
             ready = {
                 "v": 10,
                 "user": self.bot_user,
-                "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+                "guilds": [{"id": str(g), "unavailable": True} for g in guilds],
                 "session_id": f"session-{self.new_id()}",
                 "resume_gateway_url": self.gateway_url,
                 "application": {"id": str(self.app_id), "flags": self.application()["flags"]},
@@ -408,14 +422,15 @@ class FakeDiscord:
             if data.get("shard"):  # sharded clients (AutoShardedClient) read it back
                 ready["shard"] = data["shard"]
             await session.dispatch("READY", ready)
-            await session.dispatch("GUILD_CREATE", self.guild())
+            for guild_id in guilds:
+                await session.dispatch("GUILD_CREATE", self.guild(guild_id))
             session.ready = True
             await self._notify()
         elif op == 6:  # RESUME: not supported, ask for a fresh IDENTIFY
             await session.send(9, False)
         elif op == 8:  # REQUEST_GUILD_MEMBERS
             chunk = {
-                "guild_id": str(self.guild_id),
+                "guild_id": str(data.get("guild_id") or self.guild_id),
                 "members": list(self.members.values()),
                 "chunk_index": 0,
                 "chunk_count": 1,
@@ -429,11 +444,23 @@ class FakeDiscord:
         return sum(1 for s in self._sockets if s.ready and not s.ws.closed)
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send a DISPATCH event to every identified gateway session (waits for one)."""
-        await self.wait_until(lambda: self.connected, timeout=10.0)
-        for session in self._sockets:
-            if session.ready and not session.ws.closed:
-                await session.dispatch(event, data)
+        """Send a DISPATCH event to every identified gateway session of the event's guild's
+        shard (DMs: shard 0; waits for one)."""
+        guild = int(data["guild_id"]) if data.get("guild_id") else None
+
+        def sessions() -> list[_Session]:
+            return [
+                s
+                for s in self._sockets
+                if s.ready
+                and not s.ws.closed
+                and (guild is None or s.serves(guild))
+                and (guild is not None or s.shard[0] == 0)
+            ]
+
+        await self.wait_until(sessions, timeout=10.0)
+        for session in sessions():
+            await session.dispatch(event, data)
 
     def _message(
         self, channel_id: int, author: dict[str, Any], content: str, **extra: Any
@@ -459,7 +486,7 @@ class FakeDiscord:
             "flags": 0,
         }
         if channel["type"] in GUILD_TYPES:
-            message["guild_id"] = str(self.guild_id)
+            message["guild_id"] = channel.get("guild_id") or str(self.guild_id)
         message.update(extra)
         if author is self.bot_user:
             self._record_pings(message)
@@ -510,12 +537,13 @@ class FakeDiscord:
         {"type": 2 or 1, "name": ..., "options": [...]}, a value {"type": 3, "name", "value"}.
         """
         channel = self.channels[channel_id]
-        guild_cmds = self.commands.get(self.guild_id, [])
+        guild_id = int(channel.get("guild_id") or self.guild_id)
+        guild_cmds = self.commands.get(guild_id, [])
         command = next((c for c in guild_cmds if c["name"] == name), None)
         data: dict[str, Any] = {"name": name, "type": 1, "options": list(options or [])}
         data["resolved"] = self._resolved(options or [])
         if command is not None:
-            data["guild_id"] = str(self.guild_id)
+            data["guild_id"] = str(guild_id)
         else:
             command = next((c for c in self.commands.get(None, []) if c["name"] == name), None)
         data["id"] = command["id"] if command else str(self.new_id())
@@ -562,7 +590,7 @@ class FakeDiscord:
         if channel["type"] in GUILD_TYPES:
             member = dict(self.members[int(user["id"])])
             member["permissions"] = str(self.permissions(user))
-            interaction["guild_id"] = str(self.guild_id)
+            interaction["guild_id"] = channel.get("guild_id") or str(self.guild_id)
             interaction["guild_locale"] = "en-US"
             interaction["member"] = member
         else:
@@ -864,6 +892,11 @@ class _Session:
         self.ws = ws
         self.seq = 0
         self.ready = False
+        self.shard: tuple[int, int] = (0, 1)  # (id, count) from IDENTIFY
+
+    def serves(self, guild_id: int) -> bool:
+        """Discord's rule: a guild belongs to shard (guild_id >> 22) % shard count."""
+        return (guild_id >> 22) % self.shard[1] == self.shard[0]
 
     async def send(self, op: int, data: Any) -> None:
         await self.ws.send_str(json.dumps({"op": op, "d": data, "s": None, "t": None}))
