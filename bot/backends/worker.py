@@ -288,14 +288,45 @@ class InferenceWorker:
             return
         if job.cancelled:
             job.stream.cancel()
-        async for piece in job.stream:
-            if job.lost:
-                return
-            await self._write(job, protocol.event("p", job.attempt, x=piece))
+        await self._relay(job)
         if not job.lost:
             result = await job.stream.wait()
             self._finished.append((time.monotonic(), result.completion_tokens))
             await self._finish(job, result)
+
+    async def _relay(self, job: Job) -> None:
+        """Write the engine's pieces to the reply stream; pieces that arrive while a write is
+        under way go out together in the next one (one Redis round trip, not one per token)."""
+        assert job.stream is not None
+        pending: list[str] = []
+        arrived = asyncio.Event()
+        ended = False
+
+        async def pull() -> None:
+            nonlocal ended
+            try:
+                async for piece in job.stream:
+                    pending.append(piece)
+                    arrived.set()
+            finally:
+                ended = True
+                arrived.set()
+
+        puller = asyncio.create_task(pull())
+        try:
+            while not (ended and not pending):
+                await arrived.wait()
+                arrived.clear()
+                if pending and not job.lost:
+                    text = "".join(pending)
+                    pending.clear()
+                    await self._write(job, protocol.event("p", job.attempt, x=text))
+                elif job.lost:
+                    return
+        finally:
+            puller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await puller
 
     async def _engine_for(self, ref: str) -> Engine:
         """The engine, running `ref` for new requests (loaded here if it is another version)."""
