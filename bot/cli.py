@@ -60,7 +60,7 @@ def run_main(args: argparse.Namespace) -> int:
     if settings.discord_token is None or not settings.discord_token.get_secret_value():
         print(NO_TOKEN_HELP, file=sys.stderr)
         return 2
-    from bot.engine import ModelLoadError
+    from bot.engine import EngineError, ModelLoadError
     from bot.engine.loader import resolve_version
 
     try:  # no usable model version: say so before connecting to Discord
@@ -73,7 +73,7 @@ def run_main(args: argparse.Namespace) -> int:
     configure_logging(level, settings.log_format, secrets=[token])
     try:
         asyncio.run(serve(settings, token, model))
-    except (ConfigError, ModelLoadError, DatabaseError) as exc:
+    except (ConfigError, EngineError, DatabaseError) as exc:  # EngineError: also Redis down
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except discord.LoginFailure:

@@ -31,13 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
+import yarl
 from discord import app_commands
 from discord.ext import commands
+from discord.gateway import DiscordWebSocket
 
 from bot.config import BotConfig, ConfigError
 
 if TYPE_CHECKING:
-    from bot.engine import Engine
+    from bot.backends import GenerationBackend
     from bot.service import ChatService
     from bot.storage.db import Database
 
@@ -76,18 +78,21 @@ class ChatBot(commands.AutoShardedBot):
 
     settings: BotConfig
     db: Database
-    engine: Engine
+    backend: GenerationBackend  # the in-process engine, or Redis workers when REDIS_URL is set
     chat: ChatService
 
     def __init__(self, settings: BotConfig, *, model: str | Path | None = None) -> None:
         intents = discord.Intents.none()
         intents.guilds = intents.messages = intents.message_content = intents.dm_messages = True
         intents.guild_messages = True
+        shards = settings.shards()  # SHARD_IDS of SHARD_COUNT; None: as Discord advises
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
+            shard_count=shards[1] if shards else None,
+            shard_ids=shards[0] if shards else None,
         )
         self.settings = settings
         self.model = model
@@ -120,21 +125,41 @@ class ChatBot(commands.AutoShardedBot):
         at once, as one line, without a gateway session."""
         if getattr(self, "chat", None) is not None:
             return
-        from bot.engine import Engine
         from bot.service import ChatService
         from bot.storage.db import Database
 
         s = self.settings
-        self.db = await Database.open(s.database_url)
-        self.engine = await Engine.start(self.model or s.model, **s.engine_options())
-        self.chat = ChatService(self.db, self.engine, s)
+        self.db = await Database.open(s.database_url, shards=s.shards())
+        try:
+            self.backend = await self._start_backend()
+        except BaseException:
+            await self.db.close()
+            raise
+        self.chat = ChatService(self.db, self.backend, s)
+
+    async def _start_backend(self) -> GenerationBackend:
+        """Redis workers when REDIS_URL is set (no engine in this process), else the engine."""
+        s = self.settings
+        if s.redis_url:
+            from bot.backends.redis_backend import RedisBackend
+
+            return await RedisBackend.connect(
+                s.redis_url,
+                self.model or s.model,
+                registry=s.model_registry,
+                prefix=s.redis_prefix,
+                max_queue=s.engine_max_queue,
+            )
+        from bot.backends import LocalBackend
+
+        return await LocalBackend.start(self.model or s.model, **s.engine_options())
 
     async def setup_hook(self) -> None:
         await self.prepare()
         for name in COGS:
             await self.load_extension(name)
         await self.sync_commands()
-        log.info("ready to chat with %s", self.engine.model.ref)
+        log.info("ready to chat with %s", self.backend.model.ref)
 
     async def sync_commands(self) -> None:
         """To COMMAND_GUILD_IDS (instant, for development) if set, else globally."""
@@ -193,9 +218,9 @@ class ChatBot(commands.AutoShardedBot):
             log.info("waiting for %d reply(ies) to finish", self.active_replies)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_grace_s)
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            await engine.close()  # unfinished streams end as cancelled; replies store them
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            await backend.close()  # unfinished streams end as cancelled; replies store them
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 5)
         if self._logged_in:
@@ -232,4 +257,8 @@ async def create_bot(settings: BotConfig, *, model: str | Path | None = None) ->
     """A ChatBot pointed at settings.discord_api_base (the gateway follows in login) that runs
     `model` (a resolved version folder; None: settings.model, resolved by the engine's loader)."""
     discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+    if settings.shard_count and settings.discord_gateway_url:
+        # With an explicit SHARD_COUNT discord.py does not ask GET /gateway/bot; it connects to
+        # this class attribute, process-wide like Route.BASE.
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
     return ChatBot(settings, model=model)

@@ -253,7 +253,7 @@ class Console:
         threading.Thread(target=read, name="console-input", daemon=True).start()
         if interactive:
             self.say(
-                f"Chatting with {self.service.engine.model.ref}; /help for commands, "
+                f"Chatting with {self.service.backend.model.ref}; /help for commands, "
                 "/quit to leave."
             )
             if self.history:
@@ -275,6 +275,7 @@ class Console:
 
 
 async def chat(settings: BotConfig, model: Path, channel_id: int) -> None:
+    from bot.backends import LocalBackend
     from bot.engine import Engine
     from bot.service import ChatService
     from bot.storage.db import Database
@@ -283,7 +284,7 @@ async def chat(settings: BotConfig, model: Path, channel_id: int) -> None:
     engine = None
     try:
         engine = await Engine.start(model, **settings.engine_options())
-        service = ChatService(db, engine, settings)
+        service = ChatService(db, LocalBackend(engine), settings)
         console = Console(
             service,
             sys.stdout,

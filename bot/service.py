@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from bot.access import AccessService
+from bot.backends.base import RestartPiece
 from bot.engine import EngineClosedError, PromptTooLongError, QueueFullError
 from bot.errors import (
     BusyError,
@@ -45,8 +46,9 @@ from bot.storage.models import Message, PendingMessage, Role, Status
 from bot.turns import IncomingMessage, Prompt, Speaker, Turn
 
 if TYPE_CHECKING:
+    from bot.backends import GenerationBackend
     from bot.config import BotConfig
-    from bot.engine import Engine, GenerationResult, LoadedModel
+    from bot.engine import GenerationResult, LoadedModel
     from bot.storage.db import Database
 
 log = logging.getLogger(__name__)
@@ -210,8 +212,8 @@ class Reply:
             raise RuntimeError("iterate a Reply inside `async with`")
         stream = self._started.stream
         try:
-            async for piece in stream:
-                self.text += piece
+            async for piece in stream:  # a RestartPiece: another worker starts the reply over
+                self.text = str(piece) if isinstance(piece, RestartPiece) else self.text + piece
                 yield piece
                 if time.monotonic() - self._last_flush >= PARTIAL_FLUSH_S:
                     await self._flush_partial()
@@ -229,7 +231,8 @@ class Reply:
         reason = self.result.finish_reason if self.result is not None else None
         if reason == "error":
             self._failed = True
-            raise GenerationFailedError("the engine ended the reply with an error")
+            detail = self.result.error or "the engine ended the reply with an error"
+            raise GenerationFailedError(detail)
         if reason in ReplyCutError.NOTES:
             raise ReplyCutError(reason)
 
@@ -308,9 +311,9 @@ class ChatService:
     `ask` uses the channel's sampling settings but neither its persona nor its history.
     """
 
-    def __init__(self, db: Database, engine: Engine, settings: BotConfig) -> None:
+    def __init__(self, db: Database, backend: GenerationBackend, settings: BotConfig) -> None:
         self.db = db
-        self.engine = engine
+        self.backend = backend  # the in-process engine, or Redis workers (bot.backends)
         self.settings = settings
         self._queues = _ChannelQueues()
         # channel -> first stored message of its last prompt (where the next prompt starts too)
@@ -355,7 +358,7 @@ class ChatService:
             queues=self._queues,
             accept=accept if pending_id is None else None,
             decline=decline,
-            closed=lambda: bool(getattr(self.engine, "closed", False)),
+            closed=lambda: bool(getattr(self.backend, "closed", False)),
             live=self._live,
         )
 
@@ -385,7 +388,7 @@ class ChatService:
 
     def ask(self, prompt: str, *, channel_id: int, author: Speaker) -> Reply:
         async def start() -> _Started:
-            model = self.engine.model  # one version for the whole request, even during a swap
+            model = self.backend.model  # one version for the whole request, even during a swap
             async with self.db.session() as s:
                 overrides = await repo.settings_overrides(s, channel_id)
             settings = generation_settings(model, overrides)
@@ -393,7 +396,7 @@ class ChatService:
             built = await asyncio.to_thread(
                 self._build, model, turns, system=default_system(model), settings=settings
             )
-            stream = self._submit(built, settings)
+            stream = await self._submit(built, settings)
             return _Started(stream, None, built)
 
         return Reply(self.db, start, channel_id=channel_id, queues=None)
@@ -401,7 +404,7 @@ class ChatService:
     async def _start_unstored(self, msg: IncomingMessage) -> _Started:
         """A reply to an opted-out user: the channel's persona and settings, the live message
         alone as the conversation, nothing stored."""
-        model = self.engine.model
+        model = self.backend.model
         async with self.db.session() as s:
             channel = await repo.get_channel(s, msg.channel_id)
             overrides = await repo.settings_overrides(s, msg.channel_id)
@@ -409,12 +412,12 @@ class ChatService:
         turns = [Turn(Role.USER, msg.content, msg.author.id, msg.author.name)]
         system = (channel.persona if channel else None) or default_system(model)
         built = await asyncio.to_thread(self._build, model, turns, system=system, settings=settings)
-        return _Started(self._submit(built, settings), None, built)
+        return _Started(await self._submit(built, settings), None, built)
 
     async def _start_reply(
         self, msg: IncomingMessage, bot: Speaker, pending_id: int | None
     ) -> _Started:
-        model = self.engine.model  # one version for the whole request, even during a swap
+        model = self.backend.model  # one version for the whole request, even during a swap
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, msg.channel_id, msg.guild_id)
             if pending_id is not None:
@@ -446,7 +449,7 @@ class ChatService:
             self._build, model, turns, system=system, settings=settings, keep=keep
         )
         self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
-        stream = self._submit(built, settings)
+        stream = await self._submit(built, settings)
         history_cut = bool(built.turns_dropped) and not noted
         try:
             async with self.db.session() as s, s.begin():
@@ -488,14 +491,14 @@ class ChatService:
             start,
             channel_id=channel_id,
             queues=self._queues,
-            closed=lambda: bool(getattr(self.engine, "closed", False)),
+            closed=lambda: bool(getattr(self.backend, "closed", False)),
             live=self._live,
         )
 
     async def _restart_reply(
         self, row_id: int, channel_id: int, bot: Speaker, *, extend: bool
     ) -> _Started:
-        model = self.engine.model
+        model = self.backend.model
         async with self.db.session() as s, s.begin():
             row = await repo.get_message(s, row_id)
             if row is None or row.role != Role.ASSISTANT or row.forgotten:
@@ -535,7 +538,7 @@ class ChatService:
                 keep=keep,
                 extend=extend,
             )
-            stream = self._submit(built, settings)
+            stream = await self._submit(built, settings)
         except BaseException:
             async with self.db.session() as s, s.begin():
                 await repo.update_message(s, row_id, status=status)  # left as it was
@@ -588,9 +591,9 @@ class ChatService:
             log.exception("cannot build a prompt for %s", model.ref)
             raise GenerationFailedError(str(exc)) from exc
 
-    def _submit(self, prompt: Prompt, settings: ChannelSettings) -> Any:
+    async def _submit(self, prompt: Prompt, settings: ChannelSettings) -> Any:
         try:
-            return self.engine.submit(
+            return await self.backend.submit(
                 prompt.ids,
                 sampling_params(settings, prompt.stop),
                 timeout_s=self.settings.request_timeout_s,
@@ -609,14 +612,14 @@ class ChatService:
     async def get_settings(self, channel_id: int, guild_id: int | None = None) -> ChannelSettings:
         async with self.db.session() as s:
             server, own = await repo.settings_layers(s, channel_id, guild_id)
-        return effective_settings(self.engine.model.manifest.generation, own, server)
+        return effective_settings(self.backend.model.manifest.generation, own, server)
 
     async def get_server_settings(self, guild_id: int) -> ChannelSettings:
         """A server's defaults for its channels (marked as set here) over the model's."""
         async with self.db.session() as s:
             row = await repo.guild_settings(s, guild_id)
         values = {key: getattr(row, key) if row else None for key in SETTINGS}
-        return effective_settings(self.engine.model.manifest.generation, values)
+        return effective_settings(self.backend.model.manifest.generation, values)
 
     async def update_server_settings(
         self, guild_id: int, actor_id: int, **changes: Any
@@ -669,7 +672,7 @@ class ChatService:
             raise SettingsError(
                 f"the persona is too long ({len(text)} characters; at most {PERSONA_MAX_CHARS})"
             )
-        model = self.engine.model
+        model = self.backend.model
         async with self.db.session() as s, s.begin():
             overrides = await repo.settings_overrides(s, channel_id)
             settings = generation_settings(model, overrides)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bot.backends import LocalBackend
 from bot.config import load_settings
 from bot.engine import Engine
 from bot.service import ChatService
@@ -37,7 +38,7 @@ async def main(args: argparse.Namespace) -> None:
         db = await Database.open(f"sqlite+aiosqlite:///{tmp}/turns.db")
         engine = await Engine.start(args.model or settings.model, **settings.engine_options())
         try:
-            service = ChatService(db, engine, settings)
+            service = ChatService(db, LocalBackend(engine), settings)
             user, bot = Speaker(1, "alice"), Speaker(2, "bot", is_bot=True)
             for turn, text in enumerate(TURNS, 1):
                 async with service.reply(IncomingMessage(10, 20, user, text), bot=bot) as reply:

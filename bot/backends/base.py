@@ -75,6 +75,11 @@ class GenerationBackend(Protocol):
     @property
     def model(self) -> LoadedModel: ...
 
+    @property
+    def closed(self) -> bool:
+        """True once close() began (new requests are refused with EngineClosedError)."""
+        ...
+
     async def refresh(self) -> LoadedModel:
         """`model` as it is now (another process may have pinned another version)."""
         ...

@@ -25,6 +25,11 @@ class LocalBackend:
     def model(self) -> LoadedModel:
         return self.engine.model
 
+    @property
+    def closed(self) -> bool:
+        """True once close() began: new requests are refused (EngineClosedError)."""
+        return self.engine.closed
+
     async def refresh(self) -> LoadedModel:
         return self.engine.model
 

@@ -24,6 +24,7 @@ from bot.backends import protocol
 from bot.backends.base import BackendStats, RestartPiece, WorkerInfo
 from bot.backends.protocol import GROUP, GenerationRequest, Keys
 from bot.engine import (
+    EngineClosedError,
     EngineError,
     GenerationResult,
     LoadedModel,
@@ -205,6 +206,7 @@ class RedisBackend:
         self._tasks: set[asyncio.Task] = set()
         self._model_lock = asyncio.Lock()
         self._followed = time.monotonic()
+        self._closed = False
 
     @classmethod
     async def connect(
@@ -238,9 +240,14 @@ class RedisBackend:
     def model(self) -> LoadedModel:
         return self._model
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def refresh(self) -> LoadedModel:
         """The version new requests are pinned to now, loaded here if another shard changed it."""
         self._followed = time.monotonic()
+        self._closed = False
         pinned = await self.client.get(self.keys.model)
         if pinned is None:  # a Redis that restarted empty: pin what this process runs
             await self.client.set(self.keys.model, self._model.ref, nx=True)
@@ -258,6 +265,8 @@ class RedisBackend:
         params: SamplingParams | None = None,
         timeout_s: float | None = None,
     ) -> RedisStream:
+        if self._closed:
+            raise EngineClosedError("the bot is shutting down")
         params = params or SamplingParams()
         model = self._model
         prompt = [int(t) for t in prompt_ids]
@@ -399,6 +408,7 @@ class RedisBackend:
         )
 
     async def close(self) -> None:
+        self._closed = True
         for stream in list(self._streams):
             stream.cancel()
         await self.settle()

@@ -79,13 +79,13 @@ class Admin(commands.Cog):
         self._export_lock = asyncio.Lock()
 
     async def _activate(self, ref: str, actor_id: int, action: str) -> str:
-        """Swap the engine to a registry version (NAME or NAME@N, its files checked against the
+        """Swap the backend to a registry version (NAME or NAME@N, its files checked against the
         manifest first; in-flight replies finish on the old one), then record it as the
         registry's active version and in the audit log, which says what really happened."""
-        before = self.bot.engine.model.ref
+        before = self.bot.backend.model.ref
         try:
             info = await asyncio.to_thread(self.registry.checked, ref)
-            await self.bot.engine.swap(info.path)
+            await self.bot.backend.swap(info.path)  # with Redis: every shard and worker follows
         except Exception as exc:
             await self.bot.chat.audit(actor_id, action, f"refused {ref!r}: {exc}; kept {before}")
             raise
@@ -96,12 +96,19 @@ class Admin(commands.Cog):
     # -- /model --
     @model_group.command(name="info", description="The model version the bot runs")
     async def model_info(self, interaction: discord.Interaction) -> None:
-        engine = self.bot.engine
-        m = engine.model.manifest
-        session = engine.session_info
-        provider = session.provider + (f" ({session.threads} threads)" if session.threads else "")
-        if session.fallback_reason:
-            provider += f"; CUDA unavailable: {session.fallback_reason}"
+        backend = self.bot.backend
+        m = backend.model.manifest
+        engine = getattr(backend, "engine", None)  # None: generation by Redis workers
+        if engine is not None:
+            session = engine.session_info
+            provider = session.provider + (
+                f" ({session.threads} threads)" if session.threads else ""
+            )
+            if session.fallback_reason:
+                provider += f"; CUDA unavailable: {session.fallback_reason}"
+        else:
+            stats = await backend.stats()
+            provider = f"{len(stats.workers)} worker(s) through Redis ({stats.provider})"
         speed = self.bot.recent_speed()
         lines = [
             f"model: {m.name}@{m.version}",
@@ -119,7 +126,7 @@ class Admin(commands.Cog):
     @admin_only()
     async def model_list(self, interaction: discord.Interaction) -> None:
         versions = await asyncio.to_thread(self.registry.versions)
-        running = self.bot.engine.model.ref
+        running = self.bot.backend.model.ref
         if not versions:
             text = f"The registry {self.registry.root} has no versions."
         else:
@@ -155,7 +162,7 @@ class Admin(commands.Cog):
     @model_group.command(name="rollback", description="Back to the previously active version")
     @admin_only()
     async def model_rollback(self, interaction: discord.Interaction) -> None:
-        current = self.bot.engine.model.manifest.name
+        current = self.bot.backend.model.manifest.name
         await interaction.response.defer(thinking=True)
         previous = await asyncio.to_thread(self.registry.active)
         target = await asyncio.to_thread(self.registry.rollback, current)
@@ -272,7 +279,7 @@ class Admin(commands.Cog):
     @admin_only()
     async def stats(self, interaction: discord.Interaction) -> None:
         bot = self.bot
-        engine = bot.engine.stats()
+        engine = await bot.backend.stats()
         lines = [
             f"model: {engine.model} on {engine.provider}",
             f"uptime: {format_duration(time.monotonic() - bot.started_at)}",
@@ -280,6 +287,13 @@ class Admin(commands.Cog):
             f"streams: {engine.active} of {engine.slots} slots busy",
             f"replies in progress: {bot.active_replies}",
         ]
+        if bot.settings.redis_url:  # the workers behind Redis, as their heartbeats say
+            lines.append(f"workers: {len(engine.workers) or 'none alive'}")
+            lines += [
+                f"  {w.id}: {w.model} on {w.provider}, {w.busy} of {w.slots} slots busy, "
+                f"{w.tokens_per_s:.1f} tokens/s"
+                for w in engine.workers
+            ]
         speed = bot.recent_speed()
         lines.append(f"recent speed: {speed:.1f} tokens/s" if speed else "recent speed: n/a")
         lines.append(f"servers: {len(bot.guilds)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from bot.turns import IncomingMessage, Speaker
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
+    from bot.redis_limits import RedisChatLimits
     from bot.storage.models import PendingMessage
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,20 @@ async def typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
         await indicator.__aexit__(None, None, None)
 
 
+def chat_limits(bot: ChatBot) -> ChatLimits | RedisChatLimits:
+    """Per-user and per-channel rate limits: in Redis when REDIS_URL is set (then they hold
+    across shard processes, and `check` is a coroutine), else in this process."""
+    s = bot.settings
+    if s.redis_url:
+        from bot.redis_limits import RedisChatLimits
+
+        client = bot.backend.client  # type: ignore[attr-defined]  # RedisBackend's
+        return RedisChatLimits.per_minute(
+            client, s.user_rate_per_min, s.channel_rate_per_min, s.redis_prefix
+        )
+    return ChatLimits.per_minute(s.user_rate_per_min, s.channel_rate_per_min)
+
+
 class Chat(commands.Cog):
     """Turns Discord messages into `ChatService.reply` calls and streams the answers back."""
 
@@ -74,8 +90,7 @@ class Chat(commands.Cog):
         self._recovered = False
         self._recovering: set[asyncio.Task[None]] = set()
         self._left: list[PendingMessage] = []  # the inbox as the last run left it
-        s = bot.settings
-        self.limits = ChatLimits.per_minute(s.user_rate_per_min, s.channel_rate_per_min)
+        self.limits = chat_limits(bot)
 
     async def cog_load(self) -> None:
         """Before the gateway connects: what an earlier run accepted and never answered (read
@@ -170,6 +185,8 @@ class Chat(commands.Cog):
             await note(message, EMPTY_PROMPT)
             return
         refused = self.limits.check(message.author.id, message.channel.id)
+        if inspect.isawaitable(refused):
+            refused = await refused
         if refused:
             await note(message, refused)
             return
@@ -299,6 +316,8 @@ class Chat(commands.Cog):
         left, self._left = self._left, []
         for pending in left:
             channel = await self._channel(pending.channel_id)
+            if not self._serves(channel):
+                continue  # another shard process's message: that process answers it
             message = None
             if channel is not None and pending.discord_message_id is not None:
                 with contextlib.suppress(discord.HTTPException):
@@ -316,6 +335,16 @@ class Chat(commands.Cog):
     async def _answer_recovered(self, message: discord.Message, content: str, pending: int) -> None:
         with self.bot.in_flight():
             await self.answer(message, content, pending_id=pending)
+
+    def _serves(self, channel: Any) -> bool:
+        """Whether this process runs the shard of `channel`'s guild (DMs: shard 0); always true
+        without SHARD_COUNT. An unknown channel (None) is declined by this process as before."""
+        shards = self.bot.settings.shards()
+        if shards is None or channel is None:
+            return True
+        guild = getattr(channel, "guild", None)
+        shard = (guild.id >> 22) % shards[1] if guild is not None else 0
+        return shard in shards[0]
 
     async def _channel(self, channel_id: int) -> discord.abc.Messageable | None:
         channel = self.bot.get_channel(channel_id)

@@ -159,7 +159,7 @@ class FakeEngine:
         self.active = 0
         self.max_active = 0
 
-    def submit(
+    async def submit(
         self, prompt_ids: list[int], params: SamplingParams, timeout_s: float | None = None
     ) -> FakeStream:
         if self.active >= self.max_queue:

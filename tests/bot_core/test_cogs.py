@@ -225,7 +225,7 @@ class FakeBot:
         self.chat = service
         self.user = SimpleNamespace(id=42, display_name="bot")
         self.settings = SimpleNamespace(
-            user_rate_per_min=5, channel_rate_per_min=5, edit_interval_s=0
+            user_rate_per_min=5, channel_rate_per_min=5, edit_interval_s=0, redis_url=""
         )
         self.speeds: list[float] = []
 
@@ -311,7 +311,11 @@ async def test_chat_cog_loads_with_zero_rate_limits_and_never_refuses() -> None:
     service = FakeService(["ok"])
     bot = FakeBot(service)
     bot.settings = SimpleNamespace(
-        user_rate_per_min=0, channel_rate_per_min=0, edit_interval_s=0, reply_in_dms=True
+        user_rate_per_min=0,
+        channel_rate_per_min=0,
+        edit_interval_s=0,
+        reply_in_dms=True,
+        redis_url="",
     )
     bot.accepting = True  # type: ignore[attr-defined]
     bot.in_flight = contextlib.nullcontext  # type: ignore[attr-defined]

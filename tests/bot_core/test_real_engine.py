@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from bot.backends import LocalBackend
 from bot.engine import Engine
 from bot.service import ChatService
 from bot.storage import repo
@@ -31,7 +32,7 @@ async def engine(tiny_registry):
 
 @pytest.fixture
 def service(db: Database, engine: Engine, settings) -> ChatService:
-    return ChatService(db, engine, settings)
+    return ChatService(db, LocalBackend(engine), settings)
 
 
 async def converse(service: ChatService, channel: int, text: str, author: Speaker):

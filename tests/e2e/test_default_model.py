@@ -40,8 +40,8 @@ async def test_default_model_knows_the_capital_of_france(
     default_registry,
 ) -> None:
     bot = await start_bot(model_registry=default_registry.root, engine_slots=1)
-    assert bot.engine.model.ref == "smollm2@1"
-    assert bot.engine.model.max_context == MAX_CONTEXT
+    assert bot.backend.model.ref == "smollm2@1"
+    assert bot.backend.model.max_context == MAX_CONTEXT
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[0]
 

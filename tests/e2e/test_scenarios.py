@@ -126,13 +126,13 @@ async def test_non_admin_is_refused_model_use(fake: FakeDiscord, start_bot: Star
     bot = await start_bot()
     mallory = fake.add_user("mallory")
     channel = fake.text_channel_ids[4]
-    running = bot.engine.model.ref
+    running = bot.backend.model.ref
     sub = {"type": 1, "name": "use", "options": [option("version", "tiny@1", 3)]}
     _, callback = await command(fake, channel, mallory, "model", [sub])
     assert callback.json["type"] == 4
     assert "administrators only" in callback.json["data"]["content"]
     assert callback.json["data"]["flags"] & 64  # ephemeral
-    assert bot.engine.model.ref == running
+    assert bot.backend.model.ref == running
 
 
 async def test_admin_model_use_takes_registry_names_only(
@@ -143,14 +143,14 @@ async def test_admin_model_use_takes_registry_names_only(
     bot = await start_bot()
     admin = fake.add_user("admin", admin=True)
     channel = fake.text_channel_ids[5]
-    running = bot.engine.model.ref
+    running = bot.backend.model.ref
     look_alike = tmp_path / "outside" / "v9"
     shutil.copytree(tiny_registry.active().path, look_alike)
     for ref in (str(look_alike), "../tiny/v1"):
         sub = {"type": 1, "name": "use", "options": [option("version", ref, 3)]}
         _, callback = await command(fake, channel, admin, "model", [sub])
         assert "give NAME or NAME@N" in callback.json["data"]["content"]
-        assert bot.engine.model.ref == running
+        assert bot.backend.model.ref == running
     async with bot.db.session() as s:
         assert (
             await s.scalars(select(AuditEntry))
@@ -265,7 +265,7 @@ async def test_admin_switches_version_while_a_reply_streams(
     fake: FakeDiscord, start_bot: Start, two_versions: Path
 ) -> None:
     bot = await start_bot(model_registry=two_versions, edit_interval_s=0.05)
-    first = bot.engine.model.ref
+    first = bot.backend.model.ref
     name = first.split("@")[0]
     alice, admin = fake.add_user("alice"), fake.add_user("admin", admin=True)
     channel = fake.text_channel_ids[6]
@@ -281,7 +281,7 @@ async def test_admin_switches_version_while_a_reply_streams(
     hook = f"/webhooks/{fake.app_id}/{interaction['token']}/messages/@original"
     done = await fake.wait_for(lambda r: r.method == "PATCH" and r.path == hook, 60)
     assert f"{name}@2" in done.json["content"]
-    assert bot.engine.model.ref == f"{name}@2"
+    assert bot.backend.model.ref == f"{name}@2"
 
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
     n_before = len(fake.find("POST", f"/channels/{channel}/messages"))
@@ -323,7 +323,7 @@ async def test_stats_shows_queue_depth_and_streams(fake: FakeDiscord, start_bot:
     channel = fake.text_channel_ids[8]
     _, callback = await command(fake, channel, admin, "stats")
     lines = callback.json["data"]["content"].strip("`\n").splitlines()
-    assert f"model: {bot.engine.model.ref} on cpu" in lines
+    assert f"model: {bot.backend.model.ref} on cpu" in lines
     assert "queue: 0 waiting" in lines
     assert "streams: 0 of 4 slots busy" in lines  # engine_slots=4, nothing running
     assert callback.json["data"]["flags"] & 64  # ephemeral
