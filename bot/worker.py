@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
 import sys
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from bot.config import BotConfig
@@ -34,13 +34,13 @@ async def serve(settings: BotConfig, worker_id: str, worker_cls: type | None = N
     """Run a worker until SIGTERM/SIGINT (`worker_cls`: an InferenceWorker subclass, for tests)."""
     from redis.exceptions import RedisError
 
-    from bot import console
     from bot.backends.protocol import Keys
     from bot.backends.redis_backend import connect
     from bot.backends.worker import InferenceWorker
     from bot.engine import Engine
+    from bot.engine.loader import resolve_version
 
-    ref = console.resolve_model(settings)
+    ref = resolve_version(settings.model, settings.model_registry)  # ModelLoadError: one line
     client = connect(settings.redis_url)
     engine = None
     try:
@@ -74,12 +74,12 @@ async def serve(settings: BotConfig, worker_id: str, worker_cls: type | None = N
 def main(args: argparse.Namespace) -> int:
     from bot.config import ConfigError, get_settings
     from bot.engine import EngineError
+    from bot.logs import configure_logging
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = get_settings()
+        password = urlsplit(settings.redis_url).password  # never logged
+        configure_logging(settings.log_level, settings.log_format, secrets=[password or ""])
         if not settings.redis_url:
             raise ConfigError("REDIS_URL is not set; a worker serves requests from Redis")
         asyncio.run(serve(settings, args.id or settings.worker_id or default_worker_id()))

@@ -41,6 +41,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class SafeText(TypeDecorator[str]):
+    """Text that PostgreSQL accepts whatever a model generated: NUL characters (which its text
+    type refuses, and random or small models do emit) are stored as U+FFFD."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return value.replace("\x00", "\ufffd") if value is not None else None
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite stores them without the offset)."""
 
@@ -103,7 +114,7 @@ class Channel(Base):
     thread_replies: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # the conversation was told once that its oldest turns no longer fit (reset by /forget)
     history_cut_noted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    persona: Mapped[str | None] = mapped_column(Text)
+    persona: Mapped[str | None] = mapped_column(SafeText)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     settings: Mapped[ChannelSettingsRow | None] = relationship(
@@ -131,7 +142,7 @@ class Message(Base):
     author_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     author_name: Mapped[str] = mapped_column(String(100), default="")
     role: Mapped[Role] = mapped_column(EnumString(Role), nullable=False)
-    content: Mapped[str] = mapped_column(Text, default="")
+    content: Mapped[str] = mapped_column(SafeText, default="")
     token_count: Mapped[int | None] = mapped_column(Integer)  # of content (reply: generated)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)  # reply only: the prompt it saw
     model_version: Mapped[str | None] = mapped_column(String(200))  # NAME@N
@@ -160,7 +171,7 @@ class PendingMessage(Base):
     discord_message_id: Mapped[int | None] = mapped_column(BigInteger)
     author_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     author_name: Mapped[str] = mapped_column(String(100), default="")
-    content: Mapped[str] = mapped_column(Text, default="")
+    content: Mapped[str] = mapped_column(SafeText, default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -253,5 +264,5 @@ class AuditEntry(Base):
     id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
     actor_id: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
     action: Mapped[str] = mapped_column(String(64), nullable=False)
-    detail: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[str] = mapped_column(SafeText, default="")
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -84,3 +84,16 @@ def test_shard_settings(monkeypatch):
         monkeypatch.setenv("SHARD_IDS", ids)
         with pytest.raises(ConfigError, match=message):
             load_settings()
+
+
+async def test_nul_characters_from_a_model_are_stored_on_both_databases(url: str):
+    db = await Database.open(url)
+    try:
+        async with db.session() as s, s.begin():
+            await repo.ensure_channel(s, 1, None)
+            row = await repo.add_message(s, channel_id=1, role="assistant", content="a\x00b")
+            await repo.update_message(s, row.id, content="c\x00d")
+        async with db.session() as s:
+            assert (await s.scalars(select(Message.content))).all() == ["c\ufffdd"]
+    finally:
+        await db.close()
