@@ -54,18 +54,20 @@ async def note(message: discord.Message, text: str) -> None:
 
 @contextlib.asynccontextmanager
 async def typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
-    """Show typing while the body runs; a channel that refuses it does not stop the reply."""
+    """Show typing while the body runs; a channel that refuses it does not stop the reply.
+    Entering does not wait for Discord (the request runs beside the body), so a reply takes
+    its place in the channel's line in the order the messages arrived."""
     indicator = channel.typing()
-    try:
-        await indicator.__aenter__()
-    except discord.HTTPException as exc:
-        log.info("no typing indicator in this channel: %s", exc)
-        yield
-        return
+    started = asyncio.ensure_future(indicator.__aenter__())
     try:
         yield
     finally:
-        await indicator.__aexit__(None, None, None)
+        try:
+            await started
+        except discord.HTTPException as exc:
+            log.info("no typing indicator in this channel: %s", exc)
+        else:
+            await indicator.__aexit__(None, None, None)
 
 
 def chat_limits(bot: ChatBot) -> ChatLimits | RedisChatLimits:
@@ -91,6 +93,7 @@ class Chat(commands.Cog):
         self._recovering: set[asyncio.Task[None]] = set()
         self._left: list[PendingMessage] = []  # the inbox as the last run left it
         self.limits = chat_limits(bot)
+        self._checking = asyncio.Lock()
 
     async def cog_load(self) -> None:
         """Before the gateway connects: what an earlier run accepted and never answered (read
@@ -185,8 +188,9 @@ class Chat(commands.Cog):
             await note(message, EMPTY_PROMPT)
             return
         refused = self.limits.check(message.author.id, message.channel.id)
-        if inspect.isawaitable(refused):
-            refused = await refused
+        if inspect.isawaitable(refused):  # Redis: one check at a time, so that messages keep
+            async with self._checking:  # their arrival order (asyncio.Lock is first come,
+                refused = await refused  # first served) on their way to the channel's line
         if refused:
             await note(message, refused)
             return
