@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from bot.config import BotConfig
 from bot.service import ChatService
-from bot.storage import repo
 from bot.storage.copy import copy_database
 from bot.storage.db import Database, DatabaseError
 from bot.storage.migrate import run_command
@@ -64,13 +63,12 @@ async def test_a_sqlite_history_moves_to_postgresql_whole(pg: Database, tmp_path
         async with service.reply(msg, bot=BOT) as reply:
             [_ async for _ in reply]
             reply.message_ids.append(BIG + 10 + i)
-    async with sqlite.session() as s, s.begin():
-        await repo.set_channel_fields(s, BIG, persona="terse")
+    await service.set_persona(BIG, "terse", BIG + 1)
     await service.update_settings(BIG, BIG + 1, temperature=0.5)
     try:
         copied = await copy_database(sqlite, pg)
         assert copied["messages"] == 4 and copied["channels"] == 2
-        assert copied["channel_settings"] == 1 and copied["audit_log"] == 1
+        assert copied["channel_settings"] == 1 and copied["audit_log"] == 2
         assert await _history(pg) == await _history(sqlite)
         moved = ChatService(pg, FakeEngine(), settings)
         assert await moved.get_persona(BIG) == "terse"
