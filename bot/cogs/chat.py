@@ -210,7 +210,7 @@ class Chat(commands.Cog):
         """The message's text with its readable text files appended (each cut to its share of
         half the prompt budget); and the notes about files skipped or cut."""
         bot = self.bot
-        model = bot.engine.model
+        model = bot.backend.model
         settings = await bot.chat.get_settings(message.channel.id)
         budget = max(0, (model.max_context - settings.max_new_tokens) // 2)
         budget -= len(model.encode_text(content)) if content else 0

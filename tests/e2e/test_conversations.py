@@ -300,7 +300,7 @@ async def test_a_long_attachment_is_cut_to_the_budget_with_a_note(
     )
     await reply_done(fake, bot, channel)
     rows = await stored(bot, channel)
-    model = bot.engine.model
+    model = bot.backend.model
     assert "line 0: some words" in rows[0].content and "line 1999" not in rows[0].content
     assert len(model.encode_text(rows[0].content)) <= model.max_context - 8
     shown = fake.messages[rows[1].discord_message_ids[-1]]["content"]
@@ -316,7 +316,7 @@ async def test_history_cut_is_said_once_per_conversation(
     bot = await start_bot()
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[10]
-    model = bot.engine.model
+    model = bot.backend.model
     await bot.chat.update_settings(channel, 1, max_tokens=96)
     budget = model.max_context - 96
     words = "word"
