@@ -84,6 +84,40 @@ def chat_limits(bot: ChatBot) -> ChatLimits | RedisChatLimits:
     return ChatLimits.per_minute(s.user_rate_per_min, s.channel_rate_per_min)
 
 
+class _Turn:
+    """One message's place in its channel's arrival order (see _Arrivals)."""
+
+    def __init__(self, arrivals: _Arrivals, channel_id: int, before: asyncio.Future | None):
+        self._arrivals, self._channel_id, self._before = arrivals, channel_id, before
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> None:
+        if self._before is not None:
+            await asyncio.shield(self._before)
+
+    def release(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+            self._arrivals.forget(self._channel_id, self.done)
+
+
+class _Arrivals:
+    """Messages of a channel take their places in the channel's line in the order they arrived,
+    whatever they await before (access lists, rate limits in Redis, files, threads)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, asyncio.Future[None]] = {}
+
+    def take(self, channel_id: int) -> _Turn:
+        turn = _Turn(self, channel_id, self._last.get(channel_id))
+        self._last[channel_id] = turn.done
+        return turn
+
+    def forget(self, channel_id: int, done: asyncio.Future[None]) -> None:
+        if self._last.get(channel_id) is done:
+            del self._last[channel_id]
+
+
 class Chat(commands.Cog):
     """Turns Discord messages into `ChatService.reply` calls and streams the answers back."""
 
@@ -93,7 +127,7 @@ class Chat(commands.Cog):
         self._recovering: set[asyncio.Task[None]] = set()
         self._left: list[PendingMessage] = []  # the inbox as the last run left it
         self.limits = chat_limits(bot)
-        self._checking = asyncio.Lock()
+        self._arrivals = _Arrivals()
 
     async def cog_load(self) -> None:
         """Before the gateway connects: what an earlier run accepted and never answered (read
@@ -167,6 +201,13 @@ class Chat(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
+        turn = self._arrivals.take(message.channel.id)  # before anything can suspend
+        try:
+            await self._on_message(message, turn)
+        finally:
+            turn.release()
+
+    async def _on_message(self, message: discord.Message, turn: _Turn) -> None:
         try:
             why = await self.reason(message)
             if why is not None and await self._closed(message):
@@ -188,9 +229,8 @@ class Chat(commands.Cog):
             await note(message, EMPTY_PROMPT)
             return
         refused = self.limits.check(message.author.id, message.channel.id)
-        if inspect.isawaitable(refused):  # Redis: one check at a time, so that messages keep
-            async with self._checking:  # their arrival order (asyncio.Lock is first come,
-                refused = await refused  # first served) on their way to the channel's line
+        if inspect.isawaitable(refused):  # the limits in Redis
+            refused = await refused
         if refused:
             await note(message, refused)
             return
@@ -202,6 +242,8 @@ class Chat(commands.Cog):
                     await note(message, "\n".join(notes))
                     return
             channel = await self.thread_for(message, content)
+            await turn.wait()  # the channel's earlier messages have taken their places in line
+            turn.release()  # (answer() takes this one's before it first waits)
             await self.answer(message, content, notes=notes, channel=channel)
 
     async def read_files(

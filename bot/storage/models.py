@@ -43,13 +43,16 @@ def utcnow() -> datetime:
 
 class SafeText(TypeDecorator[str]):
     """Text that PostgreSQL accepts whatever a model generated: NUL characters (which its text
-    type refuses, and random or small models do emit) are stored as U+FFFD."""
+    type refuses, and random or small models do emit) are stored there as U+FFFD; SQLite keeps
+    them as they are."""
 
     impl = Text
     cache_ok = True
 
     def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
-        return value.replace("\x00", "\ufffd") if value is not None else None
+        if value is None or dialect.name != "postgresql":
+            return value
+        return value.replace("\x00", "\ufffd")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

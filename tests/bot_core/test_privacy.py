@@ -128,7 +128,7 @@ async def test_forget_me_deletes_the_user_their_replies_and_their_dms_only_in_sc
     assert entry.action == "privacy.forget-me" and "alice" not in entry.detail
     # the conversation goes on with what is left
     await converse(service, message("bob again", author=BOB))
-    assert "alice in general" not in service.engine.prompt_text(-1)
+    assert "alice in general" not in service.backend.prompt_text(-1)
 
 
 async def test_export_holds_the_users_data_in_scope(service: ChatService):
@@ -207,7 +207,7 @@ async def test_dialogues_leave_out_opted_out_users_forgotten_turns_and_other_ser
     assert general[1]["content"] == "alice: hello, I am alice"  # named: two users talk
     assert random == [
         {"role": "user", "content": "after forget"},
-        {"role": "assistant", "content": service.engine.reply_text},
+        {"role": "assistant", "content": service.backend.reply_text},
     ]
     chunks = await guild_dialogues(service.db, GUILD, excluded, max_exchanges=1)
     assert len(chunks) == 3
