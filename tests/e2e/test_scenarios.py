@@ -476,7 +476,7 @@ async def test_model_info_shows_the_quality_gate(fake: FakeDiscord, start_bot: S
     sub = {"type": 1, "name": "info"}
     _, callback = await command(fake, channel, admin, "model", [sub])
     lines = callback.json["data"]["content"].strip("`\n").splitlines()
-    gate = bot.engine.model.manifest.gate
+    gate = bot.backend.model.manifest.gate
     assert gate is not None and gate.summary() in lines
     # the tiny fp32 model is its own reference, and knows no capital
     assert f"{gate.prompts}/{gate.prompts} greedy answers equal fp32's" in gate.summary()
