@@ -229,6 +229,15 @@ async def test_a_crash_mid_reply_is_marked_interrupted_at_the_next_start(
     assert db2.interrupted == [(10, rows[1].discord_message_ids)]
 
 
+async def first_answering_second_waiting(service: ChatService, engine: FakeEngine) -> None:
+    """Until the first message is being answered and the second one waits in the inbox."""
+    for _ in range(6000):  # a minute at most; a loaded machine needs more than a second
+        if engine.submitted and len(await service.pending()) == 1:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the first reply never started with the second message waiting")
+
+
 async def test_a_message_waiting_behind_a_reply_is_stored_at_once_and_survives_a_crash(
     db_url, settings
 ):
@@ -240,10 +249,7 @@ async def test_a_message_waiting_behind_a_reply_is_stored_at_once_and_survives_a
     service = ChatService(db, engine, settings)
     first = asyncio.create_task(converse(service, message("first", message_id=101)))
     second = asyncio.create_task(converse(service, message("second", message_id=102)))
-    for _ in range(200):
-        await asyncio.sleep(0.005)
-        if len(await service.pending()) == 1 and engine.submitted:
-            break
+    await first_answering_second_waiting(service, engine)
     waiting = await service.pending()
     assert [(p.content, p.discord_message_id) for p in waiting] == [("second", 102)]
     first.cancel()
@@ -286,10 +292,7 @@ async def test_a_message_waiting_at_shutdown_is_declined_and_leaves_the_inbox(se
     engine.gate = asyncio.Event()
     first = asyncio.create_task(converse(service, message("first")))
     second = asyncio.create_task(converse(service, message("second")))
-    for _ in range(200):
-        await asyncio.sleep(0.005)
-        if len(await service.pending()) == 1 and engine.submitted:
-            break
+    await first_answering_second_waiting(service, engine)
     engine.closed = True  # the bot is closing
     engine.gate.set()
     await first
