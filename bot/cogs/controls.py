@@ -24,7 +24,7 @@ from bot.turns import Speaker
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
-    from bot.service import Reply
+    from bot.reply import Reply
 
 log = logging.getLogger(__name__)
 NONE = discord.AllowedMentions.none()

@@ -207,7 +207,7 @@ async def test_consumer_failure_leaves_the_partial_reply_interrupted(service: Ch
 async def test_a_crash_mid_reply_is_marked_interrupted_at_the_next_start(
     db_url, settings, monkeypatch
 ):
-    monkeypatch.setattr("bot.service.PARTIAL_FLUSH_S", 0.0)  # store after every piece
+    monkeypatch.setattr("bot.reply.PARTIAL_FLUSH_S", 0.0)  # store after every piece
     db = await Database.open(db_url)
     service = ChatService(db, FakeEngine(), settings)
     reply = service.reply(message("hello"), bot=BOT)
