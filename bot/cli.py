@@ -70,7 +70,7 @@ def run_main(args: argparse.Namespace) -> int:
         return 2
     token = settings.discord_token.get_secret_value()
     level = getattr(args, "log_level", None) or settings.log_level
-    configure_logging(level, settings.log_format, secrets=[token])
+    configure_logging(level, settings.log_format, secrets=settings.secrets())
     try:
         asyncio.run(serve(settings, token, model))
     except (ConfigError, EngineError, DatabaseError) as exc:  # EngineError: also Redis down

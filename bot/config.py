@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -135,6 +137,15 @@ class BotConfig(BaseSettings):
         if self.export_allowed_dir is None:
             self.export_allowed_dir = self.data_dir / "checkpoints"
         return self
+
+    def secrets(self) -> list[str]:
+        """What must never reach a log: the token and the passwords in REDIS_URL and
+        DATABASE_URL (given to bot.logs, which redacts them at every level)."""
+        values = [self.discord_token.get_secret_value() if self.discord_token else ""]
+        for url in (self.redis_url, self.database_url):
+            with contextlib.suppress(ValueError):
+                values.append(urlsplit(url).password or "")
+        return [value for value in values if value]
 
     def engine_options(self) -> dict[str, Any]:
         """Keyword arguments of `Engine.start` besides the model reference."""

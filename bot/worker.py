@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from bot.config import BotConfig
@@ -78,8 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         settings = get_settings()
-        password = urlsplit(settings.redis_url).password  # never logged
-        configure_logging(settings.log_level, settings.log_format, secrets=[password or ""])
+        configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
         if not settings.redis_url:
             raise ConfigError("REDIS_URL is not set; a worker serves requests from Redis")
         asyncio.run(serve(settings, args.id or settings.worker_id or default_worker_id()))

@@ -147,3 +147,15 @@ def test_env_example_lists_every_setting_with_its_default(tmp_path: Path):
     env_file = tmp_path / "example.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in entries if k not in examples))
     assert BotConfig(_env_file=env_file).model_dump() == defaults.model_dump()
+
+
+def test_secrets_are_the_token_and_the_url_passwords():
+    """What bot.logs redacts: the token and any password in REDIS_URL or DATABASE_URL."""
+    config = BotConfig(
+        _env_file=None,
+        discord_token="tok-123456",
+        redis_url="redis://:r-pass-789@127.0.0.1:6379/0",
+        database_url="postgresql+asyncpg://bot:db-pass-456@127.0.0.1/bot",
+    )
+    assert config.secrets() == ["tok-123456", "r-pass-789", "db-pass-456"]
+    assert BotConfig(_env_file=None).secrets() == []
