@@ -33,6 +33,7 @@ from bot.engine import (
     SamplingParams,
     load_model,
 )
+from bot.engine.stream import PieceStream
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +62,19 @@ def missing_group(exc: ResponseError) -> bool:
     return "NOGROUP" in text or "no such key" in text
 
 
-class RedisStream:
+class RedisStream(PieceStream):
     """The pieces of one request, read from its reply stream (the ReplyStream interface)."""
 
     def __init__(
         self, backend: RedisBackend, request: GenerationRequest, deadline: float | None
     ) -> None:
+        super().__init__()
         self._backend = backend
         self._client = backend.client
         self._keys = backend.keys
         self.request = request
         self._deadline = deadline  # time.monotonic() past which nobody is expected to answer
-        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
-        self._done = asyncio.Event()
         self._text = ""  # text of the current attempt, so far
-        self.result: GenerationResult | None = None
         self.restarts = 0
         self._reader = asyncio.create_task(self._read(), name=f"redis-reply-{request.id}")
 
@@ -145,21 +144,8 @@ class RedisStream:
     def _finish(self, result: GenerationResult) -> None:
         if self.done:
             return
-        self.result = result
-        self._queue.put_nowait(None)
-        self._done.set()
+        super()._finish(result)
         self._backend.forget(self)
-
-    # -- the ReplyStream interface --
-    def __aiter__(self) -> RedisStream:
-        return self
-
-    async def __anext__(self) -> str:
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)  # iterating again ends at once
-            raise StopAsyncIteration
-        return item
 
     def cancel(self) -> None:
         """Stop at once here (the result keeps the text so far); the worker is told to stop."""
@@ -168,20 +154,6 @@ class RedisStream:
         self._reader.cancel()
         self._finish(self._partial("cancelled"))
         self._backend.send_cancel(self.request.id)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    async def wait(self) -> GenerationResult:
-        await self._done.wait()
-        assert self.result is not None
-        return self.result
-
-    async def collect(self) -> GenerationResult:
-        async for _ in self:
-            pass
-        return await self.wait()
 
 
 class RedisBackend:

@@ -11,28 +11,24 @@ from bot.engine.types import GenerationResult
 _END = object()
 
 
-class Stream:
-    """Text pieces of one request as they are generated; `result` once it has ended.
+class PieceStream:
+    """Text pieces of one request as they arrive, on the event loop; `result` once it has ended.
+    The consumer's side of every stream (the engine's, a Redis reply's): `async for piece in
+    stream`, `wait()`, `collect()`; a producer calls `_finish(result)` once."""
 
-    The engine thread hands pieces and the result over through an `Outbox`; consumers
-    `async for piece in stream`. `cancel()` asks the engine to stop and free the slot.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._on_cancel = on_cancel
         self._done = asyncio.Event()
         self.result: GenerationResult | None = None
 
-    # ---- engine thread side (through an Outbox) ----------------------------------------------
     def _finish(self, result: GenerationResult) -> None:
+        if self._done.is_set():
+            return
         self.result = result
         self._queue.put_nowait(_END)
         self._done.set()
 
-    # ---- asyncio side ------------------------------------------------------------------------
-    def __aiter__(self) -> Stream:
+    def __aiter__(self) -> PieceStream:
         return self
 
     async def __anext__(self) -> str:
@@ -43,8 +39,7 @@ class Stream:
         return item
 
     def cancel(self) -> None:
-        """Stop generating; the result's finish_reason becomes "cancelled" (unless done)."""
-        self._on_cancel()
+        raise NotImplementedError
 
     @property
     def done(self) -> bool:
@@ -61,6 +56,20 @@ class Stream:
         async for _ in self:
             pass
         return await self.wait()
+
+
+class Stream(PieceStream):
+    """The engine's stream: the engine thread hands pieces and the result over through an
+    `Outbox`; `cancel()` asks the engine to stop and free the slot."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]) -> None:
+        super().__init__()
+        self._loop = loop
+        self._on_cancel = on_cancel
+
+    def cancel(self) -> None:
+        """Stop generating; the result's finish_reason becomes "cancelled" (unless done)."""
+        self._on_cancel()
 
 
 class Outbox:
