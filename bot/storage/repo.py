@@ -65,34 +65,26 @@ async def get_message(s: AsyncSession, message_id: int) -> Message | None:
     return await s.get(Message, message_id)
 
 
-async def asker_of(s: AsyncSession, reply: Message) -> int | None:
-    """Who asked for a reply: the author of the newest user turn before it in its channel."""
-    query = (
-        select(Message.author_id)
-        .where(
-            Message.channel_id == reply.channel_id,
-            Message.id < reply.id,
-            Message.role == Role.USER,
-        )
-        .order_by(Message.id.desc())
-        .limit(1)
-    )
-    return await s.scalar(query)
-
-
-async def previous_reply(s: AsyncSession, reply: Message) -> Message | None:
-    """The channel's assistant turn before `reply` (the one whose buttons it takes over)."""
+async def _turn_before(s: AsyncSession, reply: Message, role: Role) -> Message | None:
+    """The channel's newest turn of `role` before `reply`."""
     query = (
         select(Message)
-        .where(
-            Message.channel_id == reply.channel_id,
-            Message.id < reply.id,
-            Message.role == Role.ASSISTANT,
-        )
+        .where(Message.channel_id == reply.channel_id, Message.id < reply.id, Message.role == role)
         .order_by(Message.id.desc())
         .limit(1)
     )
     return (await s.scalars(query)).first()
+
+
+async def asker_of(s: AsyncSession, reply: Message) -> int | None:
+    """Who asked for a reply: the author of the newest user turn before it in its channel."""
+    asked = await _turn_before(s, reply, Role.USER)
+    return asked.author_id if asked is not None else None
+
+
+async def previous_reply(s: AsyncSession, reply: Message) -> Message | None:
+    """The channel's assistant turn before `reply` (the one whose buttons it takes over)."""
+    return await _turn_before(s, reply, Role.ASSISTANT)
 
 
 async def add_message(
