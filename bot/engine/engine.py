@@ -17,7 +17,6 @@ from bot.engine.scheduler import Request, Scheduler, Worker
 from bot.engine.session import GraphRunner, SessionInfo, create_session
 from bot.engine.stream import Stream
 from bot.engine.types import (
-    EngineClosedError,
     EngineStats,
     GenerationResult,
     PromptTooLongError,
@@ -147,10 +146,9 @@ class Engine:
         timeout_s: float | None = None,
     ) -> Stream:
         """Queue one request; call from the event loop. QueueFullError when busy,
-        PromptTooLongError when the prompt does not fit, EngineClosedError once close() has
-        begun, ValueError on bad ids."""
-        if self._closing:
-            raise EngineClosedError("the engine is closed")
+        PromptTooLongError when the prompt does not fit, EngineClosedError once the engine
+        thread has been told to stop (so a refusal means no further step), ValueError on bad
+        ids. Callers that must not start anything while close() runs check `closed` first."""
         loop = asyncio.get_running_loop()
         params = params or SamplingParams()
         worker = self._scheduler.current
