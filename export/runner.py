@@ -96,6 +96,7 @@ class FusedRunner:
         self.kv_names = sorted(n for n in inputs if n.startswith(PAST))
         shape = (slots, self.kv_heads, self.max_context, self.head_dim)
         self.slot_bytes = int(np.prod(shape[1:])) * np.dtype(self.kv_dtype).itemsize
+        self.kv_bytes = self.slot_bytes * slots * len(self.kv_names)  # every layer, key and value
         self._kv: dict[str, np.ndarray | ort.OrtValue] = {}  # keeps the buffers alive
         self._kv_ptr: dict[str, int] = {}
         for name in self.kv_names:

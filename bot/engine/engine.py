@@ -124,6 +124,11 @@ class Engine:
         return self._scheduler.current.runner.info
 
     @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the current version's KV buffers (all slots, every layer)."""
+        return self._scheduler.current.runner.kv_bytes
+
+    @property
     def precision(self) -> str:
         return self.model.manifest.precision
 

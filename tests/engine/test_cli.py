@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from bot.__main__ import main
+from bot.engine.bench import percentile
 from tests.engine.conftest import torch_greedy
 
 
@@ -57,6 +58,39 @@ def test_bench_json_last_line(engine_registry, capsys):
     assert (report["concurrency"], report["prompt_tokens"], report["new_tokens"]) == (2, 16, 8)
     assert report["provider"] == "cpu" and report["precision"] == "fp32"
     assert report["decode_tok_s"] > 0 and report["aggregate_tok_s"] > 0
+    assert report["slots"] == 2  # one per stream unless --slots says otherwise
+
+
+def test_bench_queues_beyond_its_slots_and_reports_every_request(engine_registry, capsys):
+    """--concurrency 4 on --slots 1: four requests wait in one line, so the time to the first
+    token spreads (p50 <= p99 <= max, the last one behind three whole replies); memory is
+    accounted: the weights' files and the KV buffers of one slot."""
+    argv = ["bench", "--registry", str(engine_registry.root), "--model", "llama", "--json"]
+    argv += ["--device", "cpu", "--prompt-tokens", "8", "--new-tokens", "16"]
+    argv += ["--concurrency", "4", "--slots", "1", "--repeats", "1"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["concurrency"], report["slots"]) == (4, 1)
+    assert report["ttft_p50_ms"] <= report["ttft_p99_ms"] == report["ttft_max_ms"]
+    assert report["ttft_max_ms"] > report["ttft_p50_ms"]  # queued behind whole replies
+    folder = engine_registry.root / "llama" / "v1"
+    weights = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+    assert report["weights_mb"] == round(weights / 2**20, 1) > 0
+    config = json.loads((folder / "manifest.json").read_text())
+    arch, graph = config["architecture"], config["graph"]
+    layers, heads, dim = arch["num_layers"], arch["num_kv_heads"], arch["head_dim"]
+    kv = 2 * layers * heads * graph["max_context"] * dim * 4  # key and value, fp32, one slot
+    assert report["kv_cache_mb"] == round(kv / 2**20, 1)
+
+
+def test_percentile_is_the_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (
+        50.0,
+        99.0,
+        100.0,
+    )
+    assert percentile([7.0, 1.0], 50) == 1.0 and percentile([3.0], 99) == 3.0
 
 
 def test_bench_on_cuda_never_reports_cpu_figures(engine_registry, capsys):
