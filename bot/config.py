@@ -60,6 +60,8 @@ class BotConfig(BaseSettings):
     user_rate_per_min: int = Field(6, ge=0)  # 0: no limit
     channel_rate_per_min: int = Field(20, ge=0)  # 0: no limit
     edit_interval_s: float = Field(1.0, ge=0, le=60, allow_inf_nan=False)
+    # a reply with no text yet after this long shows an "in line" placeholder; 0: never
+    placeholder_after_s: float = Field(2.0, ge=0, le=60, allow_inf_nan=False)
     shutdown_grace_s: float = Field(10.0, ge=0, le=3600, allow_inf_nan=False)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for collectors

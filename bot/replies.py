@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import unicodedata
@@ -148,7 +149,8 @@ class StreamedReply:
 
     `view`: components for the first message (a stop button). `reuse`: messages of an earlier
     answer to write over, in order, before posting new ones (a regenerated or continued reply);
-    `drop_unused()` deletes those the new text did not need."""
+    `drop_unused()` deletes those the new text did not need. `held`: a placeholder shown
+    earlier (hold()), written over by the first text."""
 
     def __init__(
         self,
@@ -159,10 +161,11 @@ class StreamedReply:
         clock: Callable[[], float] = time.monotonic,
         view: discord.ui.View | None = None,
         reuse: Sequence[Any] = (),
+        held: Any = None,
     ) -> None:
         self.channel = channel
         self.view = view
-        self._reuse = list(reuse)
+        self._reuse = [*([held] if held is not None else []), *reuse]
         self.edit_interval_s = edit_interval_s
         self.reference = reference
         self.clock = clock
@@ -172,10 +175,25 @@ class StreamedReply:
         self._last_edit = 0.0
         self._splitter = Splitter()
         self._visible = False  # any text besides whitespace yet
+        self._held: Any = held  # a placeholder shown before any text (see hold())
+        self._lock = asyncio.Lock()  # one change to Discord at a time (hold() runs beside push())
 
     @property
     def message_ids(self) -> list[int]:
-        return [m.id for m in self.messages]
+        """The reply's messages; before any text, the placeholder if one is shown."""
+        ids = [m.id for m in self.messages]
+        return ids if ids or self._held is None else [self._held.id]
+
+    async def hold(self, text: str) -> Any:
+        """Post `text` as a placeholder unless something is shown already; the reply's first
+        text is then written over it (not posted beside it), and `drop_unused()` deletes it if
+        no text came. Returns the placeholder message, or None."""
+        async with self._lock:
+            if self.messages or self._reuse or self._visible:
+                return None
+            self._held = await self._send(postable(text))
+            self._reuse.append(self._held)
+            return self._held
 
     async def push(self, piece: str) -> None:
         """Add a piece of text; updates Discord if the edit interval allows. A RestartPiece
@@ -194,6 +212,10 @@ class StreamedReply:
         await self._sync(force=True)
 
     async def _sync(self, *, force: bool) -> None:
+        async with self._lock:
+            await self._sync_locked(force=force)
+
+    async def _sync_locked(self, *, force: bool) -> None:
         if not self._visible:
             return
         chunks = self._splitter.split(self.text)
@@ -239,9 +261,12 @@ class StreamedReply:
 
     async def drop_unused(self) -> None:
         """Delete the messages given to reuse that the text did not need."""
-        unused, self._reuse = self._reuse, []
-        for message in unused:
-            await message.delete()
+        async with self._lock:
+            unused, self._reuse = self._reuse, []
+            if self._held in unused:
+                self._held = None
+            for message in unused:
+                await message.delete()
 
 
 class InteractionReply(StreamedReply):

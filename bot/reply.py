@@ -85,6 +85,7 @@ class Reply:
         queues: ChannelQueues | None,
         accept: Callable[[], Awaitable[None]] | None = None,
         decline: Callable[[], Awaitable[None]] | None = None,
+        hold: Callable[[int], Awaitable[None]] | None = None,
         closed: Callable[[], bool] = lambda: False,
         live: dict[int, Reply] | None = None,
     ) -> None:
@@ -94,6 +95,7 @@ class Reply:
         self._start = start
         self._accept = accept
         self._decline = decline
+        self._hold = hold
         self._closed = closed
         self._channel_id = channel_id
         self._queues = queues
@@ -163,6 +165,13 @@ class Reply:
             self._release()
             raise
         return self
+
+    async def hold(self, message_id: int) -> None:
+        """Remember the placeholder Discord message shown while this message waits its turn,
+        so that after a crash its answer replaces it (once the reply started, the reply's
+        own message ids carry it instead)."""
+        if self._hold is not None and self._started is None:
+            await self._hold(message_id)
 
     async def _restarting(self) -> None:
         """The bot is closing before this message's turn: its author is told to ask again

@@ -107,6 +107,11 @@ class ChatService:
             if accepted:
                 await self.decline(accepted[0])
 
+        async def hold(message_id: int) -> None:
+            if accepted:
+                async with self.db.session() as s, s.begin():
+                    await repo.hold_pending(s, accepted[0], message_id)
+
         return Reply(
             self.db,
             start,
@@ -114,6 +119,7 @@ class ChatService:
             queues=self._queues,
             accept=accept if pending_id is None else None,
             decline=decline,
+            hold=hold,
             closed=lambda: bool(getattr(self.backend, "closed", False)),
             live=self._live,
         )

@@ -35,6 +35,7 @@ NONE = discord.AllowedMentions.none()
 RECOVER_WITHIN = timedelta(minutes=15)  # after a restart, older unanswered messages are declined
 INTERRUPTED = "*(interrupted: the bot restarted before this reply was finished)*"
 MISSED = "I restarted before I could answer this; please ask again."
+IN_LINE = "\u23f3 *in line: I answer earlier messages first*"
 THREAD_NAME_CHARS = 80
 
 
@@ -316,10 +317,13 @@ class Chat(commands.Cog):
         notes: Sequence[str] = (),
         channel: Any = None,
         pending_id: int | None = None,
+        held: Any = None,
     ) -> None:
         """Stream one reply to `message` (into `channel`, default the message's own); errors
-        end it with a short note, never silence. `pending_id`: the inbox row of a message
-        accepted before a restart."""
+        end it with a short note, never silence. While no text has come after
+        PLACEHOLDER_AFTER_S (the message waits behind others), an "in line" placeholder is
+        shown that the text then replaces. `pending_id`, `held`: the inbox row of a message
+        accepted before a restart, and the placeholder shown for it then."""
         bot = self.bot
         assert bot.user is not None
         target = channel if channel is not None else message.channel
@@ -336,15 +340,41 @@ class Chat(commands.Cog):
             target,
             edit_interval_s=bot.settings.edit_interval_s,
             reference=message if in_place else None,
+            held=held,
         )
-        async with typing(target):
-            problem = await deliver(
-                bot, bot.chat.reply(incoming, bot=me, pending_id=pending_id), out, notes=notes
-            )
+        reply = bot.chat.reply(incoming, bot=me, pending_id=pending_id)
+        done = asyncio.Event()
+        placeholder = asyncio.create_task(self._hold_place(out, reply, done))
+        try:
+            async with typing(target):
+                problem = await deliver(bot, reply, out, notes=notes)
+        finally:
+            done.set()
+            await placeholder  # a placeholder being posted now is deleted below, not left
+            with contextlib.suppress(discord.HTTPException):
+                await out.drop_unused()  # a placeholder no text replaced (an error, a refusal)
         if problem is not None:
             await note(message, problem)
         elif not out.messages:
             await note(message, EMPTY_REPLY)
+
+    async def _hold_place(self, out: StreamedReply, reply: Any, done: asyncio.Event) -> None:
+        """After PLACEHOLDER_AFTER_S without text, show the "in line" placeholder (once)."""
+        after = self.bot.settings.placeholder_after_s
+        if after <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), after)
+            return  # the reply ended first
+        try:
+            held = await out.hold(IN_LINE)
+            if held is not None:
+                reply.message_ids[:] = out.message_ids
+                await reply.hold(held.id)
+        except discord.HTTPException as exc:  # the reply itself will say what is wrong
+            log.info("cannot show the in-line placeholder: %s", exc)
+        except Exception:  # never let the placeholder end the reply
+            log.exception("cannot remember the in-line placeholder")
 
     # -- after a restart --
     @commands.Cog.listener()
@@ -361,26 +391,42 @@ class Chat(commands.Cog):
         now = datetime.now(UTC)
         left, self._left = self._left, []
         for pending in left:
-            channel = await self._channel(pending.channel_id)
-            if not self._serves(channel):
-                continue  # another shard process's message: that process answers it
-            message = None
-            if channel is not None and pending.discord_message_id is not None:
-                with contextlib.suppress(discord.HTTPException):
-                    message = await channel.fetch_message(pending.discord_message_id)
-            if message is None or now - pending.received_at > RECOVER_WITHIN:
-                await self.bot.chat.decline(pending.id)
-                if message is not None:
-                    await note(message, MISSED)
-                continue
-            log.info("answering message %s, accepted before the restart", message.id)
-            task = asyncio.create_task(self._answer_recovered(message, pending.content, pending.id))
-            self._recovering.add(task)  # created in order: each channel keeps its order
-            task.add_done_callback(self._recovering.discard)
+            try:
+                await self._recover(pending, now)
+            except Exception:  # one odd message must not stop the others' recovery
+                log.exception("cannot recover message %s", pending.discord_message_id)
 
-    async def _answer_recovered(self, message: discord.Message, content: str, pending: int) -> None:
+    async def _recover(self, pending: PendingMessage, now: datetime) -> None:
+        """Answer one message accepted before the restart, or decline it with a note."""
+        channel = await self._channel(pending.channel_id)
+        if not self._serves(channel):
+            return  # another shard process's message: that process answers it
+        message = None
+        if channel is not None and pending.discord_message_id is not None:
+            with contextlib.suppress(discord.HTTPException):
+                message = await channel.fetch_message(pending.discord_message_id)
+        held = None  # the "in line" placeholder shown for it before the restart
+        if channel is not None and pending.held_message_id is not None:
+            with contextlib.suppress(discord.HTTPException):
+                held = await channel.fetch_message(pending.held_message_id)
+        if message is None or now - pending.received_at > RECOVER_WITHIN:
+            await self.bot.chat.decline(pending.id)
+            if held is not None:
+                with contextlib.suppress(discord.HTTPException):
+                    await held.delete()
+            if message is not None:
+                await note(message, MISSED)
+            return
+        log.info("answering message %s, accepted before the restart", message.id)
+        task = asyncio.create_task(self._answer_recovered(message, pending, held))
+        self._recovering.add(task)  # created in order: each channel keeps its order
+        task.add_done_callback(self._recovering.discard)
+
+    async def _answer_recovered(
+        self, message: discord.Message, pending: PendingMessage, held: Any
+    ) -> None:
         with self.bot.in_flight():
-            await self.answer(message, content, pending_id=pending)
+            await self.answer(message, pending.content, pending_id=pending.id, held=held)
 
     def _serves(self, channel: Any) -> bool:
         """Whether this process runs the shard of `channel`'s guild (DMs: shard 0); always true

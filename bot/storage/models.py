@@ -176,6 +176,8 @@ class PendingMessage(Base):
     author_name: Mapped[str] = mapped_column(String(100), default="")
     content: Mapped[str] = mapped_column(SafeText, default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # the bot's "in line" placeholder, shown while the message waited (its answer edits it)
+    held_message_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class GenerationColumns:

@@ -149,6 +149,16 @@ async def take_pending(s: AsyncSession, pending_id: int) -> bool:
     return bool(result.rowcount)
 
 
+async def hold_pending(s: AsyncSession, pending_id: int, message_id: int) -> bool:
+    """Remember the placeholder shown for a waiting message; False if it left the inbox."""
+    result = await s.execute(
+        update(PendingMessage)
+        .where(PendingMessage.id == pending_id)
+        .values(held_message_id=message_id)
+    )
+    return bool(result.rowcount)
+
+
 async def pending_messages(s: AsyncSession) -> list[PendingMessage]:
     """Everything in the inbox, in the order it was accepted."""
     return list((await s.scalars(select(PendingMessage).order_by(PendingMessage.id))).all())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import discord
 import pytest
 
 from bot.cogs.admin import last_json_line, resolve_checkpoint
-from bot.cogs.chat import Chat
+from bot.cogs.chat import IN_LINE, Chat
 from bot.cogs.controls import APOLOGY
 from bot.cogs.triggers import ChatLimits, RateLimiter, answer_reason, strip_mention
 from bot.errors import BusyError
@@ -159,9 +160,15 @@ class FakeMessage:
     author: Any = None
     guild: Any = None
 
-    async def edit(self, *, content: str, **_: Any) -> None:
+    deleted: bool = False
+
+    async def edit(self, *, content: str, **_: Any) -> FakeMessage:
         self.content = content
         self.edits.append(content)
+        return self
+
+    async def delete(self) -> None:
+        self.deleted = True
 
     async def reply(self, content: str, **_: Any) -> None:
         self.replies.append(content)
@@ -187,8 +194,11 @@ class FakeChannel:
 
 
 class FakeReply:
-    def __init__(self, pieces: list[str], error: Exception | None) -> None:
-        self.pieces, self.error = pieces, error
+    def __init__(
+        self, pieces: list[str], error: Exception | None, gate: asyncio.Event | None = None
+    ) -> None:
+        self.pieces, self.error, self.gate = pieces, error, gate
+        self.held: list[int] = []  # placeholders it was told of (Reply.hold)
         self.message_ids: list[int] = []
         self.ids_at_exit: list[int] | None = None
         self.result = SimpleNamespace(tokens_per_s=12.5)
@@ -201,7 +211,12 @@ class FakeReply:
     async def __aexit__(self, *exc: object) -> None:
         self.ids_at_exit = list(self.message_ids)
 
+    async def hold(self, message_id: int) -> None:
+        self.held.append(message_id)
+
     async def __aiter__(self) -> AsyncIterator[str]:
+        if self.gate is not None:  # no text until the test opens it
+            await self.gate.wait()
         for piece in self.pieces:
             yield piece
         if self.error is not None:
@@ -209,23 +224,29 @@ class FakeReply:
 
 
 class FakeService:
-    def __init__(self, pieces: list[str], error: Exception | None = None) -> None:
+    def __init__(
+        self, pieces: list[str], error: Exception | None = None, gate: asyncio.Event | None = None
+    ) -> None:
         self.replies: list[FakeReply] = []
         self.incoming: list[Any] = []
-        self.pieces, self.error = pieces, error
+        self.pieces, self.error, self.gate = pieces, error, gate
 
     def reply(self, msg: Any, *, bot: Any, pending_id: int | None = None) -> FakeReply:
         self.incoming.append(msg)
-        self.replies.append(FakeReply(self.pieces, self.error))
+        self.replies.append(FakeReply(self.pieces, self.error, self.gate))
         return self.replies[-1]
 
 
 class FakeBot:
-    def __init__(self, service: FakeService) -> None:
+    def __init__(self, service: FakeService, placeholder_after_s: float = 0.0) -> None:
         self.chat = service
         self.user = SimpleNamespace(id=42, display_name="bot")
         self.settings = SimpleNamespace(
-            user_rate_per_min=5, channel_rate_per_min=5, edit_interval_s=0, redis_url=""
+            user_rate_per_min=5,
+            channel_rate_per_min=5,
+            edit_interval_s=0,
+            redis_url="",
+            placeholder_after_s=placeholder_after_s,
         )
         self.speeds: list[float] = []
 
@@ -251,6 +272,61 @@ async def test_answer_streams_edits_and_records_message_ids() -> None:
     assert service.replies[0].ids_at_exit == [channel.sent[0].id]
     assert service.incoming[0].content == "hi" and service.incoming[0].author.id == 7
     assert channel.typing_entered == 1 and bot.speeds == [12.5]
+
+
+async def until(check: Any) -> None:
+    """Let the event loop run until `check()` holds (a state, not a time)."""
+    async with asyncio.timeout(10):
+        while not check():
+            await asyncio.sleep(0.001)
+
+
+async def test_a_reply_that_waits_shows_a_placeholder_its_text_then_replaces() -> None:
+    """16 members at once in 8 channels: half wait behind a whole reply. After
+    PLACEHOLDER_AFTER_S without text the bot shows it has the message, in one message that the
+    answer is then written into (one message in all, not a placeholder beside the answer); the
+    inbox row learns its id, so that after a crash the answer replaces it too."""
+    gate = asyncio.Event()
+    service = FakeService(["Hel", "lo ", "there"], gate=gate)
+    bot = FakeBot(service, placeholder_after_s=0.01)
+    channel, message = _incoming()
+    answering = asyncio.create_task(Chat(bot).answer(message, "hi"))  # type: ignore[arg-type]
+    await until(lambda: service.replies and service.replies[0].held)
+    [held] = channel.sent
+    assert held.content == IN_LINE and channel.kwargs[0]["reference"] is message
+    assert service.replies[0].held == [held.id] == service.replies[0].message_ids
+    gate.set()
+    await answering
+    assert channel.sent == [held] and held.content == "Hello there" and not held.deleted
+    assert service.replies[0].ids_at_exit == [held.id]
+
+
+async def test_a_placeholder_no_text_replaced_is_deleted_and_the_note_said() -> None:
+    gate = asyncio.Event()
+    service = FakeService([], RuntimeError("boom"), gate=gate)
+    channel, message = _incoming()
+    answering = asyncio.create_task(
+        Chat(FakeBot(service, placeholder_after_s=0.01)).answer(message, "hi")  # type: ignore[arg-type]
+    )
+    await until(lambda: channel.sent)
+    gate.set()
+    await answering
+    assert channel.sent[0].content == IN_LINE and channel.sent[0].deleted
+    assert message.replies == [APOLOGY]
+
+
+async def test_no_placeholder_when_placeholder_after_s_is_zero() -> None:
+    gate = asyncio.Event()
+    service = FakeService(["fine"], gate=gate)
+    channel, message = _incoming()
+    answering = asyncio.create_task(Chat(FakeBot(service)).answer(message, "hi"))  # type: ignore[arg-type]
+    await until(lambda: service.replies)
+    for _ in range(50):  # the reply waits; nothing is posted meanwhile
+        await asyncio.sleep(0)
+    assert channel.sent == []
+    gate.set()
+    await answering
+    assert [m.content for m in channel.sent] == ["fine"] and service.replies[0].held == []
 
 
 async def test_reply_error_ends_the_streamed_text_with_its_friendly_line() -> None:
@@ -316,6 +392,7 @@ async def test_chat_cog_loads_with_zero_rate_limits_and_never_refuses() -> None:
         edit_interval_s=0,
         reply_in_dms=True,
         redis_url="",
+        placeholder_after_s=0.0,
     )
     bot.accepting = True  # type: ignore[attr-defined]
     bot.in_flight = contextlib.nullcontext  # type: ignore[attr-defined]

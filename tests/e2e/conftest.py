@@ -40,6 +40,7 @@ def bot_config(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> Callable[...
             device="cpu",
             command_guild_ids=[fake.guild_id],
             edit_interval_s=0.0,
+            placeholder_after_s=0.0,  # on in the tests of it only (timing-free elsewhere)
             user_rate_per_min=1000,
             channel_rate_per_min=1000,
             engine_slots=4,

@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import aiohttp
 import pytest
 from sqlalchemy import select
 
@@ -402,6 +403,117 @@ async def test_after_a_crash_the_bot_finishes_what_it_had_accepted(
         ("assistant", "complete"),
     ]
     assert rows[1].finish_reason == "restart" and rows[2].content == recent["content"]
+
+
+async def test_after_a_crash_an_answer_replaces_the_placeholder_it_had_shown(
+    fake: FakeDiscord, start_bot: Start
+) -> None:
+    """A message that waited behind another reply showed the "in line" placeholder, then the
+    bot was killed. On restart its answer is written into that placeholder (no second message),
+    and a declined one's placeholder is deleted before the note."""
+    from datetime import UTC, datetime, timedelta
+
+    from bot.cogs.chat import IN_LINE
+
+    bot = await start_bot()
+    alice = fake.add_user("alice")
+    channel = fake.text_channel_ids[7]
+    await bot.chat.update_settings(channel, 1, max_tokens=8)
+    recent = await fake.dispatch_message(channel, alice, "said while the bot was down")
+    old = await fake.dispatch_message(channel, alice, "said long ago")
+    await start_bot.stop(bot)  # type: ignore[attr-defined]
+    held = {}
+    async with aiohttp.ClientSession() as http:  # the placeholders, as the bot had posted them
+        for msg in (recent, old):
+            reference = {"message_id": msg["id"], "channel_id": str(channel)}
+            body = {"content": IN_LINE, "message_reference": reference}
+            body["allowed_mentions"] = {"parse": [], "replied_user": False}
+            url = f"{fake.api_base}/channels/{channel}/messages"
+            async with http.post(url, json=body) as response:
+                held[msg["id"]] = await response.json()
+
+    db = await Database.open(bot.settings.database_url)
+    async with db.session() as s, s.begin():  # the inbox a kill -9 leaves
+        for msg, age in ((recent, timedelta(0)), (old, timedelta(hours=2))):
+            pending = await repo.add_pending(
+                s,
+                channel_id=channel,
+                author_id=int(alice["id"]),
+                author_name="alice",
+                content=msg["content"],
+                discord_message_id=int(msg["id"]),
+            )
+            pending.received_at = datetime.now(UTC) - age
+            await s.flush()
+            assert await repo.hold_pending(s, pending.id, int(held[msg["id"]]["id"]))
+    await db.close()
+    n_posts = len(fake.find("POST", f"/channels/{channel}/messages"))
+
+    kept, dropped = int(held[recent["id"]]["id"]), int(held[old["id"]]["id"])
+    bot = await start_bot()
+    await fake.wait_until(lambda: fake.find("DELETE", f"/messages/{dropped}"), 60)
+    posted = fake.find
+    await fake.wait_until(
+        lambda: len(posted("POST", f"/channels/{channel}/messages")) > n_posts, 60
+    )
+    await fake.wait_until(lambda: fake.messages[kept]["content"] != IN_LINE, 60)
+    await fake.wait_until(lambda: bot.active_replies == 0, 60)
+    posts = fake.find("POST", f"/channels/{channel}/messages")[n_posts:]
+    assert len(posts) == 1 and "please ask again" in posts[0].json["content"]  # the old one
+    assert str(posts[0].json["message_reference"]["message_id"]) == old["id"]
+    answer = fake.messages[kept]["content"]  # written over
+    rows = await stored(bot, channel)
+    assert [(r.role, r.status) for r in rows] == [("user", "complete"), ("assistant", "complete")]
+    assert answer.strip() and answer.startswith(rows[1].content.strip()[:20])
+    assert rows[1].discord_message_ids == [kept] and dropped not in fake.messages
+    assert await bot.chat.pending() == []
+
+
+async def test_one_message_that_cannot_be_recovered_does_not_stop_the_others(
+    fake: FakeDiscord, start_bot: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Recovery after a restart went message by message in one loop, so the first message
+    discord.py could not read (here a placeholder whose reference lacks its channel, a KeyError
+    inside fetch_message) ended it: every later message stayed unanswered."""
+    bot = await start_bot()
+    alice = fake.add_user("alice")
+    channel = fake.text_channel_ids[6]
+    await bot.chat.update_settings(channel, 1, max_tokens=8)
+    odd = await fake.dispatch_message(channel, alice, "first")
+    fine = await fake.dispatch_message(channel, alice, "second")
+    await start_bot.stop(bot)  # type: ignore[attr-defined]
+    async with aiohttp.ClientSession() as http:
+        body = {"content": "...", "message_reference": {"message_id": odd["id"]}}
+        body["allowed_mentions"] = {"parse": [], "replied_user": False}
+        async with http.post(f"{fake.api_base}/channels/{channel}/messages", json=body) as r:
+            broken = await r.json()
+    db = await Database.open(bot.settings.database_url)
+    async with db.session() as s, s.begin():
+        for msg in (odd, fine):
+            pending = await repo.add_pending(
+                s,
+                channel_id=channel,
+                author_id=int(alice["id"]),
+                author_name="alice",
+                content=msg["content"],
+                discord_message_id=int(msg["id"]),
+            )
+            if msg is odd:
+                await s.flush()
+                await repo.hold_pending(s, pending.id, int(broken["id"]))
+    await db.close()
+
+    bot = await start_bot()
+    answered = await fake.wait_for(
+        lambda r: (
+            r.method == "POST"
+            and str((r.json or {}).get("message_reference", {}).get("message_id")) == fine["id"]
+        ),
+        60,
+    )
+    assert "please ask again" not in answered.json["content"]
+    await fake.wait_until(lambda: bot.active_replies == 0, 60)
+    assert "cannot recover message" in caplog.text
 
 
 async def test_shutdown_tells_waiting_and_late_mentions_to_ask_again(

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ class Recorded:
     query: dict[str, str]
     json: Any
     headers: dict[str, str] = field(repr=False)
+    at: float = field(default_factory=time.monotonic, repr=False)  # when it arrived
 
 
 def _now() -> str:
