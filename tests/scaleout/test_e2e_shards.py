@@ -492,12 +492,13 @@ async def test_a_shard_killed_mid_reply_restarts_and_finishes_or_declines_what_i
     shown = bot_messages(fake, cut)
     assert len(shown) == 2  # the cut reply's message was edited, not posted again
     assert shown[0]["id"] == partial["id"] and "interrupted" in shown[0]["content"]
-    assert shown[1]["message_reference"]["message_id"] == waiting["id"]
+    assert same_text(shown[0]["content"], rows[1].content)  # what it had shown, then the note
+    assert str(shown[1]["message_reference"]["message_id"]) == waiting["id"]
     assert same_text(shown[1]["content"], rows[3].content)
     assert await inbox(pg) == []
     done = await all_rows(pg, other)
     [reply] = bot_messages(fake, other)
-    assert reply["message_reference"]["message_id"] == elsewhere["id"]
+    assert str(reply["message_reference"]["message_id"]) == elsewhere["id"]
     assert "interrupted" not in reply["content"] and same_text(reply["content"], done[1].content)
 
 
