@@ -1,7 +1,9 @@
 """End to end on the scale-out layout: the fake Discord, two bot processes (shards 0 and 1 of
 2), workers as processes, PostgreSQL and Redis. Mentions in guilds of both shards are answered
 by the shard that holds them, in order per channel; a worker killed with kill -9 mid-reply still
-ends in one complete reply; every turn is stored once."""
+ends in one complete reply; `/model use` while a reply streams moves both shards and both
+workers to the new version; a shard killed with kill -9 mid-reply, restarted, notes the cut reply
+and answers what waited in its inbox; every turn is stored once."""
 
 from __future__ import annotations
 
