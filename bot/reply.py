@@ -105,6 +105,7 @@ class Reply:
         self._last_flush = 0.0
         self._t0 = 0.0
         self.message_ids: list[int] = []
+        self._flushed_ids: list[int] = []  # the message ids the partial row holds
         self.result: GenerationResult | None = None
         self.text = ""
 
@@ -188,7 +189,10 @@ class Reply:
             async for piece in stream:  # a RestartPiece: another worker starts the reply over
                 self.text = str(piece) if isinstance(piece, RestartPiece) else self.text + piece
                 yield piece
-                if time.monotonic() - self._last_flush >= PARTIAL_FLUSH_S:
+                # a new Discord message is stored at once: after a crash, the next start puts
+                # the interrupted note on the message users see
+                shown = self.message_ids != self._flushed_ids
+                if shown or time.monotonic() - self._last_flush >= PARTIAL_FLUSH_S:
                     await self._flush_partial()
         except ReplyError:
             self._failed = True
@@ -235,12 +239,13 @@ class Reply:
         if self._started is None or self._started.row_id is None:
             return
         self._last_flush = time.monotonic()
+        self._flushed_ids = list(self.message_ids)
         async with self._db.session() as s, s.begin():
             await repo.update_message(
                 s,
                 self._started.row_id,
                 content=self._started.prefix + self.text,
-                discord_message_ids=self.message_ids,
+                discord_message_ids=self._flushed_ids,
             )
 
     async def _store_final(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bot.access import AccessService
-from bot.engine import EngineClosedError, PromptTooLongError, QueueFullError
+from bot.engine import EngineClosedError, EngineError, PromptTooLongError, QueueFullError
 from bot.errors import (
     BusyError,
     GenerationFailedError,
@@ -150,7 +150,7 @@ class ChatService:
 
     def ask(self, prompt: str, *, channel_id: int, author: Speaker) -> Reply:
         async def start() -> Started:
-            model = self.backend.model  # one version for the whole request, even during a swap
+            model = await self._pinned()  # one version for the whole request, even in a swap
             async with self.db.session() as s:
                 overrides = await repo.settings_overrides(s, channel_id)
             settings = generation_settings(model, overrides)
@@ -166,7 +166,7 @@ class ChatService:
     async def _start_unstored(self, msg: IncomingMessage) -> Started:
         """A reply to an opted-out user: the channel's persona and settings, the live message
         alone as the conversation, nothing stored."""
-        model = self.backend.model
+        model = await self._pinned()
         async with self.db.session() as s:
             channel = await repo.get_channel(s, msg.channel_id)
             overrides = await repo.settings_overrides(s, msg.channel_id)
@@ -179,7 +179,7 @@ class ChatService:
     async def _start_reply(
         self, msg: IncomingMessage, bot: Speaker, pending_id: int | None
     ) -> Started:
-        model = self.backend.model  # one version for the whole request, even during a swap
+        model = await self._pinned()  # one version for the whole request, even in a swap
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, msg.channel_id, msg.guild_id)
             if pending_id is not None:
@@ -260,7 +260,7 @@ class ChatService:
     async def _restart_reply(
         self, row_id: int, channel_id: int, bot: Speaker, *, extend: bool
     ) -> Started:
-        model = self.backend.model
+        model = await self._pinned()
         async with self.db.session() as s, s.begin():
             row = await repo.get_message(s, row_id)
             if row is None or row.role != Role.ASSISTANT or row.forgotten:
@@ -352,6 +352,16 @@ class ChatService:
         except Exception as exc:  # a template that refuses the conversation, no template, ...
             log.exception("cannot build a prompt for %s", model.ref)
             raise GenerationFailedError(str(exc)) from exc
+
+    async def _pinned(self) -> LoadedModel:
+        """The version new requests are pinned to now: with Redis another shard may have moved
+        the pin, and a prompt built for the old one would send the workers back to it. If the
+        pin cannot be read, the version this process has (submit then says what is wrong)."""
+        try:
+            return await self.backend.refresh()
+        except EngineError as exc:
+            log.warning("cannot check the pinned model version: %s", exc)
+            return self.backend.model
 
     async def _submit(self, prompt: Prompt, settings: ChannelSettings) -> Any:
         try:

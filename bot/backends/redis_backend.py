@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000  # one blocking read of a reply stream (below redis-py's socket timeout)
 LATE_GRACE_S = 30.0  # past its timeout plus this, a request no worker finished ends as timeout
-PIN_CHECK_S = 1.0  # how often submit checks (in the background) whether another shard swapped
 LOST_NOTE = "the Redis server lost this request (it restarted or was flushed); please try again"
 
 
@@ -177,7 +176,6 @@ class RedisBackend:
         self._streams: set[RedisStream] = set()
         self._tasks: set[asyncio.Task] = set()
         self._model_lock = asyncio.Lock()
-        self._followed = time.monotonic()
         self._closed = False
 
     @classmethod
@@ -217,13 +215,15 @@ class RedisBackend:
         return self._closed
 
     async def refresh(self) -> LoadedModel:
-        """The version new requests are pinned to now, loaded here if another shard changed it."""
-        self._followed = time.monotonic()
-        self._closed = False
-        pinned = await self.client.get(self.keys.model)
-        if pinned is None:  # a Redis that restarted empty: pin what this process runs
-            await self.client.set(self.keys.model, self._model.ref, nx=True)
+        """The version new requests are pinned to now, loaded here if another shard changed it
+        (ChatService asks before it builds each prompt). EngineError if Redis cannot say."""
+        try:
             pinned = await self.client.get(self.keys.model)
+            if pinned is None:  # a Redis that restarted empty: pin what this process runs
+                await self.client.set(self.keys.model, self._model.ref, nx=True)
+                pinned = await self.client.get(self.keys.model)
+        except RedisError as exc:
+            raise EngineError(f"cannot reach Redis: {exc}") from None
         if pinned and pinned != self._model.ref:
             async with self._model_lock:
                 if pinned != self._model.ref:
@@ -268,8 +268,6 @@ class RedisBackend:
             raise EngineError(f"cannot reach Redis: {exc}") from None
         if entry is None:
             raise QueueFullError(f"{self._max_queue} requests are already waiting for a worker")
-        if time.monotonic() - self._followed > PIN_CHECK_S:  # for the next prompts
-            self._background(self.refresh())
         deadline = time.monotonic() + timeout_s + LATE_GRACE_S if timeout_s else None
         stream = RedisStream(self, request, deadline)
         self._streams.add(stream)
@@ -313,7 +311,7 @@ class RedisBackend:
         task.add_done_callback(self._tasks.discard)
 
     async def settle(self) -> None:
-        """Wait for the background work (cancel flags, pin checks) started so far."""
+        """Wait for the background work (cancel flags) started so far."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
 

@@ -171,5 +171,8 @@ class FakeEngine:
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
         return FakeStream(self, prompt_ids, params, pieces)
 
+    async def refresh(self) -> FakeModel:
+        return self.model
+
     def prompt_text(self, index: int) -> str:
         return bytes(self.submitted[index][0]).decode("utf-8")

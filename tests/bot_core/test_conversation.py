@@ -229,6 +229,27 @@ async def test_a_crash_mid_reply_is_marked_interrupted_at_the_next_start(
     assert db2.interrupted == [(10, rows[1].discord_message_ids)]
 
 
+async def test_a_reply_stores_its_discord_message_as_soon_as_it_is_posted(
+    db_url, settings, monkeypatch
+):
+    """A crash right after a reply's first Discord message was posted (before any timed flush)
+    still leaves its id, so the next start puts the interrupted note on that message."""
+    monkeypatch.setattr("bot.reply.PARTIAL_FLUSH_S", 3600.0)  # no timed flush here
+    db = await Database.open(db_url)
+    service = ChatService(db, FakeEngine(), settings)
+    reply = service.reply(message("hello"), bot=BOT)
+    await reply.__aenter__()
+    pieces = aiter(reply)
+    assert await anext(pieces) == "Hi"
+    reply.message_ids.append(222)  # the first piece is shown as Discord message 222
+    assert await anext(pieces) == " there,"
+    await db.close()  # the process dies: __aexit__ never runs
+
+    db2 = await Database.open(db_url)
+    await db2.close()
+    assert db2.interrupted == [(10, [222])]
+
+
 async def first_answering_second_waiting(service: ChatService, engine: FakeEngine) -> None:
     """Until the first message is being answered and the second one waits in the inbox."""
     for _ in range(6000):  # a minute at most; a loaded machine needs more than a second

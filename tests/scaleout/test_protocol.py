@@ -12,7 +12,11 @@ import pytest
 from bot.backends import RestartPiece
 from bot.backends import protocol as p
 from bot.backends.redis_backend import LOST_NOTE, RedisBackend, ensure_group
+from bot.config import BotConfig
 from bot.engine import PromptTooLongError, QueueFullError, SamplingParams
+from bot.service import ChatService
+from bot.storage.db import Database
+from bot.turns import IncomingMessage, Speaker
 
 SHORT = SamplingParams(max_new_tokens=8)
 
@@ -132,6 +136,29 @@ async def test_a_pin_set_by_one_shard_is_followed_by_the_others(fake, two_versio
     stream = await two.submit([1, 2], SHORT)
     assert stream.request.model == "tiny@2"
     stream.cancel()
+
+
+async def test_a_shard_builds_its_next_prompt_for_a_pin_another_shard_just_moved(
+    fake, two_versions, tiny_model, tmp_path
+):
+    """Without waiting for any check: a prompt built for the old version would send the
+    workers back to it (e2e: test_model_use_while_a_reply_streams_moves_both_shards_...)."""
+    await ensure_group(fake, p.Keys("t"))
+    one = RedisBackend(fake, tiny_model, registry=two_versions.root, prefix="t")
+    two = RedisBackend(fake, tiny_model, registry=two_versions.root, prefix="t")
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    service = ChatService(db, two, BotConfig(_env_file=None, data_dir=tmp_path))
+    try:
+        await one.swap("tiny@2")
+        msg = IncomingMessage(10, 5, Speaker(1, "alice"), "hello", message_id=11)
+        async with service.reply(msg, bot=Speaker(900, "Bot", is_bot=True)) as reply:
+            [(_, fields)] = await fake.xrange("t:requests")
+            assert p.GenerationRequest.decode(fields["d"]).model == "tiny@2"
+            reply.stop()
+        assert two.model.ref == "tiny@2"
+    finally:
+        await two.close()
+        await db.close()
 
 
 async def test_stats_list_live_workers_and_drop_expired_ones(backend, fake):
