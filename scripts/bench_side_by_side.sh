@@ -12,6 +12,8 @@
 #   HF_PY, OPTIMUM_PY, GENAI_PY, LLAMA_PY    python executables
 #   GENAI_FP32, GENAI_INT4                   onnxruntime-genai builder outputs for HF_DIR
 # SPIN=1 also runs our engine with `--spin` (the peers' threads spin by default).
+# PRECISIONS="int4" (default "fp32 int8 int4") limits our runs to those precisions (a quick
+# 4-bit sitting: the 4-bit peers and our int4 alone).
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 hf_dir=$1 gguf=$2 registry=$3 prefix=${4:-s}
@@ -35,10 +37,14 @@ echo "{\"sitting\": \"$(date -u +%FT%TZ)\", \"load\": \"$(cut -d' ' -f1-3 /proc/
 [ -n "${GENAI_PY:-}" ] && [ -n "${GENAI_INT4:-}" ] &&
     peer "$GENAI_PY" "$anchors/bench_anchors.py" "genai:$GENAI_INT4" x
 [ -n "${LLAMA_PY:-}" ] && peer "$LLAMA_PY" "$anchors/bench_llamacpp.py" "$gguf"
-for precision in fp32 int8 int4; do ours "$precision" 128 1; done
-for precision in fp32 int4; do ours "$precision" 128 8; ours "$precision" 1024 1; done
+precisions=${PRECISIONS:-fp32 int8 int4}
+for precision in $precisions; do ours "$precision" 128 1; done
+for precision in ${precisions/int8/}; do ours "$precision" 128 8; ours "$precision" 1024 1; done
 if [ "${SPIN:-0}" = 1 ]; then
-    for precision in fp32 int8 int4; do ours "$precision" 128 1 --spin; done
-    for precision in fp32 int4; do ours "$precision" 128 8 --spin; ours "$precision" 1024 1 --spin; done
+    for precision in $precisions; do ours "$precision" 128 1 --spin; done
+    for precision in ${precisions/int8/}; do
+        ours "$precision" 128 8 --spin
+        ours "$precision" 1024 1 --spin
+    done
 fi
 echo "{\"end\": \"$(date -u +%FT%TZ)\", \"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
