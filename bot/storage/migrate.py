@@ -7,10 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+# PostgreSQL advisory lock key of migrations ("dllm" in ASCII): processes that start together
+# (shards, workers) migrate one after the other; the later ones then find nothing to do
+MIGRATION_LOCK = 0x646C6C6D
 
 COMMANDS = {
     "upgrade": command.upgrade,
@@ -45,6 +50,9 @@ async def run_command(engine: AsyncEngine, name: str, *args: Any, **kwargs: Any)
 
     env.py sees the connection in `config.attributes` and runs the migrations on it, so an
     already running event loop is fine and the engine's connect hooks (SQLite pragmas) apply.
+    On PostgreSQL the transaction first takes an advisory lock, so that processes starting at
+    once on a new schema do not run the same migration side by side (Alembic takes no lock);
+    SQLite's own write lock serialises them there.
     """
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     fn = COMMANDS[name]
@@ -54,6 +62,8 @@ async def run_command(engine: AsyncEngine, name: str, *args: Any, **kwargs: Any)
         fn(cfg, *args, **kwargs)
 
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":  # released when the transaction ends
+            await connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
         await connection.run_sync(run)
 
 

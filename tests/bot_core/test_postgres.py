@@ -12,13 +12,13 @@ import os
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 
 from bot.generation import SettingsError
 from bot.service import ChatService
 from bot.storage import repo
 from bot.storage.db import Database
-from bot.storage.migrate import run_command
+from bot.storage.migrate import head_revisions, run_command
 from bot.storage.models import Base, Message, Status
 from bot.turns import IncomingMessage, Speaker
 from tests.bot_core.fakes import FakeEngine
@@ -51,6 +51,24 @@ async def test_migrated_schema_matches_the_orm(pg: Database):
         )
     assert {"channels", "messages", "channel_settings", "audit_log"} <= tables
     assert diff == []
+
+
+async def test_processes_starting_together_migrate_one_after_the_other():
+    """Shards and workers started at once each migrate a new database at start-up. Alembic
+    takes no lock: side by side, both ran the first migration (duplicate tables, or a duplicate
+    alembic_version row). With the advisory lock the second waits and finds nothing to do."""
+    db = Database(URL)
+    await run_command(db.engine, "downgrade", "base")
+    others = [Database(URL) for _ in range(3)]
+    try:
+        await asyncio.gather(*(run_command(d.engine, "upgrade", "head") for d in [db, *others]))
+        async with db.engine.connect() as conn:
+            versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+        assert [v for (v,) in versions] == list(head_revisions())
+    finally:
+        await run_command(db.engine, "downgrade", "base")
+        for d in [db, *others]:
+            await d.close()
 
 
 async def test_conversation_round_trip(pg: Database, settings):
