@@ -210,6 +210,7 @@ async def layout(pg: Database, prefix: str, two_versions, tmp_path: Path):
             "ENGINE_SLOTS": "4",
             "ENGINE_THREADS": "1",
             "EDIT_INTERVAL_S": "0",
+            "PLACEHOLDER_AFTER_S": "0",  # its own tests: tests/bot_core, tests/e2e
             "USER_RATE_PER_MIN": "1000",
             "CHANNEL_RATE_PER_MIN": "1000",
             "WORKER_CLAIM_IDLE_S": "2",
