@@ -19,7 +19,8 @@ COPY bot ./bot
 COPY export ./export
 COPY models ./models
 COPY migrations ./migrations
-RUN pip install -e . \
+# The postgres and redis extras: the same image runs shards and workers (docs/deployment.md).
+RUN pip install -e ".[postgres,redis]" \
     && useradd --create-home --uid 1000 bot \
     && mkdir -p /app/data \
     && chown bot /app/data
