@@ -169,10 +169,14 @@ class Reply:
 
     async def hold(self, message_id: int) -> None:
         """Remember the placeholder Discord message shown while this message waits its turn,
-        so that after a crash its answer replaces it (once the reply started, the reply's
-        own message ids carry it instead)."""
-        if self._hold is not None and self._started is None:
-            await self._hold(message_id)
+        so that after a crash its answer replaces it: in the inbox row while the message
+        waits; once the reply started, as the reply's message (`message_ids`, set by the
+        caller), which a restart then marks interrupted."""
+        if self._started is None:
+            if self._hold is not None:
+                await self._hold(message_id)
+        elif not self._finished:
+            await self._flush_partial()
 
     async def _restarting(self) -> None:
         """The bot is closing before this message's turn: its author is told to ask again

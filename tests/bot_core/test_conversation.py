@@ -250,6 +250,32 @@ async def test_a_reply_stores_its_discord_message_as_soon_as_it_is_posted(
     assert db2.interrupted == [(10, [222])]
 
 
+async def test_a_placeholder_is_stored_where_a_restart_finds_it(db_url, settings):
+    """The "in line" placeholder (cogs/chat.py) of a message still waiting goes into its inbox
+    row; of a reply already started but without text yet, into the reply's own row: either way
+    a crash leaves its id where the next start looks (the answer replaces it, or it is marked
+    interrupted)."""
+    db = await Database.open(db_url)
+    engine = FakeEngine()
+    service = ChatService(db, engine, settings)
+    first = service.reply(message("one", message_id=501), bot=BOT)
+    await first.__aenter__()
+    waiting = service.reply(message("two", message_id=502), bot=BOT)
+    entering = asyncio.create_task(waiting.__aenter__())
+    await first_answering_second_waiting(service, engine)
+    await waiting.hold(777)  # shown while it waits behind the first
+    [pending] = await service.pending()
+    assert (pending.discord_message_id, pending.held_message_id) == (502, 777)
+    first.message_ids.append(888)  # the first reply's placeholder, before any text
+    await first.hold(888)
+    await db.close()  # the process dies
+    entering.cancel()
+
+    db2 = await Database.open(db_url)
+    await db2.close()
+    assert db2.interrupted == [(10, [888])]
+
+
 async def first_answering_second_waiting(service: ChatService, engine: FakeEngine) -> None:
     """Until the first message is being answered and the second one waits in the inbox."""
     for _ in range(6000):  # a minute at most; a loaded machine needs more than a second
