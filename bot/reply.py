@@ -168,10 +168,11 @@ class Reply:
         return self
 
     async def hold(self, message_id: int) -> None:
-        """Remember the placeholder Discord message shown while this message waits its turn,
-        so that after a crash its answer replaces it: in the inbox row while the message
-        waits; once the reply started, as the reply's message (`message_ids`, set by the
-        caller), which a restart then marks interrupted."""
+        """Remember the placeholder Discord message shown before any text, so that after a
+        crash its answer replaces it: in the inbox row while the message waits its turn; once
+        the reply started, as the reply's message, which a restart then marks interrupted."""
+        if not self.message_ids:
+            self.message_ids.append(message_id)
         if self._started is None:
             if self._hold is not None:
                 await self._hold(message_id)

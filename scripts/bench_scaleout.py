@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bot.backends.redis_backend import RedisBackend, connect  # noqa: E402
 from bot.config import load_settings  # noqa: E402
 from bot.engine import SamplingParams  # noqa: E402
+from bot.engine.bench import percentile  # noqa: E402
 
 TOPICS = ["the sea", "mountains", "coffee", "trains", "music", "gardens", "rain", "books"]
 
@@ -62,11 +63,6 @@ def redis_server(url: str | None):
         finally:
             proc.terminate()
             proc.wait(30)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def wait_for_workers(backend: RedisBackend, procs: list[subprocess.Popen], count: int):
@@ -141,8 +137,8 @@ async def one_run(args: argparse.Namespace, url: str, workers: int) -> dict:
             "tokens": tokens,
             "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1),
-            "ttft_p50_ms": round(percentile(ttfts, 0.5), 1),
-            "ttft_p99_ms": round(percentile(ttfts, 0.99), 1),
+            "ttft_p50_ms": round(percentile(ttfts, 50), 1),
+            "ttft_p99_ms": round(percentile(ttfts, 99), 1),
             "model": model.ref,
         }
     finally:

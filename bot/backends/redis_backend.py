@@ -28,12 +28,12 @@ from bot.engine import (
     EngineError,
     GenerationResult,
     LoadedModel,
-    PromptTooLongError,
     QueueFullError,
     SamplingParams,
     load_model,
 )
 from bot.engine.stream import PieceStream
+from bot.engine.types import check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -242,18 +242,13 @@ class RedisBackend:
         params = params or SamplingParams()
         model = self._model
         prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("the prompt must be a non-empty list of token ids")
         arch = getattr(model.manifest, "architecture", None)
-        vocab = getattr(arch, "vocab_size", None)
-        if vocab and (min(prompt) < 0 or max(prompt) >= vocab):
-            raise ValueError(f"token ids must be in 0..{vocab - 1}")
-        limit = model.max_context - params.max_new_tokens
-        if len(prompt) > limit:
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt)} tokens but at most {max(limit, 0)} fit "
-                f"({model.max_context} context - {params.max_new_tokens} new tokens)"
-            )
+        check_prompt(
+            prompt,
+            vocab=getattr(arch, "vocab_size", None),
+            max_context=model.max_context,
+            max_new_tokens=params.max_new_tokens,
+        )
         request = GenerationRequest(
             id=uuid.uuid4().hex,
             prompt=prompt,

@@ -369,7 +369,6 @@ class Chat(commands.Cog):
         try:
             held = await out.hold(IN_LINE)
             if held is not None:
-                reply.message_ids[:] = out.message_ids
                 await reply.hold(held.id)
         except discord.HTTPException as exc:  # the reply itself will say what is wrong
             log.info("cannot show the in-line placeholder: %s", exc)

@@ -16,12 +16,7 @@ from bot.engine.sampling import Sampler
 from bot.engine.scheduler import Request, Scheduler, Worker
 from bot.engine.session import GraphRunner, SessionInfo, create_session
 from bot.engine.stream import Stream
-from bot.engine.types import (
-    EngineStats,
-    GenerationResult,
-    PromptTooLongError,
-    SamplingParams,
-)
+from bot.engine.types import EngineStats, GenerationResult, SamplingParams, check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +154,14 @@ class Engine:
         worker = self._scheduler.current
         model = worker.model
         prompt = np.asarray(list(prompt_ids), dtype=np.int64)
-        vocab = worker.runner.vocab
-        if prompt.ndim != 1 or len(prompt) == 0:
+        if prompt.ndim != 1:
             raise ValueError("the prompt must be a non-empty list of token ids")
-        if prompt.min() < 0 or prompt.max() >= vocab:
-            raise ValueError(f"token ids must be in 0..{vocab - 1}")
-        limit = model.max_context - params.max_new_tokens
-        if len(prompt) > limit:
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt)} tokens but at most {max(limit, 0)} fit "
-                f"({model.max_context} context - {params.max_new_tokens} new tokens)"
-            )
+        check_prompt(
+            prompt.tolist(),
+            vocab=worker.runner.vocab,
+            max_context=model.max_context,
+            max_new_tokens=params.max_new_tokens,
+        )
         stop_ids = model.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
         now = self._clock()
         request: Request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
@@ -25,6 +26,24 @@ class EngineClosedError(EngineError):
 
 class ModelLoadError(EngineError):
     """A model version that cannot be found or loaded."""
+
+
+def check_prompt(
+    prompt: Sequence[int], *, vocab: int | None, max_context: int, max_new_tokens: int
+) -> None:
+    """What every backend refuses before queueing: an empty prompt or ids outside the
+    vocabulary (ValueError), a prompt that leaves no room for `max_new_tokens` in the context
+    (PromptTooLongError)."""
+    if len(prompt) == 0:
+        raise ValueError("the prompt must be a non-empty list of token ids")
+    if vocab and (min(prompt) < 0 or max(prompt) >= vocab):
+        raise ValueError(f"token ids must be in 0..{vocab - 1}")
+    limit = max_context - max_new_tokens
+    if len(prompt) > limit:
+        raise PromptTooLongError(
+            f"the prompt has {len(prompt)} tokens but at most {max(limit, 0)} fit "
+            f"({max_context} context - {max_new_tokens} new tokens)"
+        )
 
 
 @dataclass(frozen=True)

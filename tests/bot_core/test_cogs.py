@@ -211,8 +211,9 @@ class FakeReply:
     async def __aexit__(self, *exc: object) -> None:
         self.ids_at_exit = list(self.message_ids)
 
-    async def hold(self, message_id: int) -> None:
+    async def hold(self, message_id: int) -> None:  # as Reply.hold
         self.held.append(message_id)
+        self.message_ids[:] = self.message_ids or [message_id]
 
     async def __aiter__(self) -> AsyncIterator[str]:
         if self.gate is not None:  # no text until the test opens it

@@ -266,8 +266,7 @@ async def test_a_placeholder_is_stored_where_a_restart_finds_it(db_url, settings
     await waiting.hold(777)  # shown while it waits behind the first
     [pending] = await service.pending()
     assert (pending.discord_message_id, pending.held_message_id) == (502, 777)
-    first.message_ids.append(888)  # the first reply's placeholder, before any text
-    await first.hold(888)
+    await first.hold(888)  # the first reply's placeholder, before any text
     await db.close()  # the process dies
     entering.cancel()
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import aiohttp
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.storage import repo
 from tests.fakediscord import FakeDiscord, Recorded
@@ -43,3 +47,44 @@ async def stored(bot: Any, channel_id: int) -> list[Any]:
 
 def option(name: str, value: Any, kind: int) -> dict[str, Any]:
     return {"type": kind, "name": name, "value": value}
+
+
+async def leave_in_inbox(
+    s: AsyncSession,
+    author: dict[str, Any],
+    message: dict[str, Any],
+    *,
+    age: timedelta = timedelta(0),
+    held_id: int | None = None,
+) -> None:
+    """What a kill -9 leaves of a message the bot accepted and never answered: its inbox row,
+    received `age` ago, with the placeholder `held_id` the bot had shown for it."""
+    pending = await repo.add_pending(
+        s,
+        channel_id=int(message["channel_id"]),
+        author_id=int(author["id"]),
+        author_name=author["username"],
+        content=message["content"],
+        discord_message_id=int(message["id"]),
+    )
+    pending.received_at = datetime.now(UTC) - age
+    if held_id is not None:
+        await s.flush()
+        assert await repo.hold_pending(s, pending.id, held_id)
+
+
+async def post_as_bot(
+    fake: FakeDiscord, reply_to: dict[str, Any], content: str, *, with_channel: bool = True
+) -> dict[str, Any]:
+    """A reply to `reply_to` posted through the REST API as the bot posts its own (pinging no
+    one); `with_channel=False` leaves the channel out of its reference (discord.py then cannot
+    read the message back)."""
+    channel = reply_to["channel_id"]
+    reference = {"message_id": reply_to["id"]} | ({"channel_id": channel} if with_channel else {})
+    body = {"content": content, "message_reference": reference}
+    body["allowed_mentions"] = {"parse": [], "replied_user": False}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{fake.api_base}/channels/{channel}/messages", json=body) as response,
+    ):
+        return await response.json()

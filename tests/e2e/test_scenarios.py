@@ -7,14 +7,22 @@ import logging
 import shutil
 from pathlib import Path
 
-import aiohttp
 import pytest
 from sqlalchemy import select
 
 from bot.storage import repo
 from bot.storage.db import Database
 from bot.storage.models import AuditEntry
-from tests.e2e.helpers import Start, command, option, pings_nobody, reply_done, stored
+from tests.e2e.helpers import (
+    Start,
+    command,
+    leave_in_inbox,
+    option,
+    pings_nobody,
+    post_as_bot,
+    reply_done,
+    stored,
+)
 from tests.fakediscord import FakeDiscord
 
 
@@ -336,7 +344,7 @@ async def test_after_a_crash_the_bot_finishes_what_it_had_accepted(
     """What a kill -9 leaves: a reply cut mid-stream (its row in progress) and messages accepted
     but never answered (in the inbox). On restart the cut reply's Discord message says it was
     interrupted, a recent unanswered message is answered, an old one is declined with a note."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     from sqlalchemy import update
 
@@ -358,16 +366,8 @@ async def test_after_a_crash_the_bot_finishes_what_it_had_accepted(
         await s.execute(
             update(Message).where(Message.id == cut.id).values(status=Status.IN_PROGRESS)
         )
-        for msg, age in ((recent, timedelta(0)), (old, timedelta(hours=2))):
-            pending = await repo.add_pending(
-                s,
-                channel_id=channel,
-                author_id=int(alice["id"]),
-                author_name="alice",
-                content=msg["content"],
-                discord_message_id=int(msg["id"]),
-            )
-            pending.received_at = datetime.now(UTC) - age
+        await leave_in_inbox(s, alice, recent)
+        await leave_in_inbox(s, alice, old, age=timedelta(hours=2))
     await db.close()
     cut_message = cut.discord_message_ids[-1]
     n_before = len(fake.find("POST", f"/channels/{channel}/messages"))
@@ -411,7 +411,7 @@ async def test_after_a_crash_an_answer_replaces_the_placeholder_it_had_shown(
     """A message that waited behind another reply showed the "in line" placeholder, then the
     bot was killed. On restart its answer is written into that placeholder (no second message),
     and a declined one's placeholder is deleted before the note."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     from bot.cogs.chat import IN_LINE
 
@@ -422,34 +422,16 @@ async def test_after_a_crash_an_answer_replaces_the_placeholder_it_had_shown(
     recent = await fake.dispatch_message(channel, alice, "said while the bot was down")
     old = await fake.dispatch_message(channel, alice, "said long ago")
     await start_bot.stop(bot)  # type: ignore[attr-defined]
-    held = {}
-    async with aiohttp.ClientSession() as http:  # the placeholders, as the bot had posted them
-        for msg in (recent, old):
-            reference = {"message_id": msg["id"], "channel_id": str(channel)}
-            body = {"content": IN_LINE, "message_reference": reference}
-            body["allowed_mentions"] = {"parse": [], "replied_user": False}
-            url = f"{fake.api_base}/channels/{channel}/messages"
-            async with http.post(url, json=body) as response:
-                held[msg["id"]] = await response.json()
-
+    # the placeholders the bot had posted for them
+    kept = int((await post_as_bot(fake, recent, IN_LINE))["id"])
+    dropped = int((await post_as_bot(fake, old, IN_LINE))["id"])
     db = await Database.open(bot.settings.database_url)
     async with db.session() as s, s.begin():  # the inbox a kill -9 leaves
-        for msg, age in ((recent, timedelta(0)), (old, timedelta(hours=2))):
-            pending = await repo.add_pending(
-                s,
-                channel_id=channel,
-                author_id=int(alice["id"]),
-                author_name="alice",
-                content=msg["content"],
-                discord_message_id=int(msg["id"]),
-            )
-            pending.received_at = datetime.now(UTC) - age
-            await s.flush()
-            assert await repo.hold_pending(s, pending.id, int(held[msg["id"]]["id"]))
+        await leave_in_inbox(s, alice, recent, held_id=kept)
+        await leave_in_inbox(s, alice, old, age=timedelta(hours=2), held_id=dropped)
     await db.close()
     n_posts = len(fake.find("POST", f"/channels/{channel}/messages"))
 
-    kept, dropped = int(held[recent["id"]]["id"]), int(held[old["id"]]["id"])
     bot = await start_bot()
     await fake.wait_until(lambda: fake.find("DELETE", f"/messages/{dropped}"), 60)
     posted = fake.find
@@ -482,25 +464,11 @@ async def test_one_message_that_cannot_be_recovered_does_not_stop_the_others(
     odd = await fake.dispatch_message(channel, alice, "first")
     fine = await fake.dispatch_message(channel, alice, "second")
     await start_bot.stop(bot)  # type: ignore[attr-defined]
-    async with aiohttp.ClientSession() as http:
-        body = {"content": "...", "message_reference": {"message_id": odd["id"]}}
-        body["allowed_mentions"] = {"parse": [], "replied_user": False}
-        async with http.post(f"{fake.api_base}/channels/{channel}/messages", json=body) as r:
-            broken = await r.json()
+    broken = await post_as_bot(fake, odd, "...", with_channel=False)
     db = await Database.open(bot.settings.database_url)
     async with db.session() as s, s.begin():
-        for msg in (odd, fine):
-            pending = await repo.add_pending(
-                s,
-                channel_id=channel,
-                author_id=int(alice["id"]),
-                author_name="alice",
-                content=msg["content"],
-                discord_message_id=int(msg["id"]),
-            )
-            if msg is odd:
-                await s.flush()
-                await repo.hold_pending(s, pending.id, int(broken["id"]))
+        await leave_in_inbox(s, alice, odd, held_id=int(broken["id"]))
+        await leave_in_inbox(s, alice, fine)
     await db.close()
 
     bot = await start_bot()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -15,6 +16,17 @@ needs_redis = pytest.mark.skipif(
     not REDIS_URL,
     reason="BOT_TEST_REDIS_URL not set (`make test` or scripts/test_services.sh starts a Redis)",
 )
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (a bot process or worker then shuts down in order), SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,19 @@ import asyncio
 from types import SimpleNamespace
 
 from bot.engine import GenerationResult, SamplingParams
+from bot.engine.stream import PieceStream
 
 
-class ScriptedStream:
-    """An engine stream whose pieces the test feeds (`feed`, `end`)."""
+class ScriptedStream(PieceStream):
+    """An engine stream whose pieces the test feeds (`feed`, `end`); after a cancel, pieces fed
+    but not yet read are dropped, as the engine drops what it had not handed over."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, model: str) -> None:
+        super().__init__()
         self.prompt, self.params, self.model = prompt, params, model
-        self.result: GenerationResult | None = None
         self.cancelled = False
         self.text = ""  # read so far
         self.fed = ""
-        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
-        self._done = asyncio.Event()
 
     def feed(self, *pieces: str) -> None:
         for piece in pieces:
@@ -27,9 +27,9 @@ class ScriptedStream:
 
     def end(self, reason: str = "stop") -> None:
         """The end after the pieces fed so far (a cancel: after those already read)."""
-        if self.result is None:
-            text = self.text if reason == "cancelled" else self.fed
-            self.result = GenerationResult(
+        text = self.text if reason == "cancelled" else self.fed
+        self._finish(
+            GenerationResult(
                 token_ids=list(range(len(text))),
                 text=text,
                 finish_reason=reason,
@@ -37,34 +37,18 @@ class ScriptedStream:
                 completion_tokens=len(text),
                 model=self.model,
             )
-            self._queue.put_nowait(None)
-            self._done.set()
+        )
 
     def cancel(self) -> None:
         self.cancelled = True
         self.end("cancelled")
 
-    def __aiter__(self) -> ScriptedStream:
-        return self
-
     async def __anext__(self) -> str:
         while True:
-            item = await self._queue.get()
-            if item is None:
-                self._queue.put_nowait(None)
-                raise StopAsyncIteration
+            piece = await super().__anext__()
             if not self.cancelled:
-                self.text += item
-                return item
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    async def wait(self) -> GenerationResult:
-        await self._done.wait()
-        assert self.result is not None
-        return self.result
+                self.text += piece
+                return piece
 
 
 class ScriptedEngine:

@@ -27,7 +27,7 @@ from bot.storage.db import Database
 from bot.storage.migrate import run_command
 from bot.storage.models import Message
 from tests.fakediscord import FakeDiscord
-from tests.scaleout.conftest import REDIS_URL, needs_redis
+from tests.scaleout.conftest import REDIS_URL, needs_redis, stop_process
 from tests.scaleout.gated_worker import hold_key
 
 PG_URL = os.environ.get("BOT_TEST_POSTGRES_URL")
@@ -86,14 +86,7 @@ class Processes:
         proc.wait()
 
     def stop(self, name: str) -> None:
-        proc = self.running.pop(name)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(self.running.pop(name))
 
     def stop_all(self) -> None:
         for name in list(self.running):

@@ -18,7 +18,13 @@ from bot.backends import LocalBackend, RestartPiece
 from bot.backends.protocol import Keys
 from bot.backends.redis_backend import RedisBackend, connect
 from bot.engine import Engine, SamplingParams
-from tests.scaleout.conftest import REDIS_URL, eventually, needs_redis, running_worker
+from tests.scaleout.conftest import (
+    REDIS_URL,
+    eventually,
+    needs_redis,
+    running_worker,
+    stop_process,
+)
 from tests.scaleout.scripted import ScriptedEngine
 
 pytestmark = needs_redis
@@ -76,13 +82,7 @@ def process(args: list[str], env: dict[str, str], log: Path):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 async def live_worker(backend: RedisBackend, worker_id: str, proc, log: Path) -> bool:
