@@ -16,12 +16,14 @@ import json
 import sys
 import tempfile
 import time
+from asyncio import FIRST_COMPLETED
 from pathlib import Path
 from typing import Any
 
 from bot.client import create_bot
 from bot.cogs.chat import IN_LINE
 from bot.config import BotConfig
+from bot.engine import EngineError
 from bot.engine.bench import percentile
 from tests.fakediscord import FakeDiscord
 
@@ -87,6 +89,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             bot = await create_bot(settings)
             task = asyncio.create_task(bot.start("fake-token"))
             try:
+                ready = asyncio.create_task(bot.wait_until_ready())
+                await asyncio.wait({task, ready}, timeout=120, return_when=FIRST_COMPLETED)
+                if task.done():  # it could not start (a wrong model): its error, at once
+                    ready.cancel()
+                    task.result()
+                if not ready.done():
+                    raise TimeoutError("the bot did not connect to the fake Discord in 120 s")
                 return await _load(fake, bot, args)
             finally:
                 await bot.close()
@@ -94,7 +103,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _load(fake: FakeDiscord, bot: Any, args: argparse.Namespace) -> dict[str, Any]:
-    await asyncio.wait_for(bot.wait_until_ready(), 120)
     channels = fake.text_channel_ids[: args.channels]
     for channel in channels:
         await bot.chat.update_settings(channel, fake.guild_id, max_tokens=args.max_tokens)
@@ -139,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placeholder-after-s", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)
-    print(json.dumps(asyncio.run(run(args))))
+    try:
+        report = asyncio.run(run(args))
+    except (EngineError, ValueError, TimeoutError) as exc:  # a wrong model, a stuck bot
+        print(f"error: {exc or type(exc).__name__}", file=sys.stderr)
+        return 2
+    print(json.dumps(report))
     return 0
 
 
