@@ -23,6 +23,14 @@ async def reply_done(fake: FakeDiscord, bot: Any, channel_id: int, n_before: int
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
 
 
+def same_text(shown: str, stored: str) -> bool:
+    """Discord shows the stored text of one reply, maybe followed by a note such as the
+    history-cut one (the tiny model's random output may hold NUL, which PostgreSQL stores as
+    U+FFFD and SQLite keeps; leading and trailing blanks aside)."""
+    shown, stored = (t.replace("\x00", "\ufffd").strip() for t in (shown, stored))
+    return bool(stored) and shown.startswith(stored)
+
+
 def pings_nobody(allowed: dict[str, Any]) -> bool:
     """Discord's allowed_mentions that ping no one: nothing parsed, no ids, no reply ping."""
     nobody = allowed.get("parse") == [] and not allowed.get("users") and not allowed.get("roles")

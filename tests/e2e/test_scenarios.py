@@ -21,6 +21,7 @@ from tests.e2e.helpers import (
     pings_nobody,
     post_as_bot,
     reply_done,
+    same_text,
     stored,
 )
 from tests.fakediscord import FakeDiscord
@@ -446,7 +447,7 @@ async def test_after_a_crash_an_answer_replaces_the_placeholder_it_had_shown(
     answer = fake.messages[kept]["content"]  # written over
     rows = await stored(bot, channel)
     assert [(r.role, r.status) for r in rows] == [("user", "complete"), ("assistant", "complete")]
-    assert answer.strip() and answer.startswith(rows[1].content.strip()[:20])
+    assert same_text(answer, rows[1].content)
     assert rows[1].discord_message_ids == [kept] and dropped not in fake.messages
     assert await bot.chat.pending() == []
 

@@ -26,6 +26,7 @@ from bot.storage import repo
 from bot.storage.db import Database
 from bot.storage.migrate import run_command
 from bot.storage.models import Message
+from tests.e2e.helpers import same_text
 from tests.fakediscord import FakeDiscord
 from tests.scaleout.conftest import REDIS_URL, needs_redis, stop_process
 from tests.scaleout.gated_worker import hold_key
@@ -112,13 +113,6 @@ async def until_async(procs: Processes, check, timeout: float = 120) -> None:
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(poll(), timeout)
-
-
-def same_text(shown: str, stored: str) -> bool:
-    """Discord shows the stored text of one reply (the tiny model's random output may hold NUL,
-    which PostgreSQL keeps as U+FFFD), maybe followed by a note such as the history-cut one."""
-    shown = shown.replace("\x00", "\ufffd").strip()
-    return bool(stored.strip()) and shown.startswith(stored.strip())
 
 
 def bot_messages(fake: FakeDiscord, channel: int) -> list[dict[str, Any]]:
