@@ -134,12 +134,13 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
         max_context = _max_context(req, src.config)
 
         def build(folder: Path) -> None:
-            with stage("build"):
+            from export.onnx_graph import GRAPH_FILE, save_model, streamed_weights
+
+            # the weights go from the checkpoint's files to the graph's data file one at a time
+            with stage("build"), streamed_weights(folder):
                 model = _build_graph(src, req, max_context)
                 graph_info = _graph_info(model, req, max_context)
             with stage("save"):
-                from export.onnx_graph import GRAPH_FILE, save_model
-
                 save_model(model, folder / GRAPH_FILE)
                 del model
                 src.tokenizer.save(folder)
@@ -153,7 +154,7 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
                     describe_failure(figures) + "; not published (--force publishes anyway)",
                     figures,
                 )
-            with stage("gate"):
+            with stage("gate"), streamed_weights(folder):
                 gate = _gate(folder, src, req)
             if req.require_gate and not (gate and gate["passed"]):
                 raise GateError(_gate_failure(gate), gate)

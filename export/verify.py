@@ -167,19 +167,23 @@ def verify(
     import torch
 
     from export.runner import cpu_session
-    from export.weights import reference_model
+    from export.weights import reference_logits
 
     started = time.perf_counter()
     if precision not in THRESHOLDS:
         raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(THRESHOLDS)})")
     cfg = src.config
-    model = model if model is not None else reference_model(src)
-    session = cpu_session(Path(graph))
-    runner = (_FusedSteps if flavour == "fused" else _ReferenceRunner)(session, cfg)
     length, steps = settings.prompt_length, settings.steps
     tokens = _prompt_tokens(src, settings.prompts, length + steps, settings.seed)
-    with torch.no_grad():  # one causal pass gives the logits of every position the graph sees
-        want = model(torch.from_numpy(tokens))[0].numpy()
+    # one causal pass gives the logits of every position the graph sees; computed before the
+    # graph is loaded, one module's weights at a time, so the two never share the memory
+    if model is not None:
+        with torch.no_grad():
+            want = model(torch.from_numpy(tokens))[0].numpy()
+    else:
+        want = reference_logits(src, tokens)
+    session = cpu_session(Path(graph))
+    runner = (_FusedSteps if flavour == "fused" else _ReferenceRunner)(session, cfg)
     runner.start(settings.prompts)
     per_step = []
     for step in range(steps + 1):

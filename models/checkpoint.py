@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from models.errors import ModelError, first_line, listing
 from models.gguf import read_gguf
+from models.lazy_tensors import LazyTensors
 from models.model import ModelConfig, hf_tensor_shapes
 from models.tokenizer import read_json
 
@@ -35,7 +36,10 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB", as transformers counts it
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]  # HF names, float32 (or the stored float dtype)
+    # HF names -> tensors in the stored float dtype (float32, bfloat16, float16); a loaded
+    # checkpoint reads each from its file when asked for (LazyTensors), so hold none longer
+    # than needed
+    tensors: Mapping[str, torch.Tensor]
     tokenizer: TokenizerBundle
     generation_config: dict[str, Any]  # generation_config.json contents ({} when absent)
     source: Path  # the folder or .gguf file
@@ -154,23 +158,40 @@ def check_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], label
         )
 
 
-def read_weights(folder: Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """Every tensor the config needs, checked (from the files' headers) before any is read."""
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # the safetensors dtypes of weights we read
+
+
+def read_weights(folder: Path, config: ModelConfig) -> tuple[LazyTensors, list[Path]]:
+    """Every tensor the config needs, checked (from the files' headers) before any is read.
+
+    The tensors are read one at a time when asked for (safetensors memory maps), so a loaded
+    checkpoint costs no memory until its consumer reads it.
+    """
     files, label = weight_files(folder)
     shapes: dict[str, tuple[int, ...]] = {}
+    where: dict[str, tuple[Path, str]] = {}
     for file in files:
         with _reading(file), safe_open(file, framework="pt") as f:
             for stored in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                shapes[_hf_name(stored, config)] = tuple(f.get_slice(stored).get_shape())
+                name = _hf_name(stored, config)
+                piece = f.get_slice(stored)
+                shapes[name] = tuple(piece.get_shape())
+                where[name] = (file, stored)
+                dtype = piece.get_dtype()
+                if dtype not in FLOAT_DTYPES and not name.endswith(_BUFFER_SUFFIXES):
+                    raise ModelError(
+                        f"{file}: tensor {stored} is {dtype}; weights must be one of "
+                        f"{', '.join(FLOAT_DTYPES)} (quantized safetensors are not supported)"
+                    )
     check_tensors(config, shapes, label)
     expected = hf_tensor_shapes(config)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
+
+    def load(name: str) -> torch.Tensor:
+        file, stored = where[name]
         with _reading(file), safe_open(file, framework="pt") as f:
-            for stored in f.keys():  # noqa: SIM118
-                if (name := _hf_name(stored, config)) in expected:
-                    tensors[name] = f.get_tensor(stored)
-    return tensors, files
+            return f.get_tensor(stored)
+
+    return LazyTensors([n for n in where if n in expected], load), files
 
 
 @contextmanager
