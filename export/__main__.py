@@ -65,6 +65,20 @@ def _export_parser() -> argparse.ArgumentParser:
         default=None,
         help="KV length of the fused graph (default 2048, capped)",
     )
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="the base model (HF folder or .gguf) of a LoRA adapter CHECKPOINT "
+        "(default: the local base_model_name_or_path of its adapter_config.json)",
+    )
+    p.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template to use instead of the checkpoint's (or when it has none)",
+    )
     p.add_argument("--activate", action="store_true", help="make the new version the active one")
     p.add_argument("--force", action="store_true", help="publish even if the parity check fails")
     _common(p)
@@ -165,6 +179,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         force=args.force,
         progress=None,
+        base=args.base,
+        chat_template=args.chat_template,
     )
     info, manifest = export_checkpoint(req, registry)
     if args.activate:

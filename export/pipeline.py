@@ -74,6 +74,8 @@ class ExportRequest:
     force: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     require_gate: bool = False  # publish only if the quality gate passes (export.gate)
+    base: Path | None = None  # the base checkpoint of a LoRA adapter (else its config's)
+    chat_template: Path | None = None  # a Jinja chat template file, instead of the checkpoint's
 
 
 def check_request(req: ExportRequest) -> None:
@@ -93,6 +95,10 @@ def check_request(req: ExportRequest) -> None:
         raise ExportError(f"--max-context must be positive, got {req.max_context}")
     if not Path(req.checkpoint).expanduser().exists():
         raise ExportError(f"{req.checkpoint}: no such checkpoint folder or file")
+    if req.base is not None and not Path(req.base).expanduser().exists():
+        raise ExportError(f"{req.base}: no such base checkpoint folder or file")
+    if req.chat_template is not None and not Path(req.chat_template).expanduser().is_file():
+        raise ExportError(f"{req.chat_template}: no such chat template file")
 
 
 class _Stages:
@@ -130,7 +136,8 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
     stage = stages.stage
     try:
         with stage("load"):
-            src = load_export_source(req.checkpoint)
+            src = load_export_source(req.checkpoint, req.base)
+            _set_chat_template(src, req)
         max_context = _max_context(req, src.config)
 
         def build(folder: Path) -> None:
@@ -167,6 +174,42 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
     finally:
         stages.close()
     return info, info.manifest()
+
+
+# a conversation every chat template must render
+_SAMPLE_CHAT = [
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "How are you?"},
+]
+
+
+def _set_chat_template(src: Any, req: ExportRequest) -> None:
+    """Use req.chat_template's file (checked to render) when given; say at once, on stderr, that
+    a model without any template is prompted with a plain transcript, and how to give one."""
+    import dataclasses
+
+    from models.errors import ModelError
+
+    if req.chat_template is not None:
+        path = Path(req.chat_template).expanduser()
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ExportError(f"{path}: unreadable chat template ({exc})") from None
+        tokenizer = dataclasses.replace(src.tokenizer, chat_template=template)
+        try:
+            tokenizer.apply_chat_template(_SAMPLE_CHAT)
+        except ModelError as exc:
+            raise ExportError(f"{path}: the chat template does not render ({exc})") from None
+        src.tokenizer = tokenizer
+    elif src.tokenizer.chat_template is None:
+        print(
+            f"note: {req.checkpoint} has no chat template (tokenizer_config.json, "
+            "chat_template.jinja or GGUF metadata): the bot will prompt it with a plain "
+            "transcript; give one with --chat-template FILE",
+            file=sys.stderr,
+        )
 
 
 def _max_context(req: ExportRequest, cfg: Any) -> int:

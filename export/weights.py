@@ -56,12 +56,13 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     return np.ascontiguousarray(tensor, dtype=np.float32)
 
 
-def load_export_source(path: str | Path) -> ExportSource:
-    """Read an HF folder or .gguf file through models.checkpoint; ModelError on bad input."""
+def load_export_source(path: str | Path, base: str | Path | None = None) -> ExportSource:
+    """Read an HF folder, .gguf file or LoRA adapter (over `base`) through models.checkpoint;
+    ModelError on bad input."""
     from models.checkpoint import load_checkpoint
     from models.lazy_tensors import LazyTensors
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, base)
     stored = ckpt.tensors
     tensors = LazyTensors(stored, lambda name: _to_numpy(stored[name]))
     files = [

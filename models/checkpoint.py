@@ -50,11 +50,18 @@ class Checkpoint:
 # loading
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """An HF folder or a .gguf file as a Checkpoint; one-line ModelError naming the file if bad."""
+def load_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpoint:
+    """An HF folder, a .gguf file or a PEFT LoRA adapter folder (merged into `base`, else the
+    local base its adapter_config.json names) as a Checkpoint; one-line ModelError if bad."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelError(f"{path}: no such checkpoint folder or file")
+    from models import lora
+
+    if lora.is_adapter(path):
+        return load_adapter(path, base)
+    if base is not None:
+        raise ModelError(f"{path}: --base is for LoRA adapters, and this is not one")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return load_gguf(path)
@@ -67,6 +74,32 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     generation_file = path / GENERATION_NAME
     generation = read_json(generation_file) if generation_file.is_file() else {}
     return Checkpoint(config, tensors, tokenizer, generation, source=path, source_files=files)
+
+
+def load_adapter(path: Path, base: str | Path | None = None) -> Checkpoint:
+    """A PEFT LoRA adapter merged into its base checkpoint (tensors merged as they are read).
+
+    The adapter folder's own tokenizer is used when it has one (tokenizer.json), else the base's.
+    """
+    from models import lora
+
+    adapter = lora.read_adapter(path)
+    base_path = lora.resolve_base(path, base, adapter)
+    if lora.is_adapter(base_path):
+        raise ModelError(f"{base_path}: the base is itself an adapter; give the full model")
+    base_ckpt = load_checkpoint(base_path)
+    config, tensors = lora.merge(base_ckpt.config, base_ckpt.tensors, adapter, base_path)
+    tokenizer = base_ckpt.tokenizer
+    if (path / "tokenizer.json").is_file():
+        tokenizer = read_tokenizer(path, config)
+    return Checkpoint(
+        config=config,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        generation_config=base_ckpt.generation_config,
+        source=path,
+        source_files=[*base_ckpt.source_files, path / lora.ADAPTER_WEIGHTS],
+    )
 
 
 def load_gguf(path: str | Path) -> Checkpoint:
@@ -191,7 +224,7 @@ def read_weights(folder: Path, config: ModelConfig) -> tuple[LazyTensors, list[P
         with _reading(file), safe_open(file, framework="pt") as f:
             return f.get_tensor(stored)
 
-    return LazyTensors([n for n in where if n in expected], load), files
+    return LazyTensors([n for n in where if n in expected], load, shapes), files
 
 
 @contextmanager

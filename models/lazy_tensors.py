@@ -10,10 +10,22 @@ class LazyTensors(Mapping[str, Any]):
     """A read-only mapping whose values are loaded when asked for, one at a time, never kept:
     a checkpoint's weights stay in their (memory-mapped) files until a consumer reads each."""
 
-    def __init__(self, names: Iterable[str], load: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        names: Iterable[str],
+        load: Callable[[str], Any],
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
         self._names = list(dict.fromkeys(names))
         self._known = set(self._names)
         self._load = load
+        self._shapes = shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A value's shape, without reading it when the shapes were given."""
+        if self._shapes is not None and name in self._shapes:
+            return tuple(self._shapes[name])
+        return tuple(self[name].shape)
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._known:
