@@ -134,12 +134,12 @@ def test_errors_are_one_line(tiny_checkpoints, tmp_path):
         lora_alpha=8,
         target_modules=["q_proj"],
     )
-    with pytest.raises(ModelError, match="is not a local folder .* --base BASE"):
+    with pytest.raises(ModelError, match=r"is not a local folder .* --base BASE"):
         load_checkpoint(tmp_path / "hub")
     with pytest.raises(ModelError, match="no such base checkpoint"):
         load_checkpoint(tmp_path / "a", tmp_path / "missing")
     # an adapter made for another base: a module the base lacks, or other shapes
-    with pytest.raises(ModelError, match="which the base .* lacks"):
+    with pytest.raises(ModelError, match=r"which the base .* lacks"):
         load_checkpoint(tmp_path / "a", tiny_checkpoints["gpt2"])
     weights = tmp_path / "a" / "adapter_model.safetensors"
     tensors = load_file(weights)
