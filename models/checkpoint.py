@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from models.errors import ModelError, first_line, listing
-from models.gguf import read_gguf
+from models.gguf import read_gguf, read_gguf_config
 from models.lazy_tensors import LazyTensors
 from models.model import ModelConfig, hf_tensor_shapes
 from models.tokenizer import read_json
@@ -103,14 +103,16 @@ def load_adapter(path: Path, base: str | Path | None = None) -> Checkpoint:
 
 
 def load_gguf(path: str | Path) -> Checkpoint:
-    """A Llama-architecture GGUF file as a Checkpoint (float32 tensors in HF names)."""
-    contents = read_gguf(path)
-    config = ModelConfig.from_hf(contents.hf_config)
-    shapes = {name: tuple(values.shape) for name, values in contents.tensors.items()}
+    """A GGUF file as a Checkpoint (float32 tensors in HF names, dequantized when read)."""
+    config = ModelConfig.from_hf(read_gguf_config(path))
+    # the tensors this model needs, found under the names llama.cpp gives them
+    contents = read_gguf(path, hf_names=hf_tensor_shapes(config))
+    shapes = {name: contents.tensors.shape(name) for name in contents.tensors}
     check_tensors(config, shapes, contents.path)
+    numpy_tensors = contents.tensors
     return Checkpoint(
         config=config,
-        tensors={k: torch.from_numpy(v) for k, v in contents.tensors.items()},
+        tensors=LazyTensors(numpy_tensors, lambda n: torch.from_numpy(numpy_tensors[n]), shapes),
         tokenizer=contents.tokenizer,
         generation_config=contents.generation_config,
         source=contents.path,

@@ -1,9 +1,9 @@
-"""GGUF file (llama.cpp, Llama architecture) -> HF config, HF-named float tensors, tokenizer."""
+"""GGUF file (llama.cpp) -> HF config, HF-named float tensors (read when asked for), tokenizer."""
 
 from __future__ import annotations
 
 import contextlib
-import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -13,30 +13,27 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from models.errors import ModelError
+from models.lazy_tensors import LazyTensors
 from models.tokenizer import TokenizerBundle
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-
-# GGUF tensor names -> HF names. Per layer: blk.N.<key>.{weight,bias} -> model.layers.N.<value>.
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
+# GGUF general.architecture -> transformers model_type. Tensor names are mapped with the gguf
+# package's own TensorNameMap (the table llama.cpp's converter names them with); whether a
+# model_type is supported is models.model's call (ModelConfig.from_hf names what is missing).
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
 }
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+_PERMUTED_QK = ("llama",)  # llama.cpp's converter interleaves the rotary halves of q/k rows
+_NORMS_PLUS_ONE = ("gemma", "gemma2", "gemma3")  # and stores Gemma's (1 + w) norms as 1 + w
 
 # Byte-level BPE pre-tokenization, keyed by tokenizer.ggml.pre. None: GPT-2's own ByteLevel regex.
 # transformers uses that for "smollm" too; SmolLM2's vocabulary has no merge joining a digit to
@@ -72,7 +69,7 @@ class GGUFModel:
 
     path: Path
     hf_config: dict[str, Any]
-    tensors: dict[str, np.ndarray]
+    tensors: Mapping[str, np.ndarray]  # HF names; each dequantized when read (LazyTensors)
     tokenizer: TokenizerBundle
     generation_config: dict[str, Any] = field(default_factory=dict)
 
@@ -151,17 +148,19 @@ def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor of the Llama architecture, or None if it has none."""
-    base, _, suffix = gguf_name.rpartition(".")
-    if suffix not in ("weight", "bias"):
-        return None
-    if base in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[base]}.{suffix}"
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{suffix}"
-    return None
+def name_map(arch: str, blocks: int, hf_names: Iterable[str]) -> dict[str, str]:
+    """GGUF name -> HF name for the HF tensors a model of `arch` needs, named as llama.cpp's
+    converter names them (the gguf package's TensorNameMap); names it does not map are left out."""
+    import gguf
+
+    arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    table = gguf.get_tensor_name_map(arch_id, blocks)
+    mapped = {}
+    for hf in hf_names:
+        name = table.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is not None:
+            mapped[name] = hf
+    return mapped
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -171,39 +170,46 @@ def _require(meta: dict[str, Any], key: str, path: Path) -> Any:
     return meta[key]
 
 
-def llama_hf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict[str, Any]:
-    """A transformers LlamaConfig dict from llama.* metadata."""
+def hf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict[str, Any]:
+    """A transformers config dict from the `{arch}.*` metadata of a supported architecture."""
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise ModelError(
             f"{path}: GGUF architecture {arch!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    scaling = meta.get("llama.rope.scaling.type")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
     if (scaling not in (None, "none")) or "rope_freqs.weight" in tensor_names:
         raise ModelError(f"{path}: rope scaling ({scaling or 'rope_freqs'}) is not supported")
-    hidden = int(_require(meta, "llama.embedding_length", path))
-    heads = int(_require(meta, "llama.attention.head_count", path))
+
+    def key(name: str, default: Any = None, required: bool = False) -> Any:
+        full = f"{arch}.{name}"
+        return _require(meta, full, path) if required else meta.get(full, default)
+
+    hidden = int(key("embedding_length", required=True))
+    heads = int(key("attention.head_count", required=True))
+    head_dim = int(key("attention.key_length", hidden // heads))
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get("llama.vocab_size") or (len(tokens) if tokens else None)
+    vocab = key("vocab_size") or (len(tokens) if tokens else None)
     if vocab is None:
         raise ModelError(f"{path}: GGUF metadata gives no vocabulary size")
-    rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    rope_theta = float(key("rope.freq_base", 10000.0))
+    model_type = ARCHITECTURES[arch]
+    config: dict[str, Any] = {
+        "architectures": [_ARCH_CLASSES.get(model_type, "LlamaForCausalLM")],
+        "model_type": model_type,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(_require(meta, "llama.feed_forward_length", path)),
-        "num_hidden_layers": int(_require(meta, "llama.block_count", path)),
+        "intermediate_size": int(key("feed_forward_length", required=True)),
+        "num_hidden_layers": int(key("block_count", required=True)),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get("llama.attention.key_length", hidden // heads)),
-        "max_position_embeddings": int(_require(meta, "llama.context_length", path)),
-        "rms_norm_eps": float(_require(meta, "llama.attention.layer_norm_rms_epsilon", path)),
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(key("context_length", required=True)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", required=True)),
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "hidden_act": "silu",
+        "hidden_act": "gelu_pytorch_tanh" if arch in _NORMS_PLUS_ONE else "silu",
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in tensor_names,
@@ -212,15 +218,30 @@ def llama_hf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) ->
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
     }
+    if (window := key("attention.sliding_window")) is not None:
+        config["sliding_window"] = int(window)
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if (value := key(name)) is not None:
+            config[name] = float(value)
+    if arch in ("gemma2", "gemma3"):
+        config["query_pre_attn_scalar"] = head_dim
+    if arch == "gemma3":  # llama.cpp's fixed local base and pattern for Gemma 3
+        config["rope_local_base_freq"] = 10000.0
+        config["sliding_window_pattern"] = 6
+    if arch == "phi3" and (dims := key("rope.dimension_count")) is not None:
+        config["partial_rotary_factor"] = int(dims) / head_dim
+    return config
 
 
-def _check_tensors(names: set[str], config: dict[str, Any], path: Path) -> None:
-    required = ["token_embd.weight", "output_norm.weight"]
-    for i in range(config["num_hidden_layers"]):
-        required += [f"blk.{i}.{key}.weight" for key in _LAYER_NAMES]
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise ModelError(f"{path}: GGUF file lacks tensor {missing[0]} ({len(missing)} missing)")
+_ARCH_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -341,8 +362,25 @@ def _bos_eos_processor(
 
 
 # ---- entry points ------------------------------------------------------------------------------
-def read_gguf(path: str | Path) -> GGUFModel:
-    """Read and dequantize a Llama GGUF file into HF names and a config dict (ModelError if bad)."""
+def read_gguf_config(path: str | Path) -> dict[str, Any]:
+    """Only the transformers config dict of a GGUF file (ModelError if bad)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    try:
+        meta = read_metadata(reader)
+    except Exception as exc:
+        raise ModelError(f"{path}: corrupt GGUF metadata ({_short(exc)})") from None
+    return hf_config(meta, {t.name for t in reader.tensors}, path)
+
+
+def read_gguf(path: str | Path, hf_names: Iterable[str] | None = None) -> GGUFModel:
+    """A GGUF file's config dict, tokenizer and tensors in HF names (ModelError if bad).
+
+    `hf_names`: the HF tensors the model needs (models.model knows them), each found under the
+    name llama.cpp's converter gives it; None: the architecture's usual Llama-style names. The
+    tensors are dequantized when asked for (the file stays memory-mapped); every tensor's type
+    is checked here.
+    """
     path = Path(path)
     reader = open_gguf(path)
     try:
@@ -350,23 +388,41 @@ def read_gguf(path: str | Path) -> GGUFModel:
     except Exception as exc:
         raise ModelError(f"{path}: corrupt GGUF metadata ({_short(exc)})") from None
     names = {t.name for t in reader.tensors}
-    config = llama_hf_config(meta, names, path)
-    _check_tensors(names, config, path)
+    config = hf_config(meta, names, path)
+    arch, blocks = meta["general.architecture"], config["num_hidden_layers"]
     tokenizer = gguf_tokenizer(meta, path)
+    if hf_names is None:
+        hf_names = _usual_hf_names(blocks)
+    mapping = name_map(arch, blocks, hf_names)
+    by_name = {t.name: t for t in reader.tensors}
+    supported = supported_tensor_types()
+    from gguf import GGMLQuantizationType
 
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    tensors: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
-        if name is None:
-            raise ModelError(f"{path}: tensor {tensor.name} has no Llama equivalent")
-        values = dequantize(tensor, path)
-        if ".attn_q." in tensor.name:
-            values = _unpermute_rows(values, heads)
-        elif ".attn_k." in tensor.name:
-            values = _unpermute_rows(values, kv_heads)
-        tensors[name] = values
+        if tensor.name not in mapping:
+            raise ModelError(f"{path}: tensor {tensor.name} has no {arch} equivalent")
+        qtype = GGMLQuantizationType(tensor.tensor_type).name
+        if qtype not in supported:
+            raise ModelError(
+                f"{path}: tensor {tensor.name} has type {qtype}, which cannot be dequantized "
+                f"(supported: {', '.join(supported)})"
+            )
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    hf_to_gguf = {hf: g for g, hf in mapping.items() if g in by_name}
 
+    def load(hf: str) -> np.ndarray:
+        tensor = by_name[hf_to_gguf[hf]]
+        values = dequantize(tensor, path)
+        if arch in _PERMUTED_QK and ".attn_q." in tensor.name:
+            values = _unpermute_rows(values, heads)
+        elif arch in _PERMUTED_QK and ".attn_k." in tensor.name:
+            values = _unpermute_rows(values, kv_heads)
+        elif arch in _NORMS_PLUS_ONE and hf.endswith("norm.weight"):
+            values = values - np.float32(1.0)
+        return values
+
+    shapes = {hf: tuple(int(d) for d in reversed(by_name[g].shape)) for hf, g in hf_to_gguf.items()}
+    tensors = LazyTensors(list(hf_to_gguf), load, shapes)
     if tokenizer.vocab_size > config["vocab_size"]:  # tensor shapes: load_checkpoint checks them
         raise ModelError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -378,3 +434,17 @@ def read_gguf(path: str | Path) -> GGUFModel:
         if config[k] is not None
     }
     return GGUFModel(path, config, tensors, tokenizer, generation)
+
+
+def _usual_hf_names(blocks: int) -> list[str]:
+    """The HF names of a Llama-style model (with the biases and q/k norms some families have)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    parts = [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        *(f"self_attn.{p}_proj.{s}" for p in "qkvo" for s in ("weight", "bias")),
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+        *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+    ]
+    return names + [f"model.layers.{i}.{p}" for i in range(blocks) for p in parts]
