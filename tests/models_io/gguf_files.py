@@ -6,22 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import (
+    MODEL_ARCH_NAMES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    TokenType,
+    get_tensor_name_map,
+)
 from gguf.quants import quantize
 from safetensors.numpy import load_file
-
-# HF -> GGUF tensor names of the Llama architecture (the way llama.cpp's converter names them)
-_LAYER = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 
 
 def write_raw_tensors(
@@ -50,18 +43,6 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _gguf_name(hf_name: str) -> str:
-    stem, suffix = hf_name.rsplit(".", 1)
-    if stem == "model.embed_tokens":
-        return f"token_embd.{suffix}"
-    if stem == "model.norm":
-        return f"output_norm.{suffix}"
-    if stem == "lm_head":
-        return f"output.{suffix}"
-    _, _, layer, rest = stem.split(".", 3)
-    return f"blk.{layer}.{_LAYER[rest]}.{suffix}"
-
-
 def write_tiny_llama(
     hf_dir: Path,
     path: Path,
@@ -69,14 +50,16 @@ def write_tiny_llama(
     quant: GGMLQuantizationType = GGMLQuantizationType.F32,
     pre: str = "smollm",
     add_bos: bool = False,
+    arch: str = "llama",
 ) -> Path:
-    """The tiny HF Llama at hf_dir as a GGUF file: 2-D weights in `quant`, norms in F32."""
+    """The tiny HF Llama (or Qwen2: `arch`) at hf_dir as a GGUF file: 2-D weights in `quant`,
+    norms in F32; tensors named with gguf's TensorNameMap, as llama.cpp's converter names them."""
     config = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     tok_config = json.loads((hf_dir / "tokenizer_config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
-    writer = GGUFWriter(str(path), arch="llama")
+    writer = GGUFWriter(str(path), arch=arch)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -104,14 +87,17 @@ def write_tiny_llama(
     writer.add_add_bos_token(add_bos)
     writer.add_chat_template(tok_config["chat_template"])
 
+    arch_id = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
+    names = get_tensor_name_map(arch_id, config["num_hidden_layers"])
     for name, w in load_file(hf_dir / "model.safetensors").items():
         w = w.astype(np.float32)
-        if ".q_proj." in name:
+        if arch == "llama" and ".q_proj." in name:
             w = llama_cpp_permute(w, heads)
-        elif ".k_proj." in name:
+        elif arch == "llama" and ".k_proj." in name:
             w = llama_cpp_permute(w, kv_heads)
         qtype = quant if w.ndim == 2 else GGMLQuantizationType.F32
-        writer.add_tensor(_gguf_name(name), encode(w, qtype), raw_dtype=qtype)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        writer.add_tensor(gguf_name, encode(w, qtype), raw_dtype=qtype)
     _finish(writer)
     return path
 

@@ -245,3 +245,21 @@ def test_load_gguf_gives_a_checkpoint_our_model_runs(tiny_ggufs):
         logits, _ = CausalLM.from_checkpoint(ckpt).eval()(ids)
         expected = ref(ids).logits
     assert ((logits - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("quant", [Q.F32, Q.Q8_0])
+def test_tiny_qwen2_gguf_matches_transformers_gguf_loader(tiny_checkpoints, tmp_path, quant):
+    """Another architecture through gguf's name map: Qwen2 (q/k/v biases, rows not permuted)."""
+    from models.checkpoint import load_checkpoint
+
+    source = tiny_checkpoints["qwen2"]
+    path = write_tiny_llama(source, tmp_path / "qwen2.gguf", quant=quant, arch="qwen2")
+    ckpt = load_checkpoint(path)
+    assert ckpt.config.model_type == "qwen2" and ckpt.config.attention_bias
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).state_dict()
+    original = load_file(source / "model.safetensors")
+    assert set(ckpt.tensors) == set(original)
+    for key, value in ckpt.tensors.items():
+        np.testing.assert_allclose(value.numpy(), ref[key].numpy(), rtol=0, atol=1e-6, err_msg=key)
+        if quant == Q.F32:
+            np.testing.assert_array_equal(value.numpy(), original[key], err_msg=key)
