@@ -144,14 +144,14 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
             from export.onnx_graph import GRAPH_FILE, save_model, streamed_weights
 
             # the weights go from the checkpoint's files to the graph's data file one at a time
-            with stage("build"), streamed_weights(folder):
+            with stage("build"), streamed_weights(folder), _tensor_bar(src, "weights", req):
                 model = _build_graph(src, req, max_context)
                 graph_info = _graph_info(model, req, max_context)
             with stage("save"):
                 save_model(model, folder / GRAPH_FILE)
                 del model
                 src.tokenizer.save(folder)
-            with stage("verify"):
+            with stage("verify"), _tensor_bar(src, "verify", req):
                 figures = _verify(folder, src, req)
             forced = not figures["passed"]
             if forced and not req.force:
@@ -210,6 +210,32 @@ def _set_chat_template(src: Any, req: ExportRequest) -> None:
             "transcript; give one with --chat-template FILE",
             file=sys.stderr,
         )
+
+
+@contextmanager
+def _tensor_bar(src: Any, desc: str, req: ExportRequest) -> Iterator[None]:
+    """A tqdm bar counting the checkpoint tensors read (each is read from its file when asked
+    for), shown like the stage bar (req.progress; None: only on a terminal)."""
+    from tqdm import tqdm
+
+    from models.lazy_tensors import LazyTensors
+
+    tensors = src.tensors
+    disable = None if req.progress is None else not req.progress
+    with tqdm(
+        total=len(tensors), desc=desc, unit="tensor", disable=disable, file=sys.stderr
+    ) as bar:
+
+        def read(name: str) -> Any:
+            value = tensors[name]
+            bar.update(1)
+            return value
+
+        src.tensors = LazyTensors(tensors, read)
+        try:
+            yield
+        finally:
+            src.tensors = tensors
 
 
 def _max_context(req: ExportRequest, cfg: Any) -> int:

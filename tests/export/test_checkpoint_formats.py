@@ -4,6 +4,7 @@ chat templates given or missing; and the streamed weights (one tensor at a time)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,13 @@ def test_loaded_checkpoints_read_tensors_when_asked(tiny_checkpoints, monkeypatc
         ckpt.tensors["lm_head.weight"]
     with pytest.raises(ModelError):
         load_checkpoint(tiny_checkpoints["llama"], base=tiny_checkpoints["llama"])
+
+
+def test_progress_bars_count_the_tensors_read(tiny_checkpoints, tmp_path, capsys):
+    folder = tiny_checkpoints["llama-untied"]
+    count = len(load_checkpoint(folder).tensors)
+    req = ExportRequest(folder, "bars", flavour="reference", progress=True)
+    export_checkpoint(req, Registry(tmp_path / "reg"))
+    err = capsys.readouterr().err
+    assert re.search(rf"weights: 100%.*{count}/{count}", err)
+    assert re.search(rf"verify: 100%.*{count}/{count}", err)
