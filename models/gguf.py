@@ -101,16 +101,29 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
 
 
-def dequantize(tensor: ReaderTensor, path: Path) -> np.ndarray:
-    """A tensor as float32 in numpy (row-major, HF) shape; ModelError for a type we cannot read."""
+def read_tensor_data(tensor: ReaderTensor, path: Path) -> np.ndarray:
+    """A tensor's stored data read from the file into memory (a plain read, not the reader's
+    memory map, whose pages would stay resident: a streamed export reads each tensor once)."""
+    raw = np.fromfile(
+        path, dtype=np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset)
+    )
+    if raw.nbytes != tensor.data.nbytes:
+        raise ModelError(f"{path}: truncated GGUF file (tensor {tensor.name} is cut short)")
+    return raw.view(tensor.data.dtype).reshape(tensor.data.shape)
+
+
+def dequantize(tensor: ReaderTensor, path: Path, data: np.ndarray | None = None) -> np.ndarray:
+    """A tensor (`data`: its stored data, else the reader's memory map) as float32 in numpy
+    (row-major, HF) shape; ModelError for a type we cannot read."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
     qtype = GGMLQuantizationType(tensor.tensor_type)
+    stored = tensor.data if data is None else data
     values = None
     if qtype.name not in _INTEGER_TYPES:
         with contextlib.suppress(NotImplementedError):
-            values = gguf_dequantize(tensor.data, qtype)
+            values = gguf_dequantize(stored, qtype)
     if values is None:
         raise ModelError(
             f"{path}: tensor {tensor.name} has type {qtype.name}, which cannot be dequantized "
@@ -119,7 +132,7 @@ def dequantize(tensor: ReaderTensor, path: Path) -> np.ndarray:
     shape = tuple(int(d) for d in reversed(tensor.shape))
     values = np.asarray(values, dtype=np.float32).reshape(shape)
     # F32 comes back as a view of the memory-mapped file: copy it out
-    return values.copy() if np.may_share_memory(values, tensor.data) else values
+    return values.copy() if np.may_share_memory(values, stored) else values
 
 
 @lru_cache(maxsize=1)
@@ -412,7 +425,7 @@ def read_gguf(path: str | Path, hf_names: Iterable[str] | None = None) -> GGUFMo
 
     def load(hf: str) -> np.ndarray:
         tensor = by_name[hf_to_gguf[hf]]
-        values = dequantize(tensor, path)
+        values = dequantize(tensor, path, read_tensor_data(tensor, path))
         if arch in _PERMUTED_QK and ".attn_q." in tensor.name:
             values = _unpermute_rows(values, heads)
         elif arch in _PERMUTED_QK and ".attn_k." in tensor.name:
