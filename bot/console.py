@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 from sqlalchemy.engine import make_url
 
 from bot.config import BotConfig, ConfigError, load_settings
+from bot.errors import quoted
 
 if TYPE_CHECKING:
     from bot.service import ChatService
@@ -230,7 +231,7 @@ class Console:
             count = await self.service.forget(channel, actor)
             self.say(f"forgot {count} turn(s)")
         else:
-            self.say(f"unknown command {text.split()[0]!r}; /help lists the commands")
+            self.say(f"unknown command {quoted(text.split()[0])}; /help lists the commands")
         return True
 
     async def run(self, stdin: TextIO) -> None:
