@@ -26,7 +26,10 @@ def default_worker_id() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Configuration comes from the environment, .env or BOT_CONFIG (REDIS_URL is required)."""
+    from bot.logs import add_log_level_argument
+
     parser.add_argument("--id", help="worker id (default: WORKER_ID, else HOST-PID)")
+    add_log_level_argument(parser)
 
 
 async def serve(settings: BotConfig, worker_id: str, worker_cls: type | None = None) -> None:
@@ -86,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
     worker_id = "?"
     try:
         settings = get_settings()
-        configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
+        level = getattr(args, "log_level", None) or settings.log_level
+        configure_logging(level, settings.log_format, secrets=settings.secrets())
         if not settings.redis_url:
             raise ConfigError("REDIS_URL is not set; a worker serves requests from Redis")
         worker_id = args.id or settings.worker_id or default_worker_id()
