@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 from sqlalchemy.engine import make_url
 
 from bot.config import BotConfig, ConfigError, load_settings
-from bot.errors import quoted
+from bot.errors import LENGTH_NOTE, quoted
 from bot.logs import add_log_level_argument
 
 if TYPE_CHECKING:
@@ -194,14 +194,16 @@ class Console:
             self.say(("\n" if self._wrote else "") + CANCELLED)
             return
         try:
-            task.result()
+            note = task.result()
         except ReplyError:
             if self._wrote:
                 self.say("")  # the note goes on its own line, after the partial reply
             raise
         self.say("")
+        if note:
+            self.say(f"[{note}]")
 
-    async def _stream(self, text: str) -> None:
+    async def _stream(self, text: str) -> str | None:
         from bot.turns import IncomingMessage
 
         msg = IncomingMessage(self.channel_id, None, self.user, text)
@@ -210,6 +212,10 @@ class Console:
                 self.out.write(piece)
                 self.out.flush()
                 self._wrote = True
+        result = reply.result
+        if result is not None and result.finish_reason == "length" and not reply.stopped:
+            return LENGTH_NOTE  # said under the reply, as on Discord
+        return None
 
     async def command(self, text: str) -> bool:
         name, _, rest = text[1:].partition(" ")

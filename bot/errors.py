@@ -56,6 +56,9 @@ class NotLatestReplyError(ReplyError):
     user_message = "Only the channel's latest reply can be regenerated or continued."
 
 
+LENGTH_NOTE = "(cut off: this reply reached max_tokens; /settings set max_tokens N for more)"
+
+
 class ReplyCutError(ReplyError):
     """The engine ended the reply early: its time limit, or the bot shutting down. The text
     streamed so far stays (stored as interrupted); this note tells the reader it is partial."""
