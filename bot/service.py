@@ -219,18 +219,23 @@ class ChatService:
         start = self._window.get(msg.channel_id)
         ids = [t.row_id for t in turns]
         keep = len(turns) - ids.index(start) if start in ids else None
-        # tokenizing up to HISTORY_LIMIT turns takes long: off the event loop
-        built = await asyncio.to_thread(
-            self._build,
-            model,
-            turns,
-            system=system,
-            settings=settings,
-            keep=keep,
-            thinking=self.settings.thinking,
-        )
-        self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
-        stream = await self._submit(built, settings)
+        try:
+            # tokenizing up to HISTORY_LIMIT turns takes long: off the event loop
+            built = await asyncio.to_thread(
+                self._build,
+                model,
+                turns,
+                system=system,
+                settings=settings,
+                keep=keep,
+                thinking=self.settings.thinking,
+            )
+            self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
+            stream = await self._submit(built, settings)
+        except MessageTooLongError:  # refused: the message does not stay as a turn
+            async with self.db.session() as s, s.begin():
+                await repo.delete_messages(s, [rows[-1].id])  # the one just stored
+            raise
         history_cut = bool(built.turns_dropped) and not noted
         try:
             async with self.db.session() as s, s.begin():

@@ -481,13 +481,44 @@ def _seed(seed: int) -> None:
 # ---- finetune -----------------------------------------------------------------------------------
 
 
+TRAIN_STEPS = 300  # `train` without --max-steps or --epochs: enough for a small model to learn
+RUNS_DIR = "runs"  # under DATA_DIR (default: data), where outputs go unless --out says
+
+
+def default_out(command: str) -> Path:
+    """DATA_DIR/runs/COMMAND-YYYYmmdd-HHMMSS: outputs stay under the data folder (ignored by
+    git), never in the working directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(os.environ.get("DATA_DIR") or "data").expanduser() / RUNS_DIR / f"{command}-{stamp}"
+
+
+def _fill_defaults(args: argparse.Namespace, command: str) -> None:
+    """The defaults that depend on the command: the output folder; `train`'s length (one
+    epoch of a short text is a single step, which teaches a model from scratch nothing)."""
+    if args.out is None:
+        args.out = str(default_out(command))
+    if command == "train" and args.max_steps is None and args.epochs is None:
+        args.max_steps = TRAIN_STEPS
+    if args.epochs is None:
+        args.epochs = 1.0
+
+
 def _add_loop_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: int) -> None:
     parser.add_argument("--data", required=True, help="chitchat, chatterbot:LANG, .jsonl or text")
-    parser.add_argument("--out", required=True, help="output HF folder (written atomically)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output HF folder, written atomically (default: data/runs/COMMAND-TIME)",
+    )
     parser.add_argument(
         "--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)"
     )
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help=f"passes over the data (default: 1; `train`: {TRAIN_STEPS} steps unless given)",
+    )
     parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     parser.add_argument(
         "--batch-size", type=int, default=batch_size, help="sequences per micro-batch"
@@ -524,6 +555,7 @@ def finetune_main(args: argparse.Namespace) -> int:
     from models.data import load_dataset
     from models.model import CausalLM
 
+    _fill_defaults(args, "finetune")
     _check_options(args)
     checkpoint = load_checkpoint(args.base_dir)
     dataset = load_dataset(args.data)
@@ -615,6 +647,7 @@ def train_main(args: argparse.Namespace) -> int:
     from models.model import CausalLM
     from models.tokenizer import TokenizerBundle
 
+    _fill_defaults(args, "train")
     _check_options(args)
     for name in ("vocab_size", "layers", "width", "heads"):
         if getattr(args, name) < 1:
