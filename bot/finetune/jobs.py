@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -37,7 +41,7 @@ async def create(
             guild_id=guild_id,
             channel_id=channel_id,
             started_by=started_by,
-            options=options,
+            options={**options, "owner": os.getpid()},
             status=JobStatus.QUEUED,
             figures={},
         )
@@ -76,13 +80,39 @@ async def update(db: Database, job_id: int, **fields: Any) -> FinetuneJob:
     return job
 
 
+def _alive(pid: object, *words: str) -> bool:
+    """Whether process `pid` runs on this machine with every word in its command line."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return all(w in cmdline for w in words)
+
+
+def _live_owner(pid: object) -> bool:
+    """Another live runner process (this process's own jobs are orphans at a bot's start)."""
+    return pid != os.getpid() and _alive(pid, "bot")
+
+
+def _stop(pid: int | None) -> None:
+    """Stop the step a dead runner left behind (its own process group), if it still runs."""
+    if pid is not None and _alive(pid, "-m") and (_alive(pid, "models") or _alive(pid, "export")):
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGTERM)
+
+
 async def fail_orphans(db: Database, note: str = RESTART_NOTE) -> list[FinetuneJob]:
-    """Jobs an earlier process left queued or running become failed with `note` (their process
-    is gone: the runner is a child of the process that started it); returns them."""
+    """Jobs whose runner process is gone (a restart, a crash) become failed with `note`, and any
+    step they left running is stopped; returns them. Jobs of a live runner (another process on
+    this machine, e.g. `python -m bot finetune`) are left alone."""
     async with db.session() as s, s.begin():
         rows = list(await s.scalars(select(FinetuneJob).where(FinetuneJob.status.in_(ACTIVE))))
+        rows = [j for j in rows if not _live_owner((j.options or {}).get("owner"))]
         now = datetime.now(UTC)
         for job in rows:
+            _stop(job.pid)
             job.status, job.error, job.finished_at = JobStatus.FAILED, note, now
             job.phase = "failed"
     return rows
