@@ -183,7 +183,7 @@ class Finetune(commands.Cog):
             f"Started fine-tuning job {job.id}: {plan.describe()}, {steps} steps.",
             ephemeral=True,
         )
-        await self.show(job, force=True)
+        # the runner's first update posts the progress message (with Cancel, once it can)
         self.task = asyncio.create_task(self.runner.run(job, plan), name=f"finetune-{job.id}")
 
     @staticmethod

@@ -176,6 +176,9 @@ class JobRunner:
             start_new_session=True,  # its own group: cancel stops it with its children
         )
         self._proc = proc
+        if self._cancelled:  # cancelled while it was starting
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         await jobs.update(self.db, job_id, pid=proc.pid)
         assert proc.stdout is not None
         tail: list[str] = []
