@@ -98,8 +98,50 @@ class Finetune(commands.Cog):
         self._plans: dict[int, str] = {}
         self._last_edit: dict[int, tuple[float, str, str]] = {}
         self._reported = False
+        self.remote: Any = None  # with REDIS_URL: a Redis client; jobs go to `bot trainer`
+        self._listener: asyncio.Task | None = None
+
+    async def cog_load(self) -> None:
+        if self.bot.settings.redis_url:
+            from bot.backends.redis_backend import connect
+            from bot.finetune.remote import FinetuneKeys
+
+            self.remote = connect(self.bot.settings.redis_url)
+            self.keys = FinetuneKeys(self.bot.settings.redis_prefix)
+            self._listener = asyncio.create_task(self._listen(), name="finetune-events")
+
+    async def _listen(self) -> None:
+        """With Redis: the trainer's updates -> the progress messages of this process's servers."""
+        from redis.exceptions import RedisError
+
+        from bot.finetune.remote import parse_event
+
+        last = "$"
+        while True:
+            try:
+                reply = await self.remote.xread({self.keys.events: last}, block=1000)
+                for _, entries in reply or []:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        job_id = parse_event(fields)
+                        job = None if job_id is None else await jobs.get(self.bot.db, job_id)
+                        if job is not None and self.bot.get_guild(job.guild_id) is not None:
+                            await self.show(job)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("fine-tuning updates from Redis: %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("cannot show a fine-tuning update")
 
     async def cog_unload(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self.remote is not None:
+            await self.remote.aclose()
         if self.runner.cancel() and self.task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.task), 30)
@@ -107,7 +149,7 @@ class Finetune(commands.Cog):
     # -- what a restart finds --
     @commands.Cog.listener()
     async def on_ready(self) -> None:
-        if self._reported:
+        if self._reported or self.remote is not None:  # with Redis: the trainer's job
             return
         self._reported = True
         for job in await jobs.fail_orphans(self.bot.db):
@@ -183,6 +225,12 @@ class Finetune(commands.Cog):
             f"Started fine-tuning job {job.id}: {plan.describe()}, {steps} steps.",
             ephemeral=True,
         )
+        if self.remote is not None:
+            from bot.finetune.remote import submit
+
+            await self.show(job, force=True)  # the message first: the trainer's updates edit it
+            await submit(self.remote, self.keys, job.id, plan.base_ref, plan.method)
+            return
         # the runner's first update posts the progress message (with Cancel, once it can)
         self.task = asyncio.create_task(self.runner.run(job, plan), name=f"finetune-{job.id}")
 
@@ -218,6 +266,12 @@ class Finetune(commands.Cog):
             interaction.guild_id is not None and job.guild_id != interaction.guild_id
         ):
             await interaction.response.send_message("That job is not there.", ephemeral=True)
+            return
+        if action == CANCEL and self.remote is not None and job.status in jobs.ACTIVE:
+            from bot.finetune.remote import request_cancel
+
+            await request_cancel(self.remote, self.keys, job_id)
+            await interaction.response.send_message(f"Cancelling job {job_id}…", ephemeral=True)
             return
         if action == CANCEL:
             if self.runner.job_id != job_id or not self.runner.cancel():

@@ -103,12 +103,14 @@ def _stop(pid: int | None) -> None:
             os.killpg(pid, signal.SIGTERM)
 
 
-async def fail_orphans(db: Database, note: str = RESTART_NOTE) -> list[FinetuneJob]:
+async def fail_orphans(
+    db: Database, note: str = RESTART_NOTE, statuses: tuple[JobStatus, ...] = ACTIVE
+) -> list[FinetuneJob]:
     """Jobs whose runner process is gone (a restart, a crash) become failed with `note`, and any
     step they left running is stopped; returns them. Jobs of a live runner (another process on
     this machine, e.g. `python -m bot finetune`) are left alone."""
     async with db.session() as s, s.begin():
-        rows = list(await s.scalars(select(FinetuneJob).where(FinetuneJob.status.in_(ACTIVE))))
+        rows = list(await s.scalars(select(FinetuneJob).where(FinetuneJob.status.in_(statuses))))
         rows = [j for j in rows if not _live_owner((j.options or {}).get("owner"))]
         now = datetime.now(UTC)
         for job in rows:
