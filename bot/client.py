@@ -50,6 +50,7 @@ COGS = (
     "bot.cogs.chat",
     "bot.cogs.channel",
     "bot.cogs.admin",
+    "bot.cogs.finetune",  # after admin: it adds /model finetune and /model jobs
     "bot.cogs.access",
     "bot.cogs.privacy",
 )

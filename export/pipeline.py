@@ -15,6 +15,7 @@ from export.manifest import (
     PRECISIONS,
     Architecture,
     FileEntry,
+    Finetune,
     Gate,
     GraphInfo,
     Manifest,
@@ -74,6 +75,7 @@ class ExportRequest:
     force: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     require_gate: bool = False  # publish only if the quality gate passes (export.gate)
+    finetune: dict[str, Any] | None = None  # export.manifest.Finetune's fields (bot/finetune)
 
 
 def check_request(req: ExportRequest) -> None:
@@ -160,6 +162,7 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
             manifest = _manifest(src, req, folder, graph_info, figures, max_context, forced)
             manifest.gate = Gate(**gate) if gate else None
             manifest.timings = dict(stages.timings)
+            manifest.finetune = Finetune(**req.finetune) if req.finetune else None
             manifest.write(folder)
 
         info = registry.publish(build, req.name)

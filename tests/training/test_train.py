@@ -244,3 +244,17 @@ def test_the_step_and_output_defaults_of_each_command():
     assert (by_epochs.max_steps, by_epochs.epochs) == (None, 3.0)
     tune = parsed(add_finetune_arguments, ["base", "--data", "x", "--out", "o"], "finetune")
     assert (tune.max_steps, tune.epochs, tune.out) == (None, 1.0, "o")
+
+
+def test_progress_json_and_a_held_out_file(tiny_checkpoints, chat_file, tmp_path, capsys):
+    """--progress-json: one JSON line per step on stdout (bot/finetune reads them);
+    --val-data: validation on that file, training on every conversation of --data."""
+    held = write_jsonl(tmp_path / "held.jsonl", greeting_conversations(3))
+    out = tmp_path / "tuned"
+    args = loop_args(chat_file, out, "--max-steps", "3", "--progress-json", "--val-data", str(held))
+    assert main(["finetune", str(tiny_checkpoints["llama"]), *args]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    steps = [x for x in lines if x.get("event") == "step"]
+    assert [(x["step"], x["total"]) for x in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert all(isinstance(x["loss"], float) and x["loss"] > 0 for x in steps)
+    assert lines[-1]["val_examples"] == 3 and lines[-1]["train_conversations"] == 48
