@@ -305,7 +305,8 @@ class InferenceWorker:
             log.exception("worker %s: request entry %s failed", self.id, job.entry_id)
             job.stop(lost=False)
             with contextlib.suppress(RedisError):
-                await self._refuse(job, fields, f"the worker failed on it ({_one_line(exc)})")
+                error = f"the worker failed on this request ({_one_line(exc)})"
+                await self._refuse(job, fields, error)
         finally:
             if job.stream is not None and not job.stream.done:
                 job.stream.cancel()
@@ -317,7 +318,7 @@ class InferenceWorker:
             request = GenerationRequest.decode(fields.get("d", ""))
         except ValueError as exc:
             log.warning("worker %s: refusing entry %s: %s", self.id, job.entry_id, exc)
-            await self._refuse(job, fields, str(exc))
+            await self._refuse(job, fields, f"bad request: {exc}")
             return
         job.request = request
         keys, ttl = self.keys, request.key_ttl_s()
@@ -350,7 +351,7 @@ class InferenceWorker:
             self._finished.append((time.monotonic(), result.completion_tokens))
             await self._finish(job, result)
 
-    async def _refuse(self, job: Job, fields: dict, reason: str) -> None:
+    async def _refuse(self, job: Job, fields: dict, error: str) -> None:
         """Ack and delete a request this worker cannot serve, and end its reply stream with an
         error when the entry names a request id (so whoever waits for it is told at once)."""
         request_id = protocol.request_id_of(fields.get("d", ""))
@@ -360,7 +361,7 @@ class InferenceWorker:
             return
         keys = self.keys
         attempt = await self.client.incr(keys.attempt(request_id))
-        result = GenerationResult(finish_reason="error", error=f"bad request: {reason}")
+        result = GenerationResult(finish_reason="error", error=error)
         await self.client.eval(
             protocol.FINISH,
             4,

@@ -59,3 +59,20 @@ def test_every_command_takes_its_options_after_its_name() -> None:
         args = parser.parse_args(argv)
         assert getattr(args, "database_url", "sqlite://") == "sqlite://", name
         assert getattr(args, "log_level", "X") != "X" or name == "db", name
+
+
+def test_run_honours_the_settings_options_given_to_it(tmp_path) -> None:
+    """`run --model X` (and `start`, which hands its options to run when a token is set) uses
+    X: run used to refuse them ("unrecognized arguments") and start passed them on unread."""
+    env = {**os.environ, "DISCORD_TOKEN": "not-a-real-token", "DATA_DIR": str(tmp_path)}
+    env["MODEL_REGISTRY"] = str(tmp_path / "registry")
+    for command in ("run", "start"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "bot", command, "--model", "nosuch@2", "--log-level", "debug"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "no model named 'nosuch'" in proc.stderr, proc.stderr

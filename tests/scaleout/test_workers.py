@@ -256,3 +256,23 @@ async def test_a_malformed_version_pin_is_never_loaded(backend, redis_client, pr
     await redis_client.set(Keys(prefix).model, str(tmp_path / "elsewhere"))
     assert (await backend.refresh()).ref == "tiny@1"
     assert await redis_client.get(Keys(prefix).model) == "tiny@1"
+
+
+async def test_a_request_the_worker_fails_on_is_answered_and_never_retried(
+    backend, redis_client, prefix
+):
+    """An unexpected error while serving a request (here the engine's submit) ends that reply
+    with an error and acks it: it used to stay pending and be claimed again, forever."""
+
+    class Failing(ScriptedEngine):
+        def submit(self, prompt, params, timeout_s=None):
+            raise OverflowError("Python int too large to convert to C long")
+
+    async with running_worker(Failing(), prefix, "w1") as worker:
+        result = await asyncio.wait_for((await backend.submit([1], SHORT)).collect(), 60)
+        assert result.finish_reason == "error"
+        assert result.error.startswith("the worker failed on this request (OverflowError")
+        await eventually(lambda: not worker.jobs, what="the job to end")
+        keys = Keys(prefix)
+        assert await redis_client.xlen(keys.requests) == 0
+        assert (await redis_client.xpending(keys.requests, GROUP))["pending"] == 0
