@@ -521,8 +521,11 @@ def build_fused_graph(
     if cap:  # Gemma 2: logits -> cap * tanh(logits / cap), in float32
         inv = g.const("final_softcap/inv", np.array(1.0 / cap, np.float32))
         capped = g.op("Tanh", [g.op("Mul", [logits, inv], "final_softcap/div")], "final_softcap")
-        logits = g.op("Mul", [capped, g.const("final_softcap/cap", np.array(cap, np.float32))],
-                      "final_softcap/out")
+        logits = g.op(
+            "Mul",
+            [capped, g.const("final_softcap/cap", np.array(cap, np.float32))],
+            "final_softcap/out",
+        )
     g.op("Identity", [logits], "logits")
     inputs, outputs = _inputs_outputs(cfg, g, max_context)
     return g.model(

@@ -89,7 +89,9 @@ class ModelConfig:
     hidden_act: str = "silu"  # gated MLP activation: silu | gelu_tanh (GeGLU)
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's 1
     norm_layout: str = "pre"  # pre (Llama) | sandwich (Gemma 2/3) | post (OLMo 2)
-    qk_norm: str = ""  # RMSNorm of q and k: "" | "head" (per head: Qwen3, Gemma 3) | "full" (OLMo 2)
+    qk_norm: str = (
+        ""  # RMSNorm of q and k: "" | "head" (per head: Qwen3, Gemma 3) | "full" (OLMo 2)
+    )
     fused_projections: bool = False  # qkv_proj and gate_up_proj tensors (Phi-3)
     attn_scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5
     attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap); 0: off
@@ -195,7 +197,9 @@ class ModelConfig:
                 "reorder_and_upcast_attn": False,
             }
         act = {v: k for k, v in ACTIVATIONS.items() if k != "swish"}[self.hidden_act]
-        rope = {"rope_type": "default"} | (self.rope_scaling or {}) | {"rope_theta": self.rope_theta}
+        rope = (
+            {"rope_type": "default"} | (self.rope_scaling or {}) | {"rope_theta": self.rope_theta}
+        )
         window = self.sliding_window or None
         layer_types = [
             "sliding_attention" if i in self.sliding_layers else "full_attention"
@@ -222,7 +226,9 @@ class ModelConfig:
         if self.model_type in ("mistral", "phi3"):
             hf |= {"sliding_window": window}
         if self.model_type == "smollm3":
-            hf["no_rope_layers"] = [int(i not in self.no_rope_layers) for i in range(self.num_layers)]
+            hf["no_rope_layers"] = [
+                int(i not in self.no_rope_layers) for i in range(self.num_layers)
+            ]
         if self.model_type == "phi3":
             hf["partial_rotary_factor"] = self.rotary_dims / self.head_dim
             rope["partial_rotary_factor"] = self.rotary_dims / self.head_dim
@@ -324,7 +330,9 @@ def _llama_config(c: dict[str, Any]) -> ModelConfig:
     scaling, theta, local_theta = _rope(c)
     kind = rope_type(scaling)
     if kind == "longrope" and c.get("original_max_position_embeddings"):
-        scaling.setdefault("original_max_position_embeddings", c["original_max_position_embeddings"])
+        scaling.setdefault(
+            "original_max_position_embeddings", c["original_max_position_embeddings"]
+        )
     check_scaling(scaling)
     if kind == "longrope":
         original = int(

@@ -137,7 +137,7 @@ def make_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
     return out
 
 
-def _family_model(tf, kind: str, shape: dict):  # noqa: ANN001, ANN202 (transformers' types)
+def _family_model(tf, kind: str, shape: dict):
     """A tiny model of one of FAMILY_KINDS (transformers' own class) with its quirks on."""
     two = ["sliding_attention", "full_attention"]
     if kind == "llama3":

@@ -1,4 +1,4 @@
-"""Rotary inverse frequencies of every rope_type we support, as transformers computes them (numpy)."""
+"""Rotary inverse frequencies of each supported rope_type, as transformers computes them."""
 
 from __future__ import annotations
 
@@ -72,9 +72,7 @@ def inv_frequencies(
         factor = max_positions / original
     attention = s.get("attention_factor")
     if attention is None:
-        attention = (
-            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        )
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     short = np.asarray(s["short_factor"], np.float32)
     if short.shape != inv.shape:
         raise ModelError(f"longrope short_factor has {short.size} values, expected {inv.size}")
