@@ -238,7 +238,7 @@ class ModelConfig:
             hf["hidden_activation"] = act
         if self.model_type in ("gemma2", "gemma3_text"):
             hf |= {
-                "query_pre_attn_scalar": self.softmax_scale**-2,
+                "query_pre_attn_scalar": _integral(self.softmax_scale**-2),
                 "attn_logit_softcapping": self.attn_softcap or None,
                 "final_logit_softcapping": self.final_softcap or None,
                 "sliding_window": window,
@@ -256,6 +256,11 @@ class ModelConfig:
                 "logits_scaling": 1.0 / self.logits_scale,
             }
         return hf
+
+
+def _integral(x: float) -> float | int:
+    """x as an int when it is one (up to float rounding): transformers types some keys int."""
+    return round(x) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
 
 
 def _unsupported(model_type: object) -> str:
