@@ -70,6 +70,7 @@ FAMILY_KINDS = (
 )
 KINDS = ("llama", "llama-untied", "qwen2", "gpt2", "smollm2-135m", *FAMILY_KINDS)
 WINDOW = 24  # the tiny models' sliding window, in tokens
+POST_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
 
 # SmolLM2-135M-Instruct's config.json (the default model): a random checkpoint of its shape is a
 # fair speed workload (scripts/gpu_check.py) and gives the kernels' shapes (bench_kernels.py)
@@ -126,11 +127,20 @@ def make_checkpoint(out: Path, kind: str, seed: int = 0) -> Path:
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
         model = tf.GPT2LMHeadModel(cfg)
     else:
-        model = _family_model(tf, kind, common | gqa_shape | {"max_position_embeddings": 512})
+        # tied heads: the logits of a random model are then peaked enough for int4's top-1 bar,
+        # as a trained model's are (untied heads: the llama-untied and qwen2 kinds)
+        shape = common | gqa_shape | {"max_position_embeddings": 512, "tie_word_embeddings": True}
+        model = _family_model(tf, kind, shape)
     # random init is small; widen it so logits differ meaningfully between tokens
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+        # norms of sublayer outputs (Gemma 2/3, OLMo 2) at a trained model's small scale: at 1
+        # they drown the token's embedding in random features and flatten the logits
+        offset = 1.0 if kind.startswith("gemma") else 0.0
+        for name, p in model.named_parameters():
+            if name.endswith(POST_NORMS) and kind in ("gemma2", "gemma3", "olmo2"):
+                p.copy_(torch.full_like(p, 0.1 - offset) + torch.randn_like(p) * 0.01)
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out, safe_serialization=True)
     write_tokenizer(out, vocab)  # a few hundred tokens are enough to talk to any of them
@@ -148,7 +158,7 @@ def _family_model(tf, kind: str, shape: dict):
     if kind == "llama-yarn":
         rope = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                     original_max_position_embeddings=128)  # fmt: skip
-        cfg = tf.LlamaConfig(rope_parameters=rope, tie_word_embeddings=False, **shape)
+        cfg = tf.LlamaConfig(rope_parameters=rope, **shape)
         return tf.LlamaForCausalLM(cfg)
     if kind == "mistral":
         return tf.MistralForCausalLM(tf.MistralConfig(sliding_window=WINDOW, **shape))
@@ -158,7 +168,7 @@ def _family_model(tf, kind: str, shape: dict):
         return tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=16, **shape))
     if kind == "gemma2":
         cfg = tf.Gemma2Config(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                              attn_logit_softcapping=0.5, final_logit_softcapping=0.2,
+                              attn_logit_softcapping=0.5, final_logit_softcapping=0.6,
                               layer_types=two, **shape)  # fmt: skip
         return tf.Gemma2ForCausalLM(cfg)
     if kind == "gemma3":

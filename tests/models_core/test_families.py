@@ -72,7 +72,7 @@ def test_family_quirks_are_read(family_checkpoints):
 
     gemma2 = cfg("gemma2")
     assert gemma2.sliding_layers == (0,) and gemma2.sliding_window == WINDOW
-    assert (gemma2.attn_softcap, gemma2.final_softcap) == (0.5, 0.2)
+    assert (gemma2.attn_softcap, gemma2.final_softcap) == (0.5, 0.6)
     assert gemma2.norm_layout == "sandwich" and gemma2.norm_offset == 1.0
     assert gemma2.softmax_scale == pytest.approx(24**-0.5)
     gemma3 = cfg("gemma3")
