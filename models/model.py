@@ -868,21 +868,37 @@ class CausalLM(nn.Module):
             else:
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)
                 position_ids = position_ids.expand(B, T)
+        x, presents = self.hidden(input_ids, position_ids, attention_mask, past_key_values)
+        return self.head(x), presents
+
+    def hidden(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """The final hidden states [B, T, hidden] (before `head`) and the cache."""
         cfg = self.config
+        T = input_ids.shape[1]
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         windows = {cfg.layer_window(i) for i in range(cfg.num_layers)} | {0}
         masks = {w: build_attention_mask(attention_mask, T, past_len, w) for w in windows}
         masks = {w: m if m is None else m.to(input_ids.device) for w, m in masks.items()}
         past = past_key_values or [None] * cfg.num_layers
         if cfg.family == "llama":
-            x, presents = self.model(input_ids, position_ids, masks, past)
-        else:
-            x, presents = self.transformer(input_ids, position_ids, masks[0], past)
-        logits = self.lm_head(x)
+            return self.model(input_ids, position_ids, masks, past)
+        return self.transformer(input_ids, position_ids, masks[0], past)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits of final hidden states: the output layer, its scale and soft-cap."""
+        cfg = self.config
+        logits = self.lm_head(hidden)
         if cfg.logits_scale != 1.0:
             logits = logits * cfg.logits_scale
         if cfg.final_softcap:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
-        return logits, presents
+        return logits
 
     @classmethod
     def from_checkpoint(cls, ckpt: Weights) -> CausalLM:

@@ -168,7 +168,7 @@ def _family_model(tf, kind: str, shape: dict):
         return tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=16, **shape))
     if kind == "gemma2":
         cfg = tf.Gemma2Config(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                              attn_logit_softcapping=0.5, final_logit_softcapping=0.6,
+                              attn_logit_softcapping=0.1, final_logit_softcapping=0.6,
                               layer_types=two, **shape)  # fmt: skip
         return tf.Gemma2ForCausalLM(cfg)
     if kind == "gemma3":

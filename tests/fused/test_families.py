@@ -55,7 +55,9 @@ def test_fused_graph_matches_transformers_on_long_ragged_batches(kind, family_so
         padded[r, :n] = prompts[r][:n]
     got = [runner.run(padded, counts=list(LENGTHS))]  # one right-padded prefill of both rows
     for s in range(STEPS):
-        got.append(runner.run(np.array([[p[n + s]] for p, n in zip(prompts, LENGTHS, strict=True)])))
+        got.append(
+            runner.run(np.array([[p[n + s]] for p, n in zip(prompts, LENGTHS, strict=True)]))
+        )
     got = np.stack(got, axis=1)  # [rows, 1 + STEPS, vocab]
     for r, n in enumerate(LENGTHS):
         with torch.no_grad():

@@ -3,6 +3,7 @@ past the original length, soft-caps), plus the config reading each family relies
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -72,7 +73,7 @@ def test_family_quirks_are_read(family_checkpoints):
 
     gemma2 = cfg("gemma2")
     assert gemma2.sliding_layers == (0,) and gemma2.sliding_window == WINDOW
-    assert (gemma2.attn_softcap, gemma2.final_softcap) == (0.5, 0.6)
+    assert (gemma2.attn_softcap, gemma2.final_softcap) == (0.1, 0.6)
     assert gemma2.norm_layout == "sandwich" and gemma2.norm_offset == 1.0
     assert gemma2.softmax_scale == pytest.approx(24**-0.5)
     gemma3 = cfg("gemma3")
@@ -106,8 +107,13 @@ def _llama_rope_model(rope: dict):
     [
         {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
         {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
-        {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5, "beta_fast": 16,
-         "original_max_position_embeddings": 32},
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "rope_theta": 5e5,
+            "beta_fast": 16,
+            "original_max_position_embeddings": 32,
+        },
     ],  # fmt: skip
     ids=lambda r: r["rope_type"],
 )
@@ -140,3 +146,37 @@ def test_unsupported_family_configs_say_what_is_missing(family_checkpoints, edit
     with pytest.raises(ModelError, match=message) as err:
         ModelConfig.from_hf(hf)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["gemma2"])
+def test_caps_bind_in_the_tiny_checkpoint(kind, family_checkpoints):
+    """The soft-caps change the logits: the tests above would catch a graph that skipped them."""
+    ckpt = load_checkpoint(family_checkpoints[kind])
+    ids = random_ids(ckpt.config.vocab_size, 1, 60, seed=43)
+    with torch.no_grad():
+        capped = CausalLM.from_checkpoint(ckpt)(ids)[0]
+        for switch in ("attn_softcap", "final_softcap"):
+            ckpt.config = dataclasses.replace(load_checkpoint(family_checkpoints[kind]).config)
+            setattr(ckpt.config, switch, 0.0)
+            free = CausalLM.from_checkpoint(ckpt)(ids)[0]
+            assert relative_error(free, capped) > 1e-3, switch
+
+
+def test_finetune_trains_a_new_family(family_checkpoints, tmp_path, capsys):
+    from models.__main__ import main
+    from tests.training.test_data import write_jsonl
+
+    talk = [
+        [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}!"}]
+        for i in range(24)
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", talk)
+    out = tmp_path / "tuned"
+    argv = ["finetune", str(family_checkpoints["qwen3"]), "--data", str(data), "--out", str(out)]
+    argv += ["--no-progress", "--json", "--max-steps", "6", "--lr", "3e-3", "--eval-every", "3"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_loss_after"] < result["val_loss_before"]
+    tuned, base = load_checkpoint(out), load_checkpoint(family_checkpoints["qwen3"])
+    assert tuned.config == base.config
+    assert any(not torch.equal(t, base.tensors[n]) for n, t in tuned.tensors.items())
