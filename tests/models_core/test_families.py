@@ -114,7 +114,7 @@ def _llama_rope_model(rope: dict):
             "beta_fast": 16,
             "original_max_position_embeddings": 32,
         },
-    ],  # fmt: skip
+    ],
     ids=lambda r: r["rope_type"],
 )
 def test_rope_types_match_transformers(rope, tmp_path):
