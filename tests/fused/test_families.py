@@ -95,7 +95,9 @@ def family_registry(family_checkpoints, tmp_path_factory):
 async def _engine_greedy(registry, kind: str, prompts: list[list[int]]) -> list[list[int]]:
     from bot.engine import Engine, SamplingParams
 
-    params = SamplingParams(greedy=True, max_new_tokens=GREEDY_STEPS, ignore_eos=True)
+    # min_new_tokens: stop tokens are banned on both sides (transformers' generate bans the eos
+    # ids of the generation config, the engine the version's stop ids: the same ids here)
+    params = SamplingParams(greedy=True, max_new_tokens=GREEDY_STEPS, min_new_tokens=GREEDY_STEPS)
     engine = await Engine.start(kind, registry=registry.root, device="cpu", slots=len(prompts))
     try:
         streams = [engine.submit(p, params) for p in prompts]
