@@ -291,6 +291,8 @@ def _rope(c: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
         if c.get("rope_scaling"):
             rope |= c["rope_scaling"]
     theta = float(rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0)
+    if local_theta == theta and rope_type(rope) != "default":
+        raise ModelError("rope scaling on global layers that share the local layers' theta")
     return rope, theta, local_theta
 
 

@@ -66,9 +66,9 @@ def test_fused_graph_matches_transformers_on_long_ragged_batches(kind, family_so
         assert (got[r].argmax(-1) == want.numpy().argmax(-1)).all()
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
-def test_quantized_families_pass_their_parity_thresholds(kind, precision, family_sources, tmp_path):
+def test_lower_precisions_pass_their_parity_thresholds(kind, precision, family_sources, tmp_path):
     src = family_sources[kind]
     graph = build_fused_graph(src, precision=precision, max_context=64)
     path = save_model(graph, tmp_path / "model.onnx")
