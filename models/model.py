@@ -687,9 +687,9 @@ class LlamaBlock(nn.Module):
     ) -> tuple[Tensor, LayerCache]:
         if self.layout == "pre":
             h, present = self.self_attn(self.input_layernorm(x), rotary, mask, past)
-            x = x + h * self.residual_scale if self.residual_scale != 1.0 else x + h
+            x = x + h * self.residual_scale  # Granite's multiplier (1.0 is exact elsewhere)
             h = self.mlp(self.post_attention_layernorm(x))
-            return (x + h * self.residual_scale if self.residual_scale != 1.0 else x + h), present
+            return x + h * self.residual_scale, present
         h = self.input_layernorm(x) if self.layout == "sandwich" else x
         h, present = self.self_attn(h, rotary, mask, past)
         x = x + self.post_attention_layernorm(h)
