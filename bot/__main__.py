@@ -1,4 +1,4 @@
-"""Command line of the bot: `python -m bot start|run|chat|db|generate|bench|worker`."""
+"""Command line of the bot: `python -m bot start|run|chat|db|generate|bench|worker|...`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("bot.engine.cli", "generate text with a model version"),
     "bench": ("bot.engine.bench", "measure time to first token and tokens/s"),
     "worker": ("bot.worker", "serve generation requests from Redis (REDIS_URL)"),
+    "finetune": ("bot.finetune.cli", "fine-tune the model on a server's stored conversations"),
+    "trainer": ("bot.finetune.trainer", "run fine-tuning jobs sent through Redis (REDIS_URL)"),
 }
 
 

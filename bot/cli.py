@@ -13,8 +13,8 @@ import aiohttp
 import discord
 
 from bot import console
-from bot.config import BotConfig, ConfigError, get_settings
-from bot.logs import LEVELS, configure_logging
+from bot.config import BotConfig, ConfigError, get_settings, load_settings
+from bot.logs import add_log_level_argument, configure_logging
 from bot.storage.db import DatabaseError
 
 PERMISSIONS = 309237713920  # View Channels, Send Messages, Create Public Threads, Send in Threads,
@@ -44,19 +44,16 @@ async def serve(settings: BotConfig, token: str, model: Path) -> None:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """`run` takes its configuration from the environment, .env or BOT_CONFIG."""
-    parser.add_argument(
-        "--log-level",
-        choices=LEVELS,
-        type=str.upper,
-        default=None,
-        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: LOG_LEVEL, else INFO)",
-    )
+    """`run` takes its configuration from the environment, .env or BOT_CONFIG, and the
+    console's setting options over them (`start` passes them on to either)."""
+    console.add_settings_arguments(parser)
+    add_log_level_argument(parser)
 
 
 def run_main(args: argparse.Namespace) -> int:
     """Connect to Discord; without a token print how to get one and exit 2."""
-    settings = get_settings()
+    overrides = console.setting_overrides(args)
+    settings = load_settings(**overrides) if overrides else get_settings()
     if settings.discord_token is None or not settings.discord_token.get_secret_value():
         print(NO_TOKEN_HELP, file=sys.stderr)
         return 2
@@ -98,8 +95,7 @@ def run_main(args: argparse.Namespace) -> int:
 def add_start_arguments(parser: argparse.ArgumentParser) -> None:
     """`start` accepts the console chat's options (used when no token is configured) and
     `run`'s."""
-    console.add_arguments(parser)
-    add_run_arguments(parser)
+    console.add_arguments(parser)  # its --log-level too
 
 
 def start_main(args: argparse.Namespace) -> int:

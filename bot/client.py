@@ -37,6 +37,7 @@ from discord.ext import commands
 from discord.gateway import DiscordWebSocket
 
 from bot.config import BotConfig, ConfigError
+from bot.errors import fitted
 
 if TYPE_CHECKING:
     from bot.backends import GenerationBackend
@@ -49,6 +50,7 @@ COGS = (
     "bot.cogs.chat",
     "bot.cogs.channel",
     "bot.cogs.admin",
+    "bot.cogs.finetune",  # after admin: it adds /model finetune and /model jobs
     "bot.cogs.access",
     "bot.cogs.privacy",
 )
@@ -241,6 +243,7 @@ class ChatBot(commands.AutoShardedBot):
                 exc_info=error,
             )
             text = APOLOGY
+        text = fitted(text)
         try:
             if interaction.response.is_done():
                 await interaction.edit_original_response(content=text)

@@ -55,6 +55,11 @@ class BotConfig(BaseSettings):
     discord_gateway_url: str | None = None  # None: ask the API (GET /gateway/bot)
     reply_in_dms: bool = True
     reply_to_bots: bool = False  # answer other bots (never itself); mind two bots looping
+    # thinking models (Qwen3, SmolLM3): think before answering (on), not (off), or as the chat
+    # template does by default (auto); the thinking counts against max_tokens. It is never
+    # stored in the history; shown under the reply as a spoiler with SHOW_THINKING=spoiler
+    thinking: Literal["off", "on", "auto"] = "off"
+    show_thinking: Literal["hidden", "spoiler"] = "hidden"
     history_retention_days: int = Field(0, ge=0, le=36_500)  # 0: keep the history for ever
     export_allowed_dir: Path | None = None  # None -> {data_dir}/checkpoints
     user_rate_per_min: int = Field(6, ge=0)  # 0: no limit

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, TextIO
 from sqlalchemy.engine import make_url
 
 from bot.config import BotConfig, ConfigError, load_settings
+from bot.errors import LENGTH_NOTE, quoted
+from bot.logs import add_log_level_argument
 
 if TYPE_CHECKING:
     from bot.service import ChatService
@@ -56,14 +58,31 @@ GOODBYE = "Goodbye!"
 CANCELLED = "[reply cancelled]"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings `chat`, `start` and `run` take as options too (over the environment)."""
     parser.add_argument("--model", default=None, help="version: NAME, NAME@N or a folder (MODEL)")
     parser.add_argument("--registry", default=None, help="registry folder (MODEL_REGISTRY)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help="DEVICE")
     parser.add_argument("--database-url", default=None, help="database URL (DATABASE_URL)")
+
+
+def setting_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The settings given as options (add_settings_arguments), by their BotConfig names."""
+    given = (
+        ("model", getattr(args, "model", None)),
+        ("model_registry", getattr(args, "registry", None)),
+        ("device", getattr(args, "device", None)),
+        ("database_url", getattr(args, "database_url", None)),
+    )
+    return {key: value for key, value in given if value is not None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser)
     parser.add_argument(
         "--channel", type=int, default=CONSOLE_CHANNEL_ID, help="conversation id (default 1)"
     )
+    add_log_level_argument(parser)
 
 
 def history_place(database_url: str, channel_id: int) -> str:
@@ -175,14 +194,16 @@ class Console:
             self.say(("\n" if self._wrote else "") + CANCELLED)
             return
         try:
-            task.result()
+            note = task.result()
         except ReplyError:
             if self._wrote:
                 self.say("")  # the note goes on its own line, after the partial reply
             raise
         self.say("")
+        if note:
+            self.say(f"[{note}]")
 
-    async def _stream(self, text: str) -> None:
+    async def _stream(self, text: str) -> str | None:
         from bot.turns import IncomingMessage
 
         msg = IncomingMessage(self.channel_id, None, self.user, text)
@@ -191,6 +212,10 @@ class Console:
                 self.out.write(piece)
                 self.out.flush()
                 self._wrote = True
+        result = reply.result
+        if result is not None and result.finish_reason == "length" and not reply.stopped:
+            return LENGTH_NOTE  # said under the reply, as on Discord
+        return None
 
     async def command(self, text: str) -> bool:
         name, _, rest = text[1:].partition(" ")
@@ -230,7 +255,7 @@ class Console:
             count = await self.service.forget(channel, actor)
             self.say(f"forgot {count} turn(s)")
         else:
-            self.say(f"unknown command {text.split()[0]!r}; /help lists the commands")
+            self.say(f"unknown command {quoted(text.split()[0])}; /help lists the commands")
         return True
 
     async def run(self, stdin: TextIO) -> None:
@@ -316,17 +341,9 @@ def _user_name() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {
-        key: value
-        for key, value in (
-            ("model", args.model),
-            ("model_registry", args.registry),
-            ("device", args.device),
-            ("database_url", args.database_url),
-        )
-        if value is not None
-    }
+    level = getattr(args, "log_level", None) or "WARNING"
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    overrides = setting_overrides(args)
     from bot.engine import EngineError
     from bot.engine.loader import resolve_version
     from bot.storage.db import DatabaseError

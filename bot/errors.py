@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+QUOTE_CHARS = 80  # at most this much of what a user typed is quoted back in a reply
+MESSAGE_CHARS = 2000  # the longest message Discord accepts
+
+
+def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
+    """What a user typed, quoted for a reply and cut to `limit` characters: every reply that
+    quotes user input goes through this (a quote may be any size; Discord takes 2,000)."""
+    text = repr(str(value))
+    return text if len(text) <= limit else text[: max(limit - 4, 1)] + "...'"
+
+
+def fitted(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """A whole reply cut to what Discord accepts (the last net: a reply Discord refuses is no
+    answer at all)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class ReplyError(Exception):
     """A reply that cannot be given; `user_message` is a short friendly line to show."""
@@ -38,6 +54,9 @@ class NotLatestReplyError(ReplyError):
     """A button under a reply that can no longer be regenerated or continued."""
 
     user_message = "Only the channel's latest reply can be regenerated or continued."
+
+
+LENGTH_NOTE = "(cut off: this reply reached max_tokens; /settings set max_tokens N for more)"
 
 
 class ReplyCutError(ReplyError):

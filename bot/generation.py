@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from bot.engine.types import SamplingParams
+from bot.errors import quoted
 
 if TYPE_CHECKING:
     from bot.engine import LoadedModel
@@ -129,7 +130,7 @@ def find_setting(key: str) -> Setting:
     setting = BY_LABEL.get(str(key).strip().lower())
     if setting is None:
         names = ", ".join(s.shown_name for s in SETTINGS.values())
-        raise SettingsError(f"unknown setting {key!r}; one of: {names}")
+        raise SettingsError(f"unknown setting {quoted(key)}; one of: {names}")
     return setting
 
 
@@ -146,11 +147,11 @@ def validate_setting(key: str, value: Any) -> int | float | None:
             whole = setting.kind is int and not any(c in text.lower() for c in ".en")
             value = int(text) if whole else float(text)
         except ValueError:
-            raise SettingsError(f"{name} must be a number (got {value!r})") from None
+            raise SettingsError(f"{name} must be a number (got {quoted(value)})") from None
     if value is None and setting.optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SettingsError(f"{name} must be a number (got {value!r})")
+        raise SettingsError(f"{name} must be a number (got {quoted(value)})")
     limits = f"{name} must be between {setting.low:g} and {setting.high:g}"
     if isinstance(value, int) and not setting.low <= value <= setting.high:  # exact at any size
         shown = value if abs(value) < 10**12 else "a number far out of range"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -87,3 +88,14 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(name)
     return handler
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    """--log-level, for every command that runs long enough to log (run, start, chat, worker)."""
+    parser.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        type=str.upper,
+        default=None,
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: LOG_LEVEL, else INFO)",
+    )

@@ -101,21 +101,26 @@ def plain_transcript(messages: list[dict]) -> str:
     return "\n".join([*lines, "Assistant:"])
 
 
-def encode_messages(model: LoadedModel, messages: list[dict]) -> tuple[str, list[int]]:
+def encode_messages(
+    model: LoadedModel, messages: list[dict], thinking: str = "auto"
+) -> tuple[str, list[int]]:
     """(prompt text, token ids) through the model's chat template, else as a plain transcript.
-    Text from users is plain text either way: only the template's markup gives special tokens."""
+    Text from users is plain text either way: only the template's markup gives special tokens.
+    `thinking`: on, off or auto (the template's default), for templates with enable_thinking."""
     if model.manifest.tokenizer.chat_template:
-        return model.encode_prompt(messages)
+        return model.encode_prompt(messages, **model.thinking_vars(thinking))
     text = plain_transcript(messages)
     return text, model.encode_text(text)
 
 
-def encode_continuation(model: LoadedModel, messages: list[dict]) -> tuple[str, list[int]]:
+def encode_continuation(
+    model: LoadedModel, messages: list[dict], thinking: str = "auto"
+) -> tuple[str, list[int]]:
     """encode_messages for a prompt that ends inside the assistant's reply (to continue it):
     the messages before it with the generation prompt, then the reply's text so far."""
     if not messages or messages[-1]["role"] != "assistant":
-        return encode_messages(model, messages)
-    text, ids = encode_messages(model, messages[:-1])
+        return encode_messages(model, messages, thinking)
+    text, ids = encode_messages(model, messages[:-1], thinking)
     tail = messages[-1]["content"]
     return text + tail, ids + model.encode_text(tail)
 

@@ -110,6 +110,11 @@ class Reply:
         self.text = ""
 
     @property
+    def stream(self) -> Any:
+        """The stream the reply reads (None before entering)."""
+        return self._started.stream if self._started else None
+
+    @property
     def prompt(self) -> Prompt | None:
         return self._started.prompt if self._started else None
 

@@ -39,6 +39,7 @@ from bot.prompt import (
 from bot.reply import ChannelQueues, Reply, Started
 from bot.storage import repo
 from bot.storage.models import Message, PendingMessage, Role, Status
+from bot.thinking import ThinkingStream, opens_thinking
 from bot.turns import IncomingMessage, Prompt, Speaker, Turn
 
 if TYPE_CHECKING:
@@ -156,7 +157,12 @@ class ChatService:
             settings = generation_settings(model, overrides)
             turns = [Turn(Role.USER, prompt, author.id, author.name)]
             built = await asyncio.to_thread(
-                self._build, model, turns, system=default_system(model), settings=settings
+                self._build,
+                model,
+                turns,
+                system=default_system(model),
+                settings=settings,
+                thinking=self.settings.thinking,
             )
             stream = await self._submit(built, settings)
             return Started(stream, None, built)
@@ -173,7 +179,14 @@ class ChatService:
         settings = generation_settings(model, overrides)
         turns = [Turn(Role.USER, msg.content, msg.author.id, msg.author.name)]
         system = (channel.persona if channel else None) or default_system(model)
-        built = await asyncio.to_thread(self._build, model, turns, system=system, settings=settings)
+        built = await asyncio.to_thread(
+            self._build,
+            model,
+            turns,
+            system=system,
+            settings=settings,
+            thinking=self.settings.thinking,
+        )
         return Started(await self._submit(built, settings), None, built)
 
     async def _start_reply(
@@ -206,12 +219,23 @@ class ChatService:
         start = self._window.get(msg.channel_id)
         ids = [t.row_id for t in turns]
         keep = len(turns) - ids.index(start) if start in ids else None
-        # tokenizing up to HISTORY_LIMIT turns takes long: off the event loop
-        built = await asyncio.to_thread(
-            self._build, model, turns, system=system, settings=settings, keep=keep
-        )
-        self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
-        stream = await self._submit(built, settings)
+        try:
+            # tokenizing up to HISTORY_LIMIT turns takes long: off the event loop
+            built = await asyncio.to_thread(
+                self._build,
+                model,
+                turns,
+                system=system,
+                settings=settings,
+                keep=keep,
+                thinking=self.settings.thinking,
+            )
+            self._window[msg.channel_id] = turns[len(turns) - built.turns_kept].row_id
+            stream = await self._submit(built, settings)
+        except MessageTooLongError:  # refused: the message does not stay as a turn
+            async with self.db.session() as s, s.begin():
+                await repo.delete_messages(s, [rows[-1].id])  # the one just stored
+            raise
         history_cut = bool(built.turns_dropped) and not noted
         try:
             async with self.db.session() as s, s.begin():
@@ -299,6 +323,7 @@ class ChatService:
                 settings=settings,
                 keep=keep,
                 extend=extend,
+                thinking=self.settings.thinking,
             )
             stream = await self._submit(built, settings)
         except BaseException:
@@ -334,6 +359,7 @@ class ChatService:
         settings: ChannelSettings,
         keep: int | None = None,
         extend: bool = False,
+        thinking: str = "auto",
     ) -> Prompt:
         templated = bool(model.manifest.tokenizer.chat_template)
         encoder = encode_continuation if extend else encode_messages
@@ -341,11 +367,12 @@ class ChatService:
             prompt = build_prompt(
                 turns,
                 system=system,
-                encode_chat=lambda messages: encoder(model, messages),
+                encode_chat=lambda messages: encoder(model, messages, thinking),
                 budget=model.max_context - settings.max_new_tokens,
                 keep=keep,
                 trim_to=TRIM_TO,
             )
+            prompt = replace(prompt, thinks=model.thinks and not extend)
             return prompt if templated else replace(prompt, stop=PLAIN_STOP)
         except ReplyError:
             raise
@@ -365,11 +392,14 @@ class ChatService:
 
     async def _submit(self, prompt: Prompt, settings: ChannelSettings) -> Any:
         try:
-            return await self.backend.submit(
+            stream = await self.backend.submit(
                 prompt.ids,
                 sampling_params(settings, prompt.stop),
                 timeout_s=self.settings.request_timeout_s,
             )
+            if prompt.thinks:  # its <think> block is neither shown as the reply nor stored
+                return ThinkingStream(stream, inside=opens_thinking(prompt.text))
+            return stream
         except QueueFullError as exc:
             raise BusyError(str(exc)) from exc
         except EngineClosedError as exc:

@@ -40,3 +40,4 @@ class Prompt:
     turns_dropped: int
     named: bool  # speakers named (multi-user channel)
     stop: tuple[str, ...] = ()  # stop strings the prompt format needs (plain transcripts)
+    thinks: bool = False  # the reply may begin with a <think> block (kept apart: bot/thinking.py)

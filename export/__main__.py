@@ -81,6 +81,15 @@ def _export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--activate", action="store_true", help="make the new version the active one")
     p.add_argument("--force", action="store_true", help="publish even if the parity check fails")
+    p.add_argument(
+        "--require-gate", action="store_true", help="publish only if the quality gate passes"
+    )
+    p.add_argument(
+        "--finetune-info",
+        type=Path,
+        default=None,
+        help="JSON file: the fine-tuning job's figures for the manifest (bot/finetune)",
+    )
     _common(p)
     return p
 
@@ -169,6 +178,22 @@ def _registry(args: argparse.Namespace) -> Registry:
     return Registry(args.registry if args.registry is not None else default_registry())
 
 
+def _finetune_info(path: Path | None) -> dict[str, Any] | None:
+    """The --finetune-info file's fields, checked against export.manifest.Finetune."""
+    if path is None:
+        return None
+    from pydantic import ValidationError
+
+    from export.manifest import Finetune
+
+    try:
+        return Finetune.model_validate_json(path.read_text(encoding="utf-8")).model_dump()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: unreadable ({exc})") from None
+    except ValidationError as exc:
+        raise ExportError(f"{path}: not fine-tuning figures ({exc.errors()[0]['msg']})") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     registry = _registry(args)
     req = ExportRequest(
@@ -181,6 +206,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress=None,
         base=args.base,
         chat_template=args.chat_template,
+        require_gate=args.require_gate,
+        finetune=_finetune_info(args.finetune_info),
     )
     info, manifest = export_checkpoint(req, registry)
     if args.activate:
@@ -367,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = cmd_export
     try:
         return handler(args)
-    except ParityError as exc:
+    except (ParityError, GateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except _user_errors() as exc:

@@ -162,11 +162,17 @@ def _check(src: Source, precision: str, max_context: int) -> None:
         raise ValueError(f"{precision} needs hidden_size divisible by {BLOCK_SIZE}")
 
 
-def rotary_caches(head_dim: int, theta: float, max_context: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_context, head_dim/2] for the rotate-half (non-interleaved) rotary of Llama."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = np.outer(np.arange(max_context, dtype=np.float64), inv_freq)
-    return np.cos(angles), np.sin(angles)
+def rotary_caches(
+    head_dim: int, theta: float, max_context: int, inv_freq: np.ndarray | None = None,
+    attention_factor: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """cos/sin [max_context, dims/2] for the rotate-half (non-interleaved) rotary of Llama:
+    plain RoPE over head_dim at `theta`, or the given inverse frequencies of a scaled rope
+    (models.rope), with its attention factor folded in (it scales q and k alike)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.outer(np.arange(max_context, dtype=np.float64), inv_freq.astype(np.float64))
+    return np.cos(angles) * attention_factor, np.sin(angles) * attention_factor
 
 
 def _inputs_outputs(cfg: Any, g: FusedWriter, max_context: int) -> tuple[list, list]:
@@ -206,7 +212,7 @@ def _packed_qkv(
     Rotary is a rotation, so scaling q before it is the same as scaling the scores after.
     """
     q_rows = cfg.num_heads * cfg.head_dim
-    scale = np.asarray(cfg.head_dim**-0.5, weight.dtype)
+    scale = np.asarray(getattr(cfg, "softmax_scale", cfg.head_dim**-0.5), weight.dtype)
     weight = weight.copy()
     weight[:q_rows] *= scale
     if bias is not None:
@@ -215,28 +221,47 @@ def _packed_qkv(
     return weight, bias
 
 
-def attention(g: FusedWriter, cfg: Any, i: int, qkv: str, rotary: bool) -> str:
-    """GroupQueryAttention on packed QKV; reads and writes layer i's shared KV buffer in place."""
+def attention(
+    g: FusedWriter,
+    cfg: Any,
+    i: int,
+    qkv: str | list[str],
+    rotary: bool | str,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> str:
+    """GroupQueryAttention on packed QKV (or [q, k, v]); reads and writes layer i's shared KV
+    buffer in place. `rotary`: False, True (the caches `cos_cache`/`sin_cache`) or the suffix
+    of another pair of caches; `window` > 0: keys a query sees, itself included; `softcap` > 0:
+    scores -> cap * tanh(scores / cap)."""
+    q, k, v = (qkv, "", "") if isinstance(qkv, str) else qkv
+    suffix = "" if rotary is True else f".{rotary}"
+    attrs: dict[str, Any] = {}
+    if window:
+        attrs["local_window_size"] = window  # the same count as transformers (measured)
+    if softcap:
+        attrs["softcap"] = float(softcap)
     out, _, _ = g.node(
         "GroupQueryAttention",
         [
-            qkv,
-            "",
-            "",
+            q,
+            k,
+            v,
             f"past_key_values.{i}.key",
             f"past_key_values.{i}.value",
             "seqlens_k",
             "total_sequence_length",
-            "cos_cache" if rotary else "",
-            "sin_cache" if rotary else "",
+            f"cos_cache{suffix}" if rotary else "",
+            f"sin_cache{suffix}" if rotary else "",
         ],
         f"layers.{i}.attn",
         outputs=3,
         num_heads=cfg.num_heads,
         kv_num_heads=cfg.num_kv_heads,
-        do_rotary=int(rotary),
+        do_rotary=int(bool(rotary)),
         rotary_interleaved=0,
-        scale=1.0,  # 1/sqrt(head_dim) is folded into the q rows: see _packed_qkv
+        scale=1.0,  # the softmax scale is folded into the q rows: see _packed_qkv
+        **attrs,
     )
     # name the present outputs as the contract says (GQA's 2nd/3rd outputs)
     g.nodes[-1].output[1] = f"present.{i}.key"
@@ -255,34 +280,39 @@ def _last_positions(g: FusedWriter, names: list[str]) -> list[str]:
     return [g.op("GatherND", [n, idx], f"{n}/last", batch_dims=1) for n in names]  # [batch, H]
 
 
-def _llama(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> str:
-    cos, sin = rotary_caches(cfg.head_dim, cfg.rope_theta, max_context)
-    g.weight("cos_cache", cos)
-    g.weight("sin_cache", sin)
-    embed = t["model.embed_tokens.weight"]
-    x, table = g.embedding("input_ids", embed, "embed_tokens")
-    eps = float(cfg.norm_eps)
-    residual, pending = x, None  # pending: the last sublayer output not yet added to residual
+def _norm_weight(cfg: Any, w: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """An RMSNorm's effective weight: (offset + w) (Gemma's 1 + w), times a folded scale."""
+    return (np.asarray(w, np.float32) + np.float32(cfg.norm_offset)) * np.float32(scale)
+
+
+def _rms(g: FusedWriter, x: str, w: np.ndarray, eps: float, name: str) -> str:
+    weight = g.weight(f"{name}.weight", w)
+    return g.op("SimplifiedLayerNormalization", [x, weight], name, epsilon=eps, axis=-1)
+
+
+def _rope_caches(g: FusedWriter, cfg: Any, max_context: int) -> dict[float, bool | str]:
+    """One cos/sin cache pair per rope theta of the layers: theta -> GQA's `rotary` argument."""
+    which: dict[float, bool | str] = {0.0: False}
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        ln1 = g.weight(f"layers.{i}.input_layernorm", t[p + "input_layernorm.weight"])
-        if pending is None:
-            h = g.op(
-                "SimplifiedLayerNormalization",
-                [residual, ln1],
-                f"layers.{i}.ln1",
-                epsilon=eps,
-                axis=-1,
-            )
-        else:
-            h, _, _, residual = g.node(
-                "SkipSimplifiedLayerNormalization",
-                [pending, residual, ln1],
-                f"layers.{i}.ln1",
-                outputs=4,
-                epsilon=eps,
-            )
-        a = p + "self_attn."
+        theta = cfg.layer_rope(i)
+        if theta in which:
+            continue
+        inv_freq, factor = cfg.rope_frequencies(theta)
+        cos, sin = rotary_caches(cfg.head_dim, theta, max_context, inv_freq, factor)
+        suffix = "" if len(which) == 1 else f".{len(which) - 1}"
+        g.weight(f"cos_cache{suffix}", cos)
+        g.weight(f"sin_cache{suffix}", sin)
+        which[theta] = True if not suffix else suffix[1:]
+    return which
+
+
+def _qkv(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], i: int, h: str) -> str | list[str]:
+    """Layer i's q, k, v: packed (the softmax scale folded into the q rows), or with q/k norms
+    [q, k, v] (the scale folded into the q norm's weight)."""
+    a = f"model.layers.{i}.self_attn."
+    if cfg.fused_projections:
+        wqkv, bias = t[a + "qkv_proj.weight"], t.get(a + "qkv_proj.bias")
+    else:
         wqkv = np.concatenate(
             [t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]
         )
@@ -291,32 +321,130 @@ def _llama(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], max_context: int)
             bias = np.concatenate(
                 [t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]
             )
+    if not cfg.qk_norm:
         wqkv, bias = _packed_qkv(cfg, wqkv, bias)
-        qkv = g.linear(h, wqkv, f"layers.{i}.qkv_proj", bias)
-        attn = attention(g, cfg, i, qkv, rotary=True)
-        # Llama with attention_bias also has an o_proj bias (as transformers); Qwen2 does not
-        o = g.linear(attn, t[a + "o_proj.weight"], f"layers.{i}.o_proj", t.get(a + "o_proj.bias"))
-        ln2 = g.weight(
-            f"layers.{i}.post_attention_layernorm", t[p + "post_attention_layernorm.weight"]
-        )
-        h, _, _, residual = g.node(
-            "SkipSimplifiedLayerNormalization",
-            [o, residual, ln2],
-            f"layers.{i}.ln2",
-            outputs=4,
-            epsilon=eps,
-        )
-        m = p + "mlp."
+        return g.linear(h, wqkv, f"layers.{i}.qkv_proj", bias)
+    qkv = g.linear(h, wqkv, f"layers.{i}.qkv_proj", bias)
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sizes = g.const(f"layers.{i}.qkv_sizes", np.array([q_dim, kv_dim, kv_dim], np.int64))
+    q, k, v = g.node("Split", [qkv, sizes], f"layers.{i}.qkv", outputs=3, axis=-1)
+    eps = float(cfg.norm_eps)
+    normed = []
+    for x, kind, scale in ((q, "q", cfg.softmax_scale), (k, "k", 1.0)):
+        w = _norm_weight(cfg, t[a + f"{kind}_norm.weight"], scale)
+        name = f"layers.{i}.{kind}_norm"
+        if cfg.qk_norm == "head":
+            heads = g.ints(f"{name}/heads", [0, 0, -1, cfg.head_dim])
+            x = g.op("Reshape", [x, heads], f"{name}/split")
+            x = _rms(g, x, w, eps, name)
+            x = g.op("Reshape", [x, g.ints(f"{name}/flat", [0, 0, -1])], f"{name}/merged")
+        else:
+            x = _rms(g, x, w, eps, name)
+        normed.append(x)
+    return [*normed, v]
+
+
+def _mlp(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], i: int, h: str) -> str:
+    m = f"model.layers.{i}.mlp."
+    if cfg.fused_projections:
+        w_gu = t[m + "gate_up_proj.weight"]
+    else:
         w_gu = np.concatenate([t[m + "gate_proj.weight"], t[m + "up_proj.weight"]])
-        gu = g.linear(h, w_gu, f"layers.{i}.gate_up_proj")
-        half = g.const(f"layers.{i}.split", np.array([cfg.intermediate_size] * 2, np.int64))
-        gate, up = g.node("Split", [gu, half], f"layers.{i}.gate_up", outputs=2, axis=-1)
+    gu = g.linear(h, w_gu, f"layers.{i}.gate_up_proj")
+    half = g.const(f"layers.{i}.split", np.array([cfg.intermediate_size] * 2, np.int64))
+    gate, up = g.node("Split", [gu, half], f"layers.{i}.gate_up", outputs=2, axis=-1)
+    if cfg.hidden_act == "gelu_tanh":
+        act = g.op("FastGelu", [gate], f"layers.{i}.gelu")
+    else:
         sig = g.op("Sigmoid", [gate], f"layers.{i}.sigmoid")
-        silu = g.op("Mul", [gate, sig], f"layers.{i}.silu")
-        act = g.op("Mul", [silu, up], f"layers.{i}.act")
-        pending = g.linear(act, t[m + "down_proj.weight"], f"layers.{i}.down_proj")
+        act = g.op("Mul", [gate, sig], f"layers.{i}.silu")
+    act = g.op("Mul", [act, up], f"layers.{i}.act")
+    down = t[m + "down_proj.weight"] * np.float32(cfg.residual_scale)
+    return g.linear(act, down, f"layers.{i}.down_proj")
+
+
+def _llama(g: FusedWriter, cfg: Any, t: dict[str, np.ndarray], max_context: int) -> str:
+    """The Llama block with the family switches of models.model.ModelConfig."""
+    ropes = _rope_caches(g, cfg, max_context)
+    embed = t["model.embed_tokens.weight"]
+    x, table = g.embedding("input_ids", embed, "embed_tokens")
+    if cfg.embed_scale != 1.0:
+        scale = g.weight("embed_scale", np.array(cfg.embed_scale, np.float32))
+        x = g.op("Mul", [x, scale], "embed_tokens/scaled")
+    eps = float(cfg.norm_eps)
+    layout = cfg.norm_layout
+    residual, pending = x, None  # pending: the last sublayer output not yet added to residual
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        if layout == "post":  # OLMo 2: attention reads the residual stream itself
+            if pending is not None:
+                residual = g.op("Add", [pending, residual], f"layers.{i}.residual")
+            h = residual
+        else:
+            ln1 = g.weight(
+                f"layers.{i}.input_layernorm", _norm_weight(cfg, t[p + "input_layernorm.weight"])
+            )
+            if pending is None:
+                h = g.op(
+                    "SimplifiedLayerNormalization",
+                    [residual, ln1],
+                    f"layers.{i}.ln1",
+                    epsilon=eps,
+                    axis=-1,
+                )
+            else:
+                h, _, _, residual = g.node(
+                    "SkipSimplifiedLayerNormalization",
+                    [pending, residual, ln1],
+                    f"layers.{i}.ln1",
+                    outputs=4,
+                    epsilon=eps,
+                )
+        qkv = _qkv(g, cfg, t, i, h)
+        attn = attention(
+            g, cfg, i, qkv, ropes[cfg.layer_rope(i)], cfg.layer_window(i), cfg.attn_softcap
+        )
+        a = p + "self_attn."
+        rs = np.float32(cfg.residual_scale)
+        o_bias = t.get(a + "o_proj.bias")
+        o = g.linear(
+            attn,
+            t[a + "o_proj.weight"] * rs,
+            f"layers.{i}.o_proj",
+            None if o_bias is None else o_bias * rs,
+        )
+        post_attn = _norm_weight(cfg, t[p + "post_attention_layernorm.weight"])
+        if layout == "pre":
+            ln2 = g.weight(f"layers.{i}.post_attention_layernorm", post_attn)
+            h, _, _, residual = g.node(
+                "SkipSimplifiedLayerNormalization",
+                [o, residual, ln2],
+                f"layers.{i}.ln2",
+                outputs=4,
+                epsilon=eps,
+            )
+        else:
+            o = _rms(g, o, post_attn, eps, f"layers.{i}.post_attention_layernorm")
+            if layout == "sandwich":
+                pre_ff = _norm_weight(cfg, t[p + "pre_feedforward_layernorm.weight"])
+                ln2 = g.weight(f"layers.{i}.pre_feedforward_layernorm", pre_ff)
+                h, _, _, residual = g.node(
+                    "SkipSimplifiedLayerNormalization",
+                    [o, residual, ln2],
+                    f"layers.{i}.ln2",
+                    outputs=4,
+                    epsilon=eps,
+                )
+            else:
+                residual = g.op("Add", [o, residual], f"layers.{i}.attn_residual")
+                h = residual
+        pending = _mlp(g, cfg, t, i, h)
+        if layout != "pre":
+            post_ff = _norm_weight(cfg, t[p + "post_feedforward_layernorm.weight"])
+            pending = _rms(g, pending, post_ff, eps, f"layers.{i}.post_feedforward_layernorm")
     pending, residual = _last_positions(g, [pending, residual])
-    norm = g.weight("norm", t["model.norm.weight"])
+    # the logit scale (Granite) is folded into the final norm: the head is linear, unbiased
+    norm = g.weight("norm", _norm_weight(cfg, t["model.norm.weight"], cfg.logits_scale))
     h = g.op(
         "SkipSimplifiedLayerNormalization", [pending, residual, norm], "final_norm", epsilon=eps
     )
@@ -389,6 +517,15 @@ def build_fused_graph(
     logits = build(g, cfg, src.tensors, max_context)
     if precision == "fp16":
         logits = g.op("Cast", [logits], "logits/float", to=TensorProto.FLOAT)
+    cap = getattr(cfg, "final_softcap", 0.0)
+    if cap:  # Gemma 2: logits -> cap * tanh(logits / cap), in float32
+        inv = g.const("final_softcap/inv", np.array(1.0 / cap, np.float32))
+        capped = g.op("Tanh", [g.op("Mul", [logits, inv], "final_softcap/div")], "final_softcap")
+        logits = g.op(
+            "Mul",
+            [capped, g.const("final_softcap/cap", np.array(cap, np.float32))],
+            "final_softcap/out",
+        )
     g.op("Identity", [logits], "logits")
     inputs, outputs = _inputs_outputs(cfg, g, max_context)
     return g.model(

@@ -28,37 +28,51 @@ def _linear(
 # shared pieces
 
 
-def _attention_mask(b: GraphWriter) -> str:
+def _attention_mask(b: GraphWriter, window: int = 0) -> str:
     """Additive mask [batch, 1, seq, past+seq]: 0 where a query may attend, NEG_INF elsewhere.
 
     Causal over absolute columns (query t sits at column past+t), and padding columns (mask 0)
     are hidden; a padding query still sees itself so its softmax stays finite, as models/ does.
+    `window` > 0 also hides columns `window` or more before the query (a sliding window).
     """
-    total = b.op("Shape", ["attention_mask"], "mask/shape", start=1, end=2)
-    seq = b.op("Shape", ["input_ids"], "mask/seq", start=1, end=2)
-    zero, one = b.ints("mask/zero", [0]), b.ints("mask/one", [1])
-    total_s = b.op("Squeeze", [total, zero], "mask/total_s")
-    past_s = b.op("Squeeze", [b.op("Sub", [total, seq], "mask/past"), zero], "mask/past_s")
-    one_s = b.const("mask/one_s", np.array(1, np.int64))
+    m = f"mask.{window}" if window else "mask"
+    total = b.op("Shape", ["attention_mask"], f"{m}/shape", start=1, end=2)
+    seq = b.op("Shape", ["input_ids"], f"{m}/seq", start=1, end=2)
+    zero, one = b.ints(f"{m}/zero", [0]), b.ints(f"{m}/one", [1])
+    total_s = b.op("Squeeze", [total, zero], f"{m}/total_s")
+    past_s = b.op("Squeeze", [b.op("Sub", [total, seq], f"{m}/past"), zero], f"{m}/past_s")
+    one_s = b.const(f"{m}/one_s", np.array(1, np.int64))
     cols = b.op(
-        "Range", [b.const("mask/zero_s", np.array(0, np.int64)), total_s, one_s], "mask/cols"
+        "Range", [b.const(f"{m}/zero_s", np.array(0, np.int64)), total_s, one_s], f"{m}/cols"
     )
-    rows = b.op("Range", [past_s, total_s, one_s], "mask/rows")
-    rows = b.op("Unsqueeze", [rows, one], "mask/rows2d")  # [seq, 1]
-    causal = b.op("LessOrEqual", [cols, rows], "mask/causal")  # [seq, total]
-    diagonal = b.op("Equal", [cols, rows], "mask/diagonal")
-    real = b.op("Cast", ["attention_mask"], "mask/real", to=TensorProto.BOOL)
-    real = b.op("Unsqueeze", [real, b.ints("mask/axes12", [1, 2])], "mask/real4d")  # [B,1,1,S]
-    allowed = b.op("And", [causal, real], "mask/allowed")
-    allowed = b.op("Or", [allowed, diagonal], "mask/allowed_self")
+    rows = b.op("Range", [past_s, total_s, one_s], f"{m}/rows")
+    rows = b.op("Unsqueeze", [rows, one], f"{m}/rows2d")  # [seq, 1]
+    causal = b.op("LessOrEqual", [cols, rows], f"{m}/causal")  # [seq, total]
+    diagonal = b.op("Equal", [cols, rows], f"{m}/diagonal")
+    real = b.op("Cast", ["attention_mask"], f"{m}/real", to=TensorProto.BOOL)
+    real = b.op("Unsqueeze", [real, b.ints(f"{m}/axes12", [1, 2])], f"{m}/real4d")  # [B,1,1,S]
+    if window:
+        near = b.op(
+            "Greater",
+            [
+                cols,
+                b.op(
+                    "Sub", [rows, b.const(f"{m}/window", np.array(window, np.int64))], f"{m}/reach"
+                ),
+            ],
+            f"{m}/near",
+        )
+        causal = b.op("And", [causal, near], f"{m}/windowed")
+    allowed = b.op("And", [causal, real], f"{m}/allowed")
+    allowed = b.op("Or", [allowed, diagonal], f"{m}/allowed_self")
     return b.op(
         "Where",
         [
             allowed,
-            b.const("mask/open", np.array(0.0, np.float32)),
-            b.const("mask/shut", np.array(NEG_INF, np.float32)),
+            b.const(f"{m}/open", np.array(0.0, np.float32)),
+            b.const(f"{m}/shut", np.array(NEG_INF, np.float32)),
         ],
-        "mask/additive",
+        f"{m}/additive",
     )
 
 
@@ -91,8 +105,16 @@ def _attend(b: GraphWriter, cfg: Any, i: int, q: str, k: str, v: str, mask: str)
         k, v = _repeat_kv(b, cfg, k, rep, f"{p}/k"), _repeat_kv(b, cfg, v, rep, f"{p}/v")
     kt = b.op("Transpose", [k], f"{p}/kt", perm=[0, 1, 3, 2])
     scores = b.op("MatMul", [q, kt], f"{p}/scores")
-    scale = b.const(f"{p}/scale", np.array(1.0 / math.sqrt(cfg.head_dim), np.float32))
+    softmax_scale = getattr(cfg, "softmax_scale", 1.0 / math.sqrt(cfg.head_dim))
+    scale = b.const(f"{p}/scale", np.array(softmax_scale, np.float32))
     scores = b.op("Mul", [scores, scale], f"{p}/scaled")
+    cap = getattr(cfg, "attn_softcap", 0.0)
+    if cap:  # Gemma 2: cap * tanh(scores / cap), before the mask
+        inv_cap = b.const(f"{p}/inv_cap", np.array(1.0 / cap, np.float32))
+        scores = b.op("Tanh", [b.op("Mul", [scores, inv_cap], f"{p}/div_cap")], f"{p}/tanh")
+        scores = b.op(
+            "Mul", [scores, b.const(f"{p}/cap", np.array(cap, np.float32))], f"{p}/capped"
+        )
     scores = b.op("Add", [scores, mask], f"{p}/masked")
     probs = b.op("Softmax", [scores], f"{p}/probs", axis=-1)
     y = b.op("MatMul", [probs, v], f"{p}/context")
@@ -113,68 +135,154 @@ def _rms_norm(b: GraphWriter, x: str, weight: np.ndarray, eps: float, name: str)
     return b.op("Mul", [y, b.const(f"{name}.weight", weight)], name)
 
 
-def _rotary(b: GraphWriter, cfg: Any) -> tuple[str, str]:
-    """cos, sin [B, 1, T, head_dim] from position_ids and the checkpoint's rope theta."""
-    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
-    pos = b.op("Cast", ["position_ids"], "rope/pos", to=TensorProto.FLOAT)
-    pos = b.op("Unsqueeze", [pos, b.ints("rope/axis", [-1])], "rope/pos3d")
-    freqs = b.op("Mul", [pos, b.const("rope/inv_freq", inv_freq)], "rope/freqs")
-    emb = b.op("Concat", [freqs, freqs], "rope/emb", axis=-1)
-    axis1 = b.ints("rope/axis1", [1])
-    cos = b.op("Unsqueeze", [b.op("Cos", [emb], "rope/cos3d"), axis1], "rope/cos")
-    sin = b.op("Unsqueeze", [b.op("Sin", [emb], "rope/sin3d"), axis1], "rope/sin")
+def _rotary(b: GraphWriter, cfg: Any, theta: float | None = None) -> tuple[str, str]:
+    """cos, sin [B, 1, T, rotary dims] from position_ids for the layers at `theta` (default:
+    rope_theta), with the rope scaling's frequencies and attention factor (models.rope)."""
+    theta = cfg.rope_theta if theta is None else theta
+    p = "rope" if theta == cfg.rope_theta else f"rope.{theta:g}"
+    if hasattr(cfg, "rope_frequencies"):
+        inv_freq, factor = cfg.rope_frequencies(theta)
+    else:
+        exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+        inv_freq, factor = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32), 1.0
+    pos = b.op("Cast", ["position_ids"], f"{p}/pos", to=TensorProto.FLOAT)
+    pos = b.op("Unsqueeze", [pos, b.ints(f"{p}/axis", [-1])], f"{p}/pos3d")
+    freqs = b.op("Mul", [pos, b.const(f"{p}/inv_freq", inv_freq)], f"{p}/freqs")
+    emb = b.op("Concat", [freqs, freqs], f"{p}/emb", axis=-1)
+    axis1 = b.ints(f"{p}/axis1", [1])
+    cos = b.op("Unsqueeze", [b.op("Cos", [emb], f"{p}/cos3d"), axis1], f"{p}/cos")
+    sin = b.op("Unsqueeze", [b.op("Sin", [emb], f"{p}/sin3d"), axis1], f"{p}/sin")
+    if factor != 1.0:
+        f = b.const(f"{p}/factor", np.array(factor, np.float32))
+        cos = b.op("Mul", [cos, f], f"{p}/cos_scaled")
+        sin = b.op("Mul", [sin, f], f"{p}/sin_scaled")
     return cos, sin
 
 
-def _apply_rotary(b: GraphWriter, x: str, cos: str, sin: str, name: str) -> str:
-    """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1)."""
+def _apply_rotary(
+    b: GraphWriter, x: str, cos: str, sin: str, name: str, dims: int = 0, head_dim: int = 0
+) -> str:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1), over the first `dims`
+    of head_dim (partial rotary passes the rest through; 0: all of them)."""
+    rest = None
+    if dims and dims < head_dim:
+        sizes = b.ints(f"{name}/parts", [dims, head_dim - dims])
+        x, rest = b.node("Split", [x, sizes], f"{name}/partial", outputs=2, axis=-1)
     x1, x2 = b.node("Split", [x], f"{name}/halves", outputs=2, axis=-1)
     rotated = b.op("Concat", [b.op("Neg", [x2], f"{name}/neg"), x1], f"{name}/rotated", axis=-1)
     a = b.op("Mul", [x, cos], f"{name}/cos")
     c = b.op("Mul", [rotated, sin], f"{name}/sin")
-    return b.op("Add", [a, c], name)
+    if rest is None:
+        return b.op("Add", [a, c], name)
+    return b.op("Concat", [b.op("Add", [a, c], f"{name}/rot"), rest], name, axis=-1)
+
+
+def _norm_weight(cfg: Any, w: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """An RMSNorm's effective weight: (offset + w), Gemma's offset being 1, times `scale`."""
+    offset = np.float32(getattr(cfg, "norm_offset", 0.0))
+    return ((np.asarray(w, np.float32) + offset) * np.float32(scale)).astype(np.float32)
 
 
 def _llama(b: GraphWriter, cfg: Any, t: dict[str, np.ndarray]) -> str:
+    """The Llama block with the family switches of models.model.ModelConfig."""
     embed = b.const("model.embed_tokens.weight", t["model.embed_tokens.weight"])
     x = b.op("Gather", [embed, "input_ids"], "embed")
-    mask = _attention_mask(b)
-    cos, sin = _rotary(b, cfg)
-    eps = float(cfg.norm_eps)
+    if cfg.embed_scale != 1.0:
+        scale = b.const("embed/scale", np.array(cfg.embed_scale, np.float32))
+        x = b.op("Mul", [x, scale], "embed/scaled")
+    masks = {0: _attention_mask(b)}
+    ropes: dict[float, tuple[str, str] | None] = {0.0: None}
+    eps, hd, layout = float(cfg.norm_eps), cfg.head_dim, cfg.norm_layout
+    q_dim, kv_dim = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    rs = np.float32(cfg.residual_scale)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        h = _rms_norm(b, x, t[p + "input_layernorm.weight"], eps, p + "input_layernorm")
+        window, theta = cfg.layer_window(i), cfg.layer_rope(i)
+        if window not in masks:
+            masks[window] = _attention_mask(b, window)
+        if theta not in ropes:
+            ropes[theta] = _rotary(b, cfg, theta)
+        h = x
+        if layout != "post":
+            w = _norm_weight(cfg, t[p + "input_layernorm.weight"])
+            h = _rms_norm(b, x, w, eps, p + "input_layernorm")
         a = p + "self_attn."
-        q = _linear(b, h, t[a + "q_proj.weight"].T, a + "q_proj", t.get(a + "q_proj.bias"))
-        k = _linear(b, h, t[a + "k_proj.weight"].T, a + "k_proj", t.get(a + "k_proj.bias"))
-        v = _linear(b, h, t[a + "v_proj.weight"].T, a + "v_proj", t.get(a + "v_proj.bias"))
-        q = _apply_rotary(
-            b, _heads(b, q, cfg.num_heads, cfg.head_dim, a + "q"), cos, sin, a + "q_rot"
+        if cfg.fused_projections:
+            qkv = _linear(b, h, t[a + "qkv_proj.weight"].T, a + "qkv_proj")
+            sizes = b.ints(a + "qkv/sizes", [q_dim, kv_dim, kv_dim])
+            q, k, v = b.node("Split", [qkv, sizes], a + "qkv", outputs=3, axis=-1)
+        else:
+            q = _linear(b, h, t[a + "q_proj.weight"].T, a + "q_proj", t.get(a + "q_proj.bias"))
+            k = _linear(b, h, t[a + "k_proj.weight"].T, a + "k_proj", t.get(a + "k_proj.bias"))
+            v = _linear(b, h, t[a + "v_proj.weight"].T, a + "v_proj", t.get(a + "v_proj.bias"))
+        if cfg.qk_norm == "full":
+            q = _rms_norm(b, q, _norm_weight(cfg, t[a + "q_norm.weight"]), eps, a + "q_norm")
+            k = _rms_norm(b, k, _norm_weight(cfg, t[a + "k_norm.weight"]), eps, a + "k_norm")
+        q = _heads(b, q, cfg.num_heads, hd, a + "q")
+        k = _heads(b, k, cfg.num_kv_heads, hd, a + "k")
+        if cfg.qk_norm == "head":
+            q = _rms_norm(b, q, _norm_weight(cfg, t[a + "q_norm.weight"]), eps, a + "q_norm")
+            k = _rms_norm(b, k, _norm_weight(cfg, t[a + "k_norm.weight"]), eps, a + "k_norm")
+        if ropes[theta] is not None:
+            cos, sin = ropes[theta]
+            dims = cfg.rotary_dims
+            q = _apply_rotary(b, q, cos, sin, a + "q_rot", dims, hd)
+            k = _apply_rotary(b, k, cos, sin, a + "k_rot", dims, hd)
+        v = _heads(b, v, cfg.num_kv_heads, hd, a + "v")
+        y = _attend(b, cfg, i, q, k, v, masks[window])
+        o_bias = t.get(a + "o_proj.bias")
+        y = _linear(
+            b,
+            y,
+            t[a + "o_proj.weight"].T * rs,
+            a + "o_proj",
+            None if o_bias is None else o_bias * rs,
         )
-        k = _apply_rotary(
-            b, _heads(b, k, cfg.num_kv_heads, cfg.head_dim, a + "k"), cos, sin, a + "k_rot"
-        )
-        v = _heads(b, v, cfg.num_kv_heads, cfg.head_dim, a + "v")
-        y = _attend(b, cfg, i, q, k, v, mask)
-        y = _linear(b, y, t[a + "o_proj.weight"].T, a + "o_proj", t.get(a + "o_proj.bias"))
-        x = b.op("Add", [x, y], f"{p}attn_residual")
-        h = _rms_norm(
-            b, x, t[p + "post_attention_layernorm.weight"], eps, p + "post_attention_layernorm"
-        )
+        post_attn = _norm_weight(cfg, t[p + "post_attention_layernorm.weight"])
+        if layout == "pre":
+            x = b.op("Add", [x, y], f"{p}attn_residual")
+            h = _rms_norm(b, x, post_attn, eps, p + "post_attention_layernorm")
+        else:
+            y = _rms_norm(b, y, post_attn, eps, p + "post_attention_layernorm")
+            x = b.op("Add", [x, y], f"{p}attn_residual")
+            h = x
+            if layout == "sandwich":
+                w = _norm_weight(cfg, t[p + "pre_feedforward_layernorm.weight"])
+                h = _rms_norm(b, x, w, eps, p + "pre_feedforward_layernorm")
         m = p + "mlp."
-        gate = _linear(b, h, t[m + "gate_proj.weight"].T, m + "gate_proj")
-        up = _linear(b, h, t[m + "up_proj.weight"].T, m + "up_proj")
-        silu = b.op("Mul", [gate, b.op("Sigmoid", [gate], m + "sigmoid")], m + "silu")
+        if cfg.fused_projections:
+            gu = _linear(b, h, t[m + "gate_up_proj.weight"].T, m + "gate_up_proj")
+            sizes = b.ints(m + "gate_up/sizes", [cfg.intermediate_size] * 2)
+            gate, up = b.node("Split", [gu, sizes], m + "gate_up", outputs=2, axis=-1)
+        else:
+            gate = _linear(b, h, t[m + "gate_proj.weight"].T, m + "gate_proj")
+            up = _linear(b, h, t[m + "up_proj.weight"].T, m + "up_proj")
+        if cfg.hidden_act == "gelu_tanh":
+            act = _gelu_new(b, gate, m + "gelu")
+        else:
+            act = b.op("Mul", [gate, b.op("Sigmoid", [gate], m + "sigmoid")], m + "silu")
         h = _linear(
-            b, b.op("Mul", [silu, up], m + "act"), t[m + "down_proj.weight"].T, m + "down_proj"
+            b, b.op("Mul", [act, up], m + "act"), t[m + "down_proj.weight"].T * rs, m + "down_proj"
         )
+        if layout != "pre":
+            w = _norm_weight(cfg, t[p + "post_feedforward_layernorm.weight"])
+            h = _rms_norm(b, h, w, eps, p + "post_feedforward_layernorm")
         x = b.op("Add", [x, h], f"{p}mlp_residual")
-    x = _rms_norm(b, x, t["model.norm.weight"], eps, "model.norm")
+    x = _rms_norm(b, x, _norm_weight(cfg, t["model.norm.weight"]), eps, "model.norm")
     if cfg.tie_word_embeddings:
         head = b.op("Transpose", [embed], "lm_head.weight_t", perm=[1, 0])
-        return b.op("MatMul", [x, head], "lm_head")
-    return _linear(b, x, t["lm_head.weight"].T, "lm_head")
+        logits = b.op("MatMul", [x, head], "lm_head")
+    else:
+        logits = _linear(b, x, t["lm_head.weight"].T, "lm_head")
+    if cfg.logits_scale != 1.0:
+        scale = b.const("logits/scale", np.array(cfg.logits_scale, np.float32))
+        logits = b.op("Mul", [logits, scale], "logits/scaled")
+    if cfg.final_softcap:
+        inv = b.const("logits/inv_cap", np.array(1.0 / cfg.final_softcap, np.float32))
+        capped = b.op("Tanh", [b.op("Mul", [logits, inv], "logits/div")], "logits/tanh")
+        cap = b.const("logits/cap", np.array(cfg.final_softcap, np.float32))
+        logits = b.op("Mul", [capped, cap], "logits/capped")
+    return logits
 
 
 # -----------------------------------------------------------------------------

@@ -146,6 +146,21 @@ class Gate(_Model):
         )
 
 
+class Finetune(_Model):
+    """A version made by a fine-tuning job (bot/finetune): what it was tuned from, on what data,
+    and how it compares with its base on the held-out conversations."""
+
+    job_id: int
+    base: str  # NAME@N of the version tuned
+    base_checkpoint: str  # the checkpoint that version was exported from
+    method: Literal["lora", "full"]
+    steps: int
+    perplexity_before: float  # the base, on the held-out split
+    perplexity_after: float
+    data: dict[str, int]  # conversations (train, held-out), turns, channels, opted-out users
+    samples: list[dict[str, str]] = Field(default_factory=list)  # prompt, before, after
+
+
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
@@ -169,6 +184,7 @@ class Manifest(_Model):
     forced: bool = False  # published although parity failed (or was skipped)
     gate: Gate | None = None  # None: not run (no chat template, or an older version)
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per export stage
+    finetune: Finetune | None = None  # set for versions a fine-tuning job published
     files: list[FileEntry]  # every file of the version folder except manifest.json
 
     # ---- I/O -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from export.manifest import (
     PRECISIONS,
     Architecture,
     FileEntry,
+    Finetune,
     Gate,
     GraphInfo,
     Manifest,
@@ -76,6 +77,7 @@ class ExportRequest:
     require_gate: bool = False  # publish only if the quality gate passes (export.gate)
     base: Path | None = None  # the base checkpoint of a LoRA adapter (else its config's)
     chat_template: Path | None = None  # a Jinja chat template file, instead of the checkpoint's
+    finetune: dict[str, Any] | None = None  # export.manifest.Finetune's fields (bot/finetune)
 
 
 def check_request(req: ExportRequest) -> None:
@@ -168,6 +170,7 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
             manifest = _manifest(src, req, folder, graph_info, figures, max_context, forced)
             manifest.gate = Gate(**gate) if gate else None
             manifest.timings = dict(stages.timings)
+            manifest.finetune = Finetune(**req.finetune) if req.finetune else None
             manifest.write(folder)
 
         info = registry.publish(build, req.name)

@@ -16,8 +16,13 @@ from filelock import FileLock
 
 from export.manifest import MANIFEST_NAME, Manifest, ManifestError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always with fullmatch
+VERSION_RE = re.compile(r"v([1-9][0-9]{0,8})")  # a version folder: vN
+# A reference to a version: NAME or NAME@N (N with an optional "v"), ASCII digits only.
+REF_RE = re.compile(
+    r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63})(?:@v?(?P<version>[1-9][0-9]{0,8}))?"
+)
+SHOWN_CHARS = 80  # at most this much of a bad input is quoted back in an error
 ACTIVE_FILE = "active.json"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
@@ -45,14 +50,33 @@ class VersionInfo:
         return Manifest.load(self.path, verify_hashes=verify_hashes)
 
 
+def shown(text: object) -> str:
+    """`text` quoted for an error message, cut to SHOWN_CHARS (a bad input can be any size)."""
+    quoted = repr(str(text))
+    return quoted if len(quoted) <= SHOWN_CHARS else quoted[: SHOWN_CHARS - 4] + "...'"
+
+
 def validate_name(name: str) -> str:
     """The name itself if it is a valid model name; RegistryError otherwise."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise RegistryError(
-            f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            f"invalid model name {shown(name)}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no path separators, no '..')"
         )
     return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """(NAME, N) of `NAME@N`, (NAME, None) of `NAME`; RegistryError for anything else (one
+    strict pattern: what comes from Discord, Redis or the command line is checked the same)."""
+    match = REF_RE.fullmatch(ref) if isinstance(ref, str) else None
+    if match is None or ".." in match["name"]:
+        raise RegistryError(
+            f"{shown(ref)} is not a version: give NAME or NAME@N from the registry (NAME: 1-64 "
+            "letters, digits, '.', '_' or '-'; N: a version number)"
+        )
+    version = match["version"]
+    return match["name"], None if version is None else int(version)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -136,7 +160,7 @@ class Registry:
         removed = []
         for path in (self.root / validate_name(name)).glob(f"{TMP_PREFIX}*"):
             pid = path.name[len(TMP_PREFIX) :].split("-", 1)[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
+            if not re.fullmatch(r"[0-9]{1,10}", pid) or not _pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         return removed
@@ -148,7 +172,7 @@ class Registry:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and NAME_RE.match(p.name) and ".." not in p.name
+            if p.is_dir() and NAME_RE.fullmatch(p.name) and ".." not in p.name
         )
 
     def _scan(self, name: str) -> list[VersionInfo]:
@@ -157,7 +181,7 @@ class Registry:
             return []
         found = []
         for path in base.iterdir():
-            match = VERSION_RE.match(path.name)
+            match = VERSION_RE.fullmatch(path.name)
             if match and path.is_dir():
                 found.append(VersionInfo(name, int(match.group(1)), path))
         return sorted(found, key=lambda v: v.version)
@@ -190,25 +214,18 @@ class Registry:
 
     def resolve_name(self, ref: str) -> VersionInfo:
         """`NAME` (its newest version) or `NAME@N` of this registry; never a path."""
-        text = str(ref)
-        if _looks_like_path(text):
-            raise RegistryError(f"{text!r} is not a version: give NAME or NAME@N from the registry")
-        name, sep, number = text.partition("@")
-        validate_name(name)
+        name, number = parse_ref(ref)
         known = self._scan(name)
         if not known:
             names = ", ".join(self.names()) or "none"
             raise RegistryError(f"no model named {name!r} in {self.root} (models: {names})")
-        if not sep:
+        if number is None:
             return self._marked(known[-1])
-        digits = number[1:] if number.startswith("v") else number
-        if not digits.isdigit():
-            raise RegistryError(f"invalid version {number!r} in {text!r}: expected NAME@N")
         for v in known:
-            if v.version == int(digits):
+            if v.version == number:
                 return self._marked(v)
         listing = ", ".join(str(v.version) for v in known)
-        raise RegistryError(f"{name} has no version {int(digits)} (versions: {listing})")
+        raise RegistryError(f"{name} has no version {number} (versions: {listing})")
 
     def _marked(self, info: VersionInfo) -> VersionInfo:
         pointer = self._read_pointer()

@@ -33,10 +33,10 @@ def token_loss(model: CausalLM, input_ids: Tensor, labels: Tensor) -> tuple[Tens
     """
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-    hidden, _ = model.backbone(input_ids, positions, None, [None] * model.config.num_layers)
+    hidden, _ = model.hidden(input_ids, positions)
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    logits = model.lm_head(hidden[:, :-1][keep]).float()
+    logits = model.head(hidden[:, :-1][keep]).float()
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
 

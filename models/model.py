@@ -1,4 +1,4 @@
-"""Decoder-only transformers in plain PyTorch: Llama family (Llama, Mistral, Qwen2) and GPT-2."""
+"""Decoder-only transformers in plain PyTorch: GPT-2 and the Llama block with family switches."""
 
 from __future__ import annotations
 
@@ -10,14 +10,40 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.errors import ModelError, listing
+from models.rope import check_scaling, inv_frequencies, rope_type
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = (
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "smollm3",
+    "granite",
+    "olmo2",
+)
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
+# activations of the gated MLP: HF names -> ours
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+NORM_LAYOUTS = ("pre", "sandwich", "post")
 
 LayerCache = tuple[Tensor, Tensor]  # (k, v), each [B, kv_heads, seq, head_dim]
 KVCache = list[LayerCache]
@@ -29,8 +55,14 @@ KVCache = list[LayerCache]
 
 @dataclass
 class ModelConfig:
+    """One description of every supported decoder: GPT-2, or the Llama block with switches.
+
+    The switches after `pad_token_id` default to plain Llama; each family of
+    SUPPORTED_MODEL_TYPES sets the ones it needs (see `_llama_config`).
+    """
+
     family: str  # "llama" | "gpt2"
-    model_type: str  # HF model_type: llama, mistral, qwen2, gpt2
+    model_type: str  # HF model_type (SUPPORTED_MODEL_TYPES)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -38,14 +70,35 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
-    max_position_embeddings: int
+    max_position_embeddings: int  # the usable context (capped where exactness ends)
     norm_eps: float
     rope_theta: float  # 0.0 for GPT-2 (learned positions)
     tie_word_embeddings: bool
-    attention_bias: bool  # q/k/v biases (Llama: o_proj too, as transformers); Qwen2, GPT-2: always
+    attention_bias: bool  # q/k/v biases (o_proj too but for Qwen2); Qwen2, GPT-2: always
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # rotary: HF rope parameters beyond the theta (rope_type, factor, ...; models.rope)
+    rope_scaling: dict[str, Any] | None = None
+    rotary_dim: int = 0  # rotated dimensions of a head (partial rotary); 0: all of head_dim
+    local_rope_theta: float = 0.0  # theta of the sliding-window layers (Gemma 3); 0: rope_theta
+    no_rope_layers: tuple[int, ...] = ()  # layers without rotary (SmolLM3)
+    sliding_window: int = 0  # keys a query sees in a windowed layer, itself included; 0: none
+    sliding_layers: tuple[int, ...] = ()  # the windowed layers
+    # block
+    hidden_act: str = "silu"  # gated MLP activation: silu | gelu_tanh (GeGLU)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's 1
+    norm_layout: str = "pre"  # pre (Llama) | sandwich (Gemma 2/3) | post (OLMo 2)
+    qk_norm: str = (
+        ""  # RMSNorm of q and k: "" | "head" (per head: Qwen3, Gemma 3) | "full" (OLMo 2)
+    )
+    fused_projections: bool = False  # qkv_proj and gate_up_proj tensors (Phi-3)
+    attn_scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5
+    attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap); 0: off
+    final_softcap: float = 0.0  # the same on the logits
+    embed_scale: float = 1.0  # embeddings times this (Gemma: sqrt(hidden); Granite's multiplier)
+    residual_scale: float = 1.0  # sublayer outputs times this before the residual add (Granite)
+    logits_scale: float = 1.0  # logits times this (Granite: 1 / logits_scaling)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -66,6 +119,45 @@ class ModelConfig:
             not self.tie_word_embeddings or self.num_kv_heads != self.num_heads
         ):
             raise ModelError("gpt2 has tied embeddings and no grouped-query attention")
+        if self.hidden_act not in ACTIVATIONS.values():
+            raise ModelError(f"unknown hidden_act {self.hidden_act!r}")
+        if self.norm_layout not in NORM_LAYOUTS:
+            raise ModelError(f"unknown norm_layout {self.norm_layout!r}")
+        if self.qk_norm not in ("", "head", "full"):
+            raise ModelError(f"unknown qk_norm {self.qk_norm!r}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ModelError(f"rotary_dim {self.rotary_dim} does not fit head_dim {self.head_dim}")
+        check_scaling(self.rope_scaling)
+        bad = [i for i in (*self.no_rope_layers, *self.sliding_layers) if i >= self.num_layers]
+        if bad:
+            raise ModelError(f"layer index {bad[0]} is past num_layers ({self.num_layers})")
+
+    @property
+    def rotary_dims(self) -> int:
+        """The rotated dimensions of each head."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attn_scale or self.head_dim**-0.5
+
+    def layer_window(self, i: int) -> int:
+        """Layer i's sliding window (keys seen, itself included), 0 for full attention."""
+        return self.sliding_window if i in self.sliding_layers else 0
+
+    def layer_rope(self, i: int) -> float:
+        """Layer i's rope theta; 0.0 for a layer without rotary."""
+        if self.family != "llama" or i in self.no_rope_layers:
+            return 0.0
+        if self.local_rope_theta and i in self.sliding_layers:
+            return self.local_rope_theta
+        return self.rope_theta
+
+    def rope_frequencies(self, theta: float) -> tuple[Any, float]:
+        """(inv_freq float32 numpy [rotary_dims/2], attention factor) for a layer's theta; the
+        global layers' rope scaling applies at rope_theta only (Gemma 3's local layers: none)."""
+        scaling = self.rope_scaling if theta == self.rope_theta else None
+        return inv_frequencies(self.rotary_dims, theta, scaling, self.max_position_embeddings)
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
@@ -104,6 +196,15 @@ class ModelConfig:
                 "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False,
             }
+        act = {v: k for k, v in ACTIVATIONS.items() if k != "swish"}[self.hidden_act]
+        rope = (
+            {"rope_type": "default"} | (self.rope_scaling or {}) | {"rope_theta": self.rope_theta}
+        )
+        window = self.sliding_window or None
+        layer_types = [
+            "sliding_attention" if i in self.sliding_layers else "full_attention"
+            for i in range(self.num_layers)
+        ]
         hf = common | {
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -113,15 +214,53 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.norm_eps,
-            "hidden_act": "silu",
+            "hidden_act": act,
             "rope_theta": self.rope_theta,  # transformers < 5
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": rope,
         }
-        if self.model_type == "llama":
+        if self.model_type != "qwen2":
             hf |= {"attention_bias": self.attention_bias, "mlp_bias": False}
-        else:
-            hf |= {"sliding_window": None, "use_sliding_window": False}
+        if self.model_type in ("qwen2", "qwen3", "smollm3"):
+            hf |= {"sliding_window": window, "use_sliding_window": bool(window)}
+            hf |= {"layer_types": layer_types}
+        if self.model_type in ("mistral", "phi3"):
+            hf |= {"sliding_window": window}
+        if self.model_type == "smollm3":
+            hf["no_rope_layers"] = [
+                int(i not in self.no_rope_layers) for i in range(self.num_layers)
+            ]
+        if self.model_type == "phi3":
+            hf["partial_rotary_factor"] = self.rotary_dims / self.head_dim
+            rope["partial_rotary_factor"] = self.rotary_dims / self.head_dim
+            if "original_max_position_embeddings" in rope:
+                hf["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+        if self.model_type in GEMMAS:
+            hf["hidden_activation"] = act
+        if self.model_type in ("gemma2", "gemma3_text"):
+            hf |= {
+                "query_pre_attn_scalar": _integral(self.softmax_scale**-2),
+                "attn_logit_softcapping": self.attn_softcap or None,
+                "final_logit_softcapping": self.final_softcap or None,
+                "sliding_window": window,
+                "layer_types": layer_types,
+            }
+        if self.model_type == "gemma3_text":
+            local = {"rope_type": "default", "rope_theta": self.local_rope_theta or self.rope_theta}
+            hf["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+            hf["rope_local_base_freq"] = local["rope_theta"]
+        if self.model_type == "granite":
+            hf |= {
+                "embedding_multiplier": self.embed_scale,
+                "attention_multiplier": self.softmax_scale,
+                "residual_multiplier": self.residual_scale,
+                "logits_scaling": 1.0 / self.logits_scale,
+            }
         return hf
+
+
+def _integral(x: float) -> float | int:
+    """x as an int when it is one (up to float rounding): transformers types some keys int."""
+    return round(x) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
 
 
 def _unsupported(model_type: object) -> str:
@@ -139,42 +278,148 @@ def _int(c: dict[str, Any], key: str) -> int:
     return value
 
 
+def _rope(c: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
+    """(global rope parameters, theta, local theta) from rope_parameters / rope_scaling."""
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    local_theta = float(c.get("rope_local_base_freq") or 0.0)
+    if "full_attention" in rope or "sliding_attention" in rope:  # per layer type (Gemma 3)
+        local = rope.get("sliding_attention") or {}
+        if rope_type(local) != "default":
+            raise ModelError(f"unsupported rope_type {rope_type(local)!r} on sliding layers")
+        local_theta = float(local.get("rope_theta") or local_theta)
+        rope = dict(rope.get("full_attention") or {})
+        if c.get("rope_scaling"):
+            rope |= c["rope_scaling"]
+    theta = float(rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0)
+    if local_theta == theta and rope_type(rope) != "default":
+        raise ModelError("rope scaling on global layers that share the local layers' theta")
+    return rope, theta, local_theta
+
+
+def _layer_types(c: dict[str, Any], model_type: str, n: int) -> tuple[int, ...]:
+    """The sliding-window layers, as transformers' configs lay them out."""
+    types = c.get("layer_types")
+    if types:
+        if len(types) != n or any(t not in ("sliding_attention", "full_attention") for t in types):
+            raise ModelError(f"{model_type} layer_types must name {n} attention layer types")
+        return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if model_type in ("mistral", "phi3"):
+        return tuple(range(n))
+    if model_type == "gemma2":
+        return tuple(i for i in range(n) if (i + 1) % 2)
+    if model_type == "gemma3_text":
+        pattern = int(c.get("sliding_window_pattern") or 6)
+        return tuple(i for i in range(n) if (i + 1) % pattern)
+    first = int(c.get("max_window_layers") or 0)  # Qwen2, Qwen3
+    return tuple(range(first, n))
+
+
 def _llama_config(c: dict[str, Any]) -> ModelConfig:
+    """Every family built on the Llama block: its switches from the config's own keys."""
     model_type = c["model_type"]
-    if c.get("hidden_act", "silu") not in ("silu", "swish"):
+    gemma = model_type in GEMMAS
+    act = c.get("hidden_activation") if model_type in ("gemma2", "gemma3_text") else None
+    act = act or c.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if gemma and act == "gelu":  # transformers reads Gemma's legacy "gelu" as the tanh form
+        act = "gelu_pytorch_tanh"
+    if act not in ACTIVATIONS:
         raise ModelError(
-            f"unsupported hidden_act {c['hidden_act']!r} for {model_type} (supported: silu)"
+            f"unsupported hidden_act {act!r} for {model_type} (supported: {', '.join(ACTIVATIONS)})"
         )
     if c.get("mlp_bias"):
         raise ModelError(f"mlp_bias is not supported for {model_type}")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ModelError(f"unsupported rope_type {rope_type!r} (supported: default)")
+    if c.get("use_bidirectional_attention"):
+        raise ModelError(f"use_bidirectional_attention is not supported for {model_type}")
     hidden, heads = _int(c, "hidden_size"), _int(c, "num_attention_heads")
+    layers = _int(c, "num_hidden_layers")
+    head_dim = int(c.get("head_dim") or hidden // heads)
     max_positions = _int(c, "max_position_embeddings")
-    # A sliding window only changes attention beyond its length: cap the usable context there.
+    scaling, theta, local_theta = _rope(c)
+    kind = rope_type(scaling)
+    if kind == "longrope" and c.get("original_max_position_embeddings"):
+        scaling.setdefault(
+            "original_max_position_embeddings", c["original_max_position_embeddings"]
+        )
+    check_scaling(scaling)
+    if kind == "longrope":
+        original = int(
+            scaling.get("original_max_position_embeddings") or c["original_max_position_embeddings"]
+        )
+        # the long factors only serve sequences past the original length, and transformers
+        # switches to them for the whole sequence there: stop at the original length
+        scaling = scaling | {
+            "original_max_position_embeddings": original,
+            "factor": float(scaling.get("factor") or max_positions / original),
+        }
+        max_positions = min(max_positions, original)
+    scaling = {k: v for k, v in scaling.items() if k != "type"} | {"rope_type": kind}
+    if kind == "default":
+        scaling = None
+    partial = float(
+        c.get("partial_rotary_factor") or (scaling or {}).get("partial_rotary_factor") or 1.0
+    )
+    if scaling:
+        scaling.pop("partial_rotary_factor", None)
+    rotary_dim = int(head_dim * partial) if partial != 1.0 else 0
     window = c.get("sliding_window")
-    if window and (model_type == "mistral" or c.get("use_sliding_window")):
-        max_positions = min(max_positions, int(window))
+    if model_type in ("qwen2", "qwen3", "smollm3") and not c.get("use_sliding_window"):
+        window = None
+    sliding = _layer_types(c, model_type, layers) if window else ()
+    no_rope: tuple[int, ...] = ()
+    if model_type == "smollm3":
+        flags = c.get("no_rope_layers")
+        if flags is None:
+            interval = int(c.get("no_rope_layer_interval") or 4)
+            flags = [int((i + 1) % interval != 0) for i in range(layers)]
+        no_rope = tuple(i for i, use in enumerate(flags) if not use)
+    switches: dict[str, Any] = {}
+    if gemma:
+        switches |= dict(norm_offset=1.0, embed_scale=hidden**0.5)
+    if model_type in ("gemma2", "gemma3_text"):
+        switches |= dict(
+            norm_layout="sandwich",
+            attn_scale=float(c.get("query_pre_attn_scalar") or 256) ** -0.5,
+            attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
+            final_softcap=float(c.get("final_logit_softcapping") or 0.0),
+        )
+    if model_type in ("qwen3", "gemma3_text"):
+        switches["qk_norm"] = "head"
+    if model_type == "olmo2":
+        switches |= dict(norm_layout="post", qk_norm="full")
+    if model_type == "granite":
+        switches |= dict(
+            embed_scale=float(c.get("embedding_multiplier", 1.0)),
+            attn_scale=float(c.get("attention_multiplier", 1.0)),
+            residual_scale=float(c.get("residual_multiplier", 1.0)),
+            logits_scale=1.0 / float(c.get("logits_scaling", 1.0)),
+        )
     return ModelConfig(
         family="llama",
         model_type=model_type,
         vocab_size=_int(c, "vocab_size"),
         hidden_size=hidden,
-        num_layers=_int(c, "num_hidden_layers"),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=int(c.get("head_dim") or hidden // heads),
+        head_dim=head_dim,
         intermediate_size=_int(c, "intermediate_size"),
         max_position_embeddings=max_positions,
         norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        rope_theta=theta,
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", gemma)),
         attention_bias=model_type == "qwen2" or bool(c.get("attention_bias", False)),
         bos_token_id=c.get("bos_token_id"),
         eos_token_id=c.get("eos_token_id"),
         pad_token_id=c.get("pad_token_id"),
+        rope_scaling=scaling,
+        rotary_dim=rotary_dim,
+        local_rope_theta=local_theta if model_type == "gemma3_text" else 0.0,
+        no_rope_layers=no_rope,
+        sliding_window=int(window or 0),
+        sliding_layers=sliding,
+        hidden_act=ACTIVATIONS[act],
+        fused_projections=model_type == "phi3",
+        **switches,
     )
 
 
@@ -221,15 +466,23 @@ def positions_from_mask(attention_mask: Tensor, seq_len: int) -> Tensor:
 
 
 def build_attention_mask(
-    attention_mask: Tensor | None, seq_len: int, past_len: int
+    attention_mask: Tensor | None, seq_len: int, past_len: int, window: int = 0
 ) -> Tensor | None:
-    """Boolean [B|1, 1, T, past+T] mask (True = attend); None for plain causal or 1-token steps."""
-    if attention_mask is None and (past_len == 0 or seq_len == 1):
+    """Boolean [B|1, 1, T, past+T] mask (True = attend); None for plain causal or 1-token steps.
+
+    `window` > 0 also hides keys `window` or more columns before the query (a sliding window
+    over cache columns, as transformers lays it out).
+    """
+    total = past_len + seq_len
+    windowed = 0 < window < total
+    if attention_mask is None and not windowed and (past_len == 0 or seq_len == 1):
         return None
     device = attention_mask.device if attention_mask is not None else None
-    q_pos = torch.arange(past_len, past_len + seq_len, device=device)[:, None]
-    k_pos = torch.arange(past_len + seq_len, device=device)[None, :]
+    q_pos = torch.arange(past_len, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
     allowed = k_pos <= q_pos  # [T, S]
+    if windowed:
+        allowed = allowed & (k_pos > q_pos - window)
     if attention_mask is None:
         return allowed[None, None]
     allowed = allowed & attention_mask[:, None, None, :].bool()
@@ -238,9 +491,19 @@ def build_attention_mask(
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, past: LayerCache | None, mask: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past: LayerCache | None,
+    mask: Tensor | None,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, LayerCache]:
-    """Causal attention of q [B,H,T,D] over past + new k, v [B,KV,T,D]; returns (y, present)."""
+    """Causal attention of q [B,H,T,D] over past + new k, v [B,KV,T,D]; returns (y, present).
+
+    `scale` multiplies the scores (default 1/sqrt(D)); `softcap` > 0 caps them as
+    cap * tanh(scores / cap) before the mask, as Gemma 2 does.
+    """
     if past is not None:
         k = torch.cat([past[0], k], dim=2)
         v = torch.cat([past[1], v], dim=2)
@@ -249,8 +512,19 @@ def attend(
     if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     is_causal = mask is None and q.shape[2] > 1  # no mask with T > 1 only happens without a past
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-    return y, present
+    if not softcap:
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale
+        )
+        return y, present
+    scores = torch.matmul(q, k.transpose(2, 3)) * (scale or q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v), present
 
 
 class Weights(Protocol):
@@ -261,29 +535,41 @@ class Weights(Protocol):
 
 
 # -----------------------------------------------------------------------------
-# Llama family
+# Llama family (and every family built on its block)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) * (offset + weight); Gemma's offset is 1 (its weights start at 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
-def rotary_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, 1, T, head_dim] for rotary embeddings, in float32."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
-    inv_freq = 1.0 / (theta ** (exponents / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq  # [B, T, head_dim/2]
+def rotary_cos_sin(
+    position_ids: Tensor, head_dim: int, theta: float, inv_freq: Tensor | None = None,
+    attention_factor: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """cos, sin [B, 1, T, rotary dims] for rotary embeddings, in float32 (plain RoPE over
+    head_dim at `theta` unless the inverse frequencies of a scaled rope are given)."""
+    if inv_freq is None:
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
+        inv_freq = 1.0 / (theta ** (exponents.float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [B, T, dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos()[:, None], emb.sin()[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos[:, None], sin[:, None]
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -292,68 +578,123 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first cos.shape[-1] dimensions of each head (partial rotary keeps the rest)."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        rot, rest = x[..., :dim], x[..., dim:]
+        return torch.cat([(rot * cos + rotate_half(rot) * sin).to(x.dtype), rest], dim=-1)
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+Rotary = tuple[Tensor, Tensor] | None  # a layer's (cos, sin), None without rotary
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = hd = cfg.head_dim
         d, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * hd, cfg.num_kv_heads * hd
-        self.q_proj = nn.Linear(d, q_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, kv_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, kv_dim, bias=cfg.attention_bias)
-        # transformers gives Llama's o_proj a bias with attention_bias; Qwen2's never has one
-        self.o_proj = nn.Linear(q_dim, d, bias=cfg.attention_bias and cfg.model_type == "llama")
+        if cfg.fused_projections:
+            self.qkv_proj = nn.Linear(d, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+        else:
+            self.q_proj = nn.Linear(d, q_dim, bias=cfg.attention_bias)
+            self.k_proj = nn.Linear(d, kv_dim, bias=cfg.attention_bias)
+            self.v_proj = nn.Linear(d, kv_dim, bias=cfg.attention_bias)
+        # transformers gives o_proj a bias with attention_bias; Qwen2's never has one
+        self.o_proj = nn.Linear(q_dim, d, bias=cfg.attention_bias and cfg.model_type != "qwen2")
+        if cfg.qk_norm:
+            full = cfg.qk_norm == "full"
+            eps, offset = cfg.norm_eps, cfg.norm_offset
+            self.q_norm = RMSNorm(q_dim if full else hd, eps, offset)
+            self.k_norm = RMSNorm(kv_dim if full else hd, eps, offset)
 
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rotary: Rotary,
         mask: Tensor | None,
         past: LayerCache | None = None,
     ) -> tuple[Tensor, LayerCache]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y, present = attend(q, k, v, past, mask)
+        if self.cfg.fused_projections:
+            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        scale, softcap = self.cfg.softmax_scale, self.cfg.attn_softcap
+        y, present = attend(q, k, v, past, mask, scale=scale, softcap=softcap)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), present
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = cfg.fused_projections
+        d, inner = cfg.hidden_size, cfg.intermediate_size
+        if self.fused:
+            self.gate_up_proj = nn.Linear(d, 2 * inner, bias=False)
+        else:
+            self.gate_proj = nn.Linear(d, inner, bias=False)
+            self.up_proj = nn.Linear(d, inner, bias=False)
+        self.down_proj = nn.Linear(inner, d, bias=False)
+        self.gelu = cfg.hidden_act == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class LlamaBlock(nn.Module):
+    """pre: x + attn(norm(x)), then x + mlp(norm(x)); sandwich (Gemma 2/3) also norms each
+    sublayer's output; post (OLMo 2) norms only the outputs."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layout, self.residual_scale = cfg.norm_layout, cfg.residual_scale
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)  # noqa: E731
+        if self.layout != "post":
+            self.input_layernorm = norm()
         self.self_attn = LlamaAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_attention_layernorm = norm()
+        if self.layout == "sandwich":
+            self.pre_feedforward_layernorm = norm()
+        if self.layout != "pre":
+            self.post_feedforward_layernorm = norm()
         self.mlp = LlamaMLP(cfg)
 
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rotary: Rotary,
         mask: Tensor | None,
         past: LayerCache | None = None,
     ) -> tuple[Tensor, LayerCache]:
-        h, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+        if self.layout == "pre":
+            h, present = self.self_attn(self.input_layernorm(x), rotary, mask, past)
+            x = x + h * self.residual_scale  # Granite's multiplier (1.0 is exact elsewhere)
+            h = self.mlp(self.post_attention_layernorm(x))
+            return x + h * self.residual_scale, present
+        h = self.input_layernorm(x) if self.layout == "sandwich" else x
+        h, present = self.self_attn(h, rotary, mask, past)
+        x = x + self.post_attention_layernorm(h)
+        h = self.pre_feedforward_layernorm(x) if self.layout == "sandwich" else x
+        return x + self.post_feedforward_layernorm(self.mlp(h)), present
 
 
 class LlamaBackbone(nn.Module):
@@ -362,16 +703,24 @@ class LlamaBackbone(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)
 
     def forward(
-        self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None, past: list
+        self, input_ids: Tensor, position_ids: Tensor, masks: dict[int, Tensor | None], past: list
     ) -> tuple[Tensor, KVCache]:
+        cfg = self.cfg
         x = self.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        if cfg.embed_scale != 1.0:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        ropes: dict[float, Rotary] = {0.0: None}
         presents = []
-        for layer, layer_past in zip(self.layers, past, strict=True):
-            x, present = layer(x, cos, sin, mask, layer_past)
+        for i, (layer, layer_past) in enumerate(zip(self.layers, past, strict=True)):
+            theta = cfg.layer_rope(i)
+            if theta not in ropes:
+                inv_freq, factor = cfg.rope_frequencies(theta)
+                inv = torch.from_numpy(inv_freq)
+                ropes[theta] = rotary_cos_sin(position_ids, 0, theta, inv, factor)
+            x, present = layer(x, ropes[theta], masks[cfg.layer_window(i)], layer_past)
             presents.append(present)
         return self.norm(x), presents
 
@@ -521,12 +870,37 @@ class CausalLM(nn.Module):
             else:
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)
                 position_ids = position_ids.expand(B, T)
-        mask = build_attention_mask(attention_mask, T, past_len)
-        if mask is not None:
-            mask = mask.to(input_ids.device)
-        past = past_key_values or [None] * self.config.num_layers
-        x, presents = self.backbone(input_ids, position_ids, mask, past)
-        return self.lm_head(x), presents
+        x, presents = self.hidden(input_ids, position_ids, attention_mask, past_key_values)
+        return self.head(x), presents
+
+    def hidden(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """The final hidden states [B, T, hidden] (before `head`) and the cache."""
+        cfg = self.config
+        T = input_ids.shape[1]
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        windows = {cfg.layer_window(i) for i in range(cfg.num_layers)} | {0}
+        masks = {w: build_attention_mask(attention_mask, T, past_len, w) for w in windows}
+        masks = {w: m if m is None else m.to(input_ids.device) for w, m in masks.items()}
+        past = past_key_values or [None] * cfg.num_layers
+        if cfg.family == "llama":
+            return self.model(input_ids, position_ids, masks, past)
+        return self.transformer(input_ids, position_ids, masks[0], past)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits of final hidden states: the output layer, its scale and soft-cap."""
+        cfg = self.config
+        logits = self.lm_head(hidden)
+        if cfg.logits_scale != 1.0:
+            logits = logits * cfg.logits_scale
+        if cfg.final_softcap:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits
 
     @classmethod
     def from_checkpoint(cls, ckpt: Weights) -> CausalLM:

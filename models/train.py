@@ -137,6 +137,7 @@ class TrainOptions:
     seed: int = 0
     lora: int = 0
     progress: bool = True
+    progress_json: bool = False  # one JSON object per step on stdout (bot/finetune reads them)
 
 
 @dataclass
@@ -324,6 +325,9 @@ class Trainer:
             s.recent_losses = [*s.recent_losses, loss][-10:]
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{s.train_tokens / s.train_seconds:.0f}")
+            if opts.progress_json:
+                report = {"event": "step", "step": s.step, "total": self.total, "loss": loss}
+                print(json.dumps(report), flush=True)
             if s.step % opts.eval_every == 0 or s.step == self.total:
                 val = self.evaluate()
                 message = f"step {s.step}: val loss {val:.4f} (best {s.best_loss:.4f})"
@@ -370,6 +374,7 @@ def _options(args: argparse.Namespace) -> TrainOptions:
         seed=args.seed,
         lora=getattr(args, "lora", 0),
         progress=not args.no_progress,
+        progress_json=getattr(args, "progress_json", False),
     )
 
 
@@ -379,7 +384,12 @@ def _prepare_data(
     """Split, encode the validation part now and the training part lazily."""
     from models.data import encode_conversation, split_items
 
-    train_items, val_items = split_items(dataset.items, args.val_fraction)
+    if getattr(args, "val_data", None):  # a held-out file: train on every item of --data
+        from models.data import load_dataset
+
+        train_items, val_items = dataset.items, load_dataset(args.val_data).items
+    else:
+        train_items, val_items = split_items(dataset.items, args.val_fraction)
     val = encode_items(tokenizer, val_items[: args.val_limit], args.max_length, dataset.is_dialogue)
     if not val:
         raise ModelError(f"{dataset.spec}: the validation part has no labelled tokens")
@@ -481,13 +491,44 @@ def _seed(seed: int) -> None:
 # ---- finetune -----------------------------------------------------------------------------------
 
 
+TRAIN_STEPS = 300  # `train` without --max-steps or --epochs: enough for a small model to learn
+RUNS_DIR = "runs"  # under DATA_DIR (default: data), where outputs go unless --out says
+
+
+def default_out(command: str) -> Path:
+    """DATA_DIR/runs/COMMAND-YYYYmmdd-HHMMSS: outputs stay under the data folder (ignored by
+    git), never in the working directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(os.environ.get("DATA_DIR") or "data").expanduser() / RUNS_DIR / f"{command}-{stamp}"
+
+
+def _fill_defaults(args: argparse.Namespace, command: str) -> None:
+    """The defaults that depend on the command: the output folder; `train`'s length (one
+    epoch of a short text is a single step, which teaches a model from scratch nothing)."""
+    if args.out is None:
+        args.out = str(default_out(command))
+    if command == "train" and args.max_steps is None and args.epochs is None:
+        args.max_steps = TRAIN_STEPS
+    if args.epochs is None:
+        args.epochs = 1.0
+
+
 def _add_loop_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: int) -> None:
     parser.add_argument("--data", required=True, help="chitchat, chatterbot:LANG, .jsonl or text")
-    parser.add_argument("--out", required=True, help="output HF folder (written atomically)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output HF folder, written atomically (default: data/runs/COMMAND-TIME)",
+    )
     parser.add_argument(
         "--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)"
     )
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help=f"passes over the data (default: 1; `train`: {TRAIN_STEPS} steps unless given)",
+    )
     parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     parser.add_argument(
         "--batch-size", type=int, default=batch_size, help="sequences per micro-batch"
@@ -503,11 +544,18 @@ def _add_loop_arguments(parser: argparse.ArgumentParser, lr: float, batch_size: 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT.partial")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--progress-json", action="store_true", help="a JSON line per step on stdout"
+    )
+    parser.add_argument(
+        "--val-data", default=None, help="held-out data for validation (default: split --data)"
+    )
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
 
 
 def _fingerprint(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    keys = ("data", "max_length", "batch_size", "grad_accum", "seed", "val_fraction", "val_limit")
+    keys = ("data", "val_data", "max_length", "batch_size", "grad_accum", "seed", "val_fraction")
+    keys += ("val_limit",)
     return {k: getattr(args, k) for k in keys} | extra
 
 
@@ -524,6 +572,7 @@ def finetune_main(args: argparse.Namespace) -> int:
     from models.data import load_dataset
     from models.model import CausalLM
 
+    _fill_defaults(args, "finetune")
     _check_options(args)
     checkpoint = load_checkpoint(args.base_dir)
     dataset = load_dataset(args.data)
@@ -615,6 +664,7 @@ def train_main(args: argparse.Namespace) -> int:
     from models.model import CausalLM
     from models.tokenizer import TokenizerBundle
 
+    _fill_defaults(args, "train")
     _check_options(args)
     for name in ("vocab_size", "layers", "width", "heads"):
         if getattr(args, name) < 1:

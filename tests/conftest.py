@@ -39,3 +39,12 @@ def tiny_registry(tiny_checkpoints, tmp_path_factory):
     info, _ = export_checkpoint(request, registry)
     registry.use(info.ref)
     return registry
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny HF folder per family of models.random_checkpoint.FAMILY_KINDS, quirks on."""
+    from models.random_checkpoint import FAMILY_KINDS
+
+    root = tmp_path_factory.mktemp("family-checkpoints")
+    return {k: make_checkpoint(root / k, k) for k in FAMILY_KINDS}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -34,6 +33,7 @@ from bot.engine import (
 )
 from bot.engine.stream import PieceStream
 from bot.engine.types import check_prompt
+from bot.errors import quoted
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,19 @@ LATE_GRACE_S = 30.0  # past its timeout plus this, a request no worker finished 
 LOST_NOTE = "the Redis server lost this request (it restarted or was flushed); please try again"
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 def connect(url: str) -> aioredis.Redis:
-    """A client for URL (redis://host:port/db, rediss://, unix://) that decodes to str."""
-    return aioredis.from_url(url, decode_responses=True)
+    """A client for URL (redis://host:port/db, rediss://, unix://) that decodes to str. Bytes
+    that are not UTF-8 arrive as lone surrogates (surrogateescape), never as an exception that
+    would end a loop; protocol.loads refuses them where a value is read."""
+    return aioredis.from_url(
+        url,
+        decode_responses=True,
+        encoding_errors="surrogateescape",
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+    )
 
 
 async def ensure_group(client: aioredis.Redis, keys: Keys) -> None:
@@ -54,6 +64,17 @@ async def ensure_group(client: aioredis.Redis, keys: Keys) -> None:
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+async def read_pin(client: aioredis.Redis, keys: Keys) -> str | None:
+    """The NAME@N new requests are pinned to; None if none is set, or if what is there is not
+    NAME@N (logged, and deleted: a pin is never a path, and the next check sets a valid one)."""
+    value = await client.get(keys.model)
+    pinned = protocol.valid_ref(value)
+    if value is not None and pinned is None:
+        log.warning("ignoring the malformed version pin %s in %s", quoted(value), keys.model)
+        await client.delete(keys.model)
+    return pinned
 
 
 def missing_group(exc: ResponseError) -> bool:
@@ -90,7 +111,7 @@ class RedisStream(PieceStream):
                     continue
                 for entry_id, fields in response[0][1]:
                     last = entry_id
-                    data = json.loads(fields["d"])
+                    data = protocol.decode_event(fields.get("d", ""))
                     if data["a"] < attempt:
                         continue  # a worker that lost the request (claimed by another)
                     if data["a"] > attempt:
@@ -102,7 +123,7 @@ class RedisStream(PieceStream):
                         self._text += data["x"]
                         self._queue.put_nowait(data["x"])
                     elif data["t"] == "e":
-                        self._finish(protocol.result_from_dict(data["r"]))
+                        self._finish(GenerationResult(**data["r"]))
                         await self._cleanup()
                         return
         except asyncio.CancelledError:
@@ -194,7 +215,7 @@ class RedisBackend:
         keys = Keys(prefix)
         try:
             await ensure_group(client, keys)
-            pinned = await client.get(keys.model)
+            pinned = await read_pin(client, keys)
             model = await asyncio.to_thread(load_model, pinned or ref, registry)
             if pinned is None:
                 await client.set(keys.model, model.ref, nx=True)
@@ -218,10 +239,10 @@ class RedisBackend:
         """The version new requests are pinned to now, loaded here if another shard changed it
         (ChatService asks before it builds each prompt). EngineError if Redis cannot say."""
         try:
-            pinned = await self.client.get(self.keys.model)
+            pinned = await read_pin(self.client, self.keys)
             if pinned is None:  # a Redis that restarted empty: pin what this process runs
                 await self.client.set(self.keys.model, self._model.ref, nx=True)
-                pinned = await self.client.get(self.keys.model)
+                pinned = await read_pin(self.client, self.keys)
         except RedisError as exc:
             raise EngineError(f"cannot reach Redis: {exc}") from None
         if pinned and pinned != self._model.ref:
@@ -332,19 +353,23 @@ class RedisBackend:
             await self.client.srem(self.keys.workers, *gone)
         now = time.time()
         infos = []
-        for beat in beats:
+        for worker_id, beat in zip(ids, beats, strict=True):
             if beat is None:
                 continue
-            data = json.loads(beat)
+            try:
+                data = protocol.decode_beat(beat)
+            except ValueError as exc:  # one bad worker does not hide the others
+                log.warning("skipping the heartbeat of worker %s: %s", quoted(worker_id), exc)
+                continue
             infos.append(
                 WorkerInfo(
                     id=data["id"],
                     model=data["model"],
                     provider=data["provider"],
-                    slots=int(data["slots"]),
-                    busy=int(data["busy"]),
-                    tokens_per_s=float(data["tokens_per_s"]),
-                    age_s=max(0.0, now - float(data["time"])),
+                    slots=data["slots"],
+                    busy=data["busy"],
+                    tokens_per_s=data["tokens_per_s"],
+                    age_s=max(0.0, now - data["time"]),
                 )
             )
         return infos

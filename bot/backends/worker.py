@@ -32,6 +32,23 @@ log = logging.getLogger(__name__)
 SPEED_WINDOW_S = 30.0  # tokens/s in heartbeats: completion tokens over this recent past
 
 
+class WorkerError(Exception):
+    """A worker that cannot go on (one line; `python -m bot worker` exits non-zero with it)."""
+
+
+def _one_line(exc: BaseException | None) -> str:
+    text = f"{type(exc).__name__}: {exc}" if exc is not None else "it ended"
+    return " ".join(text.split())[:300]
+
+
+def redis_location(client: aioredis.Redis) -> str:
+    """Where `client` connects (host:port/db or the socket path), never its password."""
+    kwargs = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
 @dataclass
 class Job:
     """One request this worker has taken."""
@@ -82,20 +99,33 @@ class InferenceWorker:
         self._swap_lock = asyncio.Lock()
         self._finished: deque[tuple[float, int]] = deque()
         self._started_at = time.monotonic()
+        self.where = redis_location(client)
 
     # -- the loops --
     async def run(self, stop: asyncio.Event) -> None:
         """Take requests until `stop` is set, then let the running ones finish (up to the
-        grace time; the rest stay unacked, so another worker claims them)."""
-        await self._retrying(lambda: ensure_group(self.client, self.keys))
+        grace time; the rest stay unacked, so another worker claims them). WorkerError when a
+        loop fails in a way it cannot go on from (after the same orderly stop)."""
+        if not await self._retrying(lambda: ensure_group(self.client, self.keys), stop):
+            log.warning("worker %s: stopped before Redis at %s answered", self.id, self.where)
+            return
         loops = [
-            asyncio.create_task(self._read_loop(stop), name="worker-read"),
-            asyncio.create_task(self._maintain_loop(stop), name="worker-maintain"),
-            asyncio.create_task(self._cancel_loop(stop), name="worker-cancel"),
+            asyncio.create_task(self._read_loop(stop), name="read"),
+            asyncio.create_task(self._maintain_loop(stop), name="maintenance"),
+            asyncio.create_task(self._cancel_loop(stop), name="cancel"),
         ]
+        stopped = asyncio.create_task(stop.wait())
         log.info("worker %s serving %s with %d slots", self.id, self.engine.model.ref, self.slots)
+        failure: WorkerError | None = None
         try:
-            await stop.wait()
+            await asyncio.wait([stopped, *loops], return_when=asyncio.FIRST_COMPLETED)
+            for task in loops:
+                if task.done() and not stop.is_set():  # a loop never ends on its own
+                    exc = None if task.cancelled() else task.exception()
+                    failure = WorkerError(f"the {task.get_name()} loop failed: {_one_line(exc)}")
+                    log.error("worker %s: %s; stopping", self.id, failure, exc_info=exc)
+                    break
+            stop.set()
             if self.jobs:
                 log.info("worker %s: waiting for %d reply(ies)", self.id, len(self.jobs))
                 tasks = [j.task for j in self.jobs.values() if j.task is not None]
@@ -103,25 +133,50 @@ class InferenceWorker:
             for job in list(self.jobs.values()):
                 job.stop(lost=True)  # unacked: another worker generates it again
         finally:
-            for task in loops:
+            for task in [*loops, stopped]:
                 task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(*loops, stopped, return_exceptions=True)
             jobs = [j.task for j in self.jobs.values() if j.task is not None]
             await asyncio.gather(*jobs, return_exceptions=True)
             with contextlib.suppress(RedisError):
                 await self.client.delete(self.keys.worker(self.id))
                 await self.client.srem(self.keys.workers, self.id)
+        if failure is not None:
+            raise failure
 
-    async def _retrying(self, call) -> None:
+    async def _retrying(self, call, stop: asyncio.Event) -> bool:
+        """`call()` until it reaches Redis (True) or `stop` is set (False, at once: a signal
+        never waits for a connection attempt or a back-off)."""
         delay = 0.2
-        while True:
+        while not stop.is_set():
+            attempt = asyncio.create_task(call())
+            stopped = asyncio.create_task(stop.wait())
             try:
-                await call()
-                return
-            except RedisError as exc:
-                log.warning("worker %s: Redis unavailable (%s); retrying", self.id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.wait([attempt, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+                if not attempt.done():
+                    attempt.cancel()
+                    await asyncio.gather(attempt, return_exceptions=True)
+            if attempt.cancelled():
+                return False
+            exc = attempt.exception()
+            if exc is None:
+                return True
+            if not isinstance(exc, RedisError):
+                raise exc
+            log.warning(
+                "worker %s: cannot reach Redis at %s (%s); retrying", self.id, self.where, exc
+            )
+            await self._pause(stop, delay)
+            delay = min(delay * 2, 5.0)
+        return False
+
+    @staticmethod
+    async def _pause(stop: asyncio.Event, seconds: float) -> None:
+        """Wait `seconds`, or less if `stop` is set meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
 
     def free_slots(self) -> int:
         return self.slots - len(self.jobs)
@@ -143,11 +198,11 @@ class InferenceWorker:
             except ResponseError as exc:
                 if not missing_group(exc):
                     raise
-                await self._retrying(lambda: ensure_group(self.client, self.keys))
+                await self._retrying(lambda: ensure_group(self.client, self.keys), stop)
                 continue
             except RedisError as exc:
                 log.warning("worker %s: cannot read requests (%s)", self.id, exc)
-                await asyncio.sleep(delay)
+                await self._pause(stop, delay)
                 delay = min(delay * 2, 5.0)
                 continue
             for _, entries in response or []:
@@ -163,7 +218,7 @@ class InferenceWorker:
                 await self._claim()
             except RedisError as exc:
                 log.warning("worker %s: Redis unavailable (%s)", self.id, exc)
-            await asyncio.sleep(self.heartbeat_s)
+            await self._pause(stop, self.heartbeat_s)
 
     async def _cancel_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -246,9 +301,12 @@ class InferenceWorker:
         except RedisError as exc:
             log.warning("worker %s: Redis failed during %s (%s)", self.id, job.entry_id, exc)
             job.stop(lost=True)
-        except Exception:
+        except Exception as exc:  # answered and acked: a request that fails is never retried
             log.exception("worker %s: request entry %s failed", self.id, job.entry_id)
-            job.stop(lost=True)
+            job.stop(lost=False)
+            with contextlib.suppress(RedisError):
+                error = f"the worker failed on this request ({_one_line(exc)})"
+                await self._refuse(job, fields, error)
         finally:
             if job.stream is not None and not job.stream.done:
                 job.stream.cancel()
@@ -259,9 +317,8 @@ class InferenceWorker:
         try:
             request = GenerationRequest.decode(fields.get("d", ""))
         except ValueError as exc:
-            log.warning("worker %s: dropping entry %s: %s", self.id, job.entry_id, exc)
-            await self.client.xack(self.keys.requests, GROUP, job.entry_id)
-            await self.client.xdel(self.keys.requests, job.entry_id)
+            log.warning("worker %s: refusing entry %s: %s", self.id, job.entry_id, exc)
+            await self._refuse(job, fields, f"bad request: {exc}")
             return
         job.request = request
         keys, ttl = self.keys, request.key_ttl_s()
@@ -293,6 +350,31 @@ class InferenceWorker:
             result = await job.stream.wait()
             self._finished.append((time.monotonic(), result.completion_tokens))
             await self._finish(job, result)
+
+    async def _refuse(self, job: Job, fields: dict, error: str) -> None:
+        """Ack and delete a request this worker cannot serve, and end its reply stream with an
+        error when the entry names a request id (so whoever waits for it is told at once)."""
+        request_id = protocol.request_id_of(fields.get("d", ""))
+        if request_id is None:
+            await self.client.xack(self.keys.requests, GROUP, job.entry_id)
+            await self.client.xdel(self.keys.requests, job.entry_id)
+            return
+        keys = self.keys
+        attempt = await self.client.incr(keys.attempt(request_id))
+        result = GenerationResult(finish_reason="error", error=error)
+        await self.client.eval(
+            protocol.FINISH,
+            4,
+            keys.requests,
+            keys.attempt(request_id),
+            keys.reply(request_id),
+            keys.marker(request_id),
+            GROUP,
+            job.entry_id,
+            attempt,
+            protocol.event("e", attempt, r=protocol.result_to_dict(result)),
+            protocol.KEY_TTL_S,
+        )
 
     async def _relay(self, job: Job) -> None:
         """Write the engine's pieces to the reply stream; pieces that arrive while a write is

@@ -16,6 +16,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cogs.checks import admin_only
+from bot.errors import quoted
 from export.manifest import Precision
 from export.registry import Registry, RegistryError
 
@@ -87,7 +88,9 @@ class Admin(commands.Cog):
             info = await asyncio.to_thread(self.registry.checked, ref)
             await self.bot.backend.swap(info.path)  # with Redis: every shard and worker follows
         except Exception as exc:
-            await self.bot.chat.audit(actor_id, action, f"refused {ref!r}: {exc}; kept {before}")
+            await self.bot.chat.audit(
+                actor_id, action, f"refused {quoted(ref)}: {exc}; kept {before}"
+            )
             raise
         await asyncio.to_thread(self.registry.use, info.ref)
         await self.bot.chat.audit(actor_id, action, f"{before} -> {info.ref}")

@@ -250,16 +250,16 @@ class Chat(commands.Cog):
     async def read_files(
         self, message: discord.Message, content: str, files: list[discord.Attachment]
     ) -> tuple[str, list[str]]:
-        """The message's text with its readable text files appended (each cut to its share of
-        half the prompt budget); and the notes about files skipped or cut."""
+        """The message's text with its readable text files appended (all of it within half
+        the prompt budget, each file cut to its share); and the notes about files skipped or
+        cut."""
         bot = self.bot
         model = bot.backend.model
         settings = await bot.chat.get_settings(message.channel.id)
         budget = max(0, (model.max_context - settings.max_new_tokens) // 2)
-        budget -= len(model.encode_text(content)) if content else 0
         read: list[attachments.FileText] = []
         notes: list[str] = []
-        for i, file in enumerate(files):
+        for file in files:
             name = attachments.display_name(file.filename)
             if not attachments.is_text_file(file.filename, file.content_type):
                 notes.append(attachments.ONLY_TEXT.format(name=name))
@@ -278,17 +278,15 @@ class Chat(commands.Cog):
             if text is None:
                 notes.append(attachments.ONLY_TEXT.format(name=name))
                 continue
-            share = max(0, budget) // (len(files) - i)  # this file's part of what is left
-            text, cut = await asyncio.to_thread(
-                attachments.fit, text, share, lambda t: len(model.encode_text(t))
-            )
-            if cut:
-                notes.append(attachments.CUT.format(name=name))
-            budget -= len(model.encode_text(text))
             read.append(attachments.FileText(name, text))
-        if read:
-            content = "\n\n".join(part for part in (content, attachments.render(read)) if part)
-        return (content if read or content else ""), notes
+        if not read:
+            return content, notes
+        content, cut, dropped = await asyncio.to_thread(
+            attachments.attach, content, read, budget, lambda t: len(model.encode_text(t))
+        )
+        notes += [attachments.CUT.format(name=name) for name in cut]
+        notes += [attachments.NO_ROOM.format(name=name) for name in dropped]
+        return content, notes
 
     async def thread_for(self, message: discord.Message, content: str) -> Any:
         """Where to answer: a new thread on the message in a channel whose answers go into

@@ -20,6 +20,7 @@ import discord
 from bot.cogs.checks import can_manage
 from bot.errors import ReplyError
 from bot.replies import StreamedReply
+from bot.thinking import thinking_notes
 from bot.turns import Speaker
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ async def deliver(
                 reply.message_ids[:] = out.message_ids
             shown = [*notes, *([STOPPED] if reply.stopped else [])]
             shown += [HISTORY_CUT] if reply.history_cut else []
+            shown += thinking_notes(reply.stream, bot.settings.show_thinking)
             if problem is not None and not out.messages:
                 return problem
             await out.finish(footer([*([problem] if problem else []), *shown]))

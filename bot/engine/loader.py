@@ -79,13 +79,33 @@ class LoadedModel:
         return self.chat.encode_text(text)
 
     def encode_prompt(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_vars: Any
     ) -> tuple[str, list[int]]:
         """(prompt text, ids) of a conversation through the chat template; only the template's
-        own markup becomes special tokens, never the text of a message."""
+        own markup becomes special tokens, never the text of a message. `template_vars`: extra
+        variables the template reads (enable_thinking)."""
         if not self.manifest.tokenizer.chat_template:
             raise ModelLoadError(f"{self.ref} has no chat template; use a plain prompt")
-        return self.chat.encode(messages, add_generation_prompt)
+        return self.chat.encode(messages, add_generation_prompt, **template_vars)
+
+    @property
+    def thinks(self) -> bool:
+        """Its replies may begin with a <think> block (bot/thinking.py keeps it apart): its
+        tokenizer has <think> and </think> as tokens (Qwen3, SmolLM3, DeepSeek-R1 distills) or
+        its template writes them."""
+        tags = ("<think>", "</think>")
+        template = self.manifest.tokenizer.chat_template or ""
+        return all(self.tokenizer.token_to_id(t) is not None for t in tags) or all(
+            t in template for t in tags
+        )
+
+    def thinking_vars(self, mode: str) -> dict[str, Any]:
+        """The template variable that turns thinking on or off (`mode` "on"/"off"), for a
+        template that reads one; nothing for "auto" (the template's own default)."""
+        template = self.manifest.tokenizer.chat_template or ""
+        if mode == "auto" or "enable_thinking" not in template:
+            return {}
+        return {"enable_thinking": mode == "on"}
 
     def encode_chat(self, user_text: str) -> list[int]:
         """Token ids of one user turn rendered with the chat template (the template adds BOS)."""

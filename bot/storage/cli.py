@@ -20,15 +20,23 @@ from bot.storage.migrate import current_revisions, head_revisions, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--database-url is taken before the action or after it (`db copy URL --database-url X`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(  # SUPPRESS: given after the action only, it never resets one before
+        "--database-url", default=argparse.SUPPRESS, help="database URL (default: DATABASE_URL)"
+    )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = sub.add_parser("upgrade", help="migrate to a revision (default: head)")
+    up = sub.add_parser("upgrade", parents=[common], help="migrate to a revision (default: head)")
     up.add_argument("revision", nargs="?", default="head")
-    sub.add_parser("current", help="show the database's revision")
-    down = sub.add_parser("downgrade", help="migrate back (default: one revision, -1)")
+    sub.add_parser("current", parents=[common], help="show the database's revision")
+    down = sub.add_parser(
+        "downgrade", parents=[common], help="migrate back (default: one revision, -1)"
+    )
     down.add_argument("revision", nargs="?", default="-1", help="-1, a revision id, or base")
-    sub.add_parser("history", help="list the revisions")
+    sub.add_parser("history", parents=[common], help="list the revisions")
     export = sub.add_parser(
         "export-dialogues",
+        parents=[common],
         help="a server's stored conversations as .jsonl for `python -m models finetune`",
     )
     export.add_argument("--guild", type=int, required=True, help="the server (guild) id")
@@ -39,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="user/bot exchanges per conversation at most (default: 8)",
     )
-    copy = sub.add_parser("copy", help="copy every row into another, empty database")
+    copy = sub.add_parser(
+        "copy", parents=[common], help="copy every row into another, empty database"
+    )
     copy.add_argument("target", help="the target's URL, e.g. postgresql+asyncpg://...")
     parser.add_argument(
         "--database-url", default=None, help="database URL (default: DATABASE_URL / settings)"

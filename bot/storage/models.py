@@ -271,3 +271,43 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64), nullable=False)
     detail: Mapped[str] = mapped_column(SafeText, default="")
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class FinetuneJob(Base):
+    """A fine-tuning job (bot/finetune): a server's dialogues -> training -> a new version."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'finished', 'failed', 'cancelled')", name="status"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    status: Mapped[JobStatus] = mapped_column(
+        EnumString(JobStatus), default=JobStatus.QUEUED, index=True
+    )
+    guild_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    channel_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    started_by: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    progress_message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # channels, steps, method
+    phase: Mapped[str] = mapped_column(String(32), default="queued")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    figures: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(SafeText, nullable=True)
+    result_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from bot.engine import GenerationResult, PromptTooLongError, QueueFullError, SamplingParams
+from bot.engine.loader import LoadedModel
 from models.chat_template import render_chat
 
 CHATML = (
@@ -41,6 +42,9 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def token_to_id(self, token: str) -> int | None:
+        return None  # no special tokens: a byte is a token
+
 
 class FakeModel:
     def __init__(
@@ -71,19 +75,26 @@ class FakeModel:
         return self.tokenizer.encode(text).ids
 
     def encode_prompt(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_vars: Any
     ) -> tuple[str, list[int]]:
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, **template_vars)
         return text, self.encode_text(text)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_vars: Any
+    ) -> str:
         return render_chat(
             self.manifest.tokenizer.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=None,
             eos_token="<|im_end|>",
+            **template_vars,
         )
+
+    # a thinking model as bot.engine.loader.LoadedModel decides it (by its template here)
+    thinks = LoadedModel.thinks
+    thinking_vars = LoadedModel.thinking_vars
 
 
 class FakeStream:

@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
-from bot.attachments import FileText, decode, display_name, fit, is_text_file, render
+from bot.attachments import (
+    FileText,
+    attach,
+    decode,
+    display_name,
+    fit,
+    is_text_file,
+    render,
+)
 
 
 @pytest.mark.parametrize(
@@ -38,9 +46,7 @@ def test_decode_follows_boms_then_utf8_then_a_fallback() -> None:
     assert decode(codecs.BOM_UTF16_BE + text.encode("utf-16-be")) == text
     assert decode(b"a\r\nb") == "a\nb"
     legacy = "café crème, déjà vu: naïve façade à l'hôtel".encode("latin-1")
-    guessed = decode(legacy)  # not UTF-8: charset-normalizer's guess, one character a byte
-    assert guessed is not None and len(guessed) == len(legacy)
-    assert guessed.startswith("caf") and guessed.endswith("tel")
+    assert decode(legacy) == "café crème, déjà vu: naïve façade à l'hôtel"
 
 
 def test_decode_falls_back_to_latin1_without_charset_normalizer(
@@ -49,6 +55,32 @@ def test_decode_falls_back_to_latin1_without_charset_normalizer(
     monkeypatch.setitem(sys.modules, "charset_normalizer", None)  # import fails
     text = "café crème, déjà vu"
     assert decode(text.encode("latin-1")) == text
+
+
+LEGACY = [  # prose in the code page its language was usually written in before UTF-8
+    ("Une crème brûlée, s'il vous plaît… À bientôt, chère amie ; où est la clé ?", "cp1252"),
+    ("crème brûlée … à bientôt", "cp1252"),
+    ("Grüße aus München! Der Bäcker öffnet um sieben, die Straße ist schön ruhig.", "cp1252"),
+    ("¿Dónde está el niño? ¡Qué mañana tan bonita! El señor compró pan.", "cp1252"),
+    ("Zażółć gęślą jaźń. Łódź jest pięknym miastem, a świeża kawa smakuje.", "cp1250"),
+    ("Dzień dobry, proszę o fakturę za usługę.", "cp1250"),
+    ("Привет, как дела? Сегодня хорошая погода, и мы пойдём гулять в парк.", "cp1251"),
+    ("Привет, как дела? Сегодня хорошая погода, и мы пойдём гулять в парк.", "koi8_r"),
+    ("привет мир, всё хорошо", "koi8_r"),
+    ("привет мир, всё хорошо", "cp1251"),
+]
+
+
+@pytest.mark.parametrize(("text", "encoding"), LEGACY)
+def test_legacy_code_pages_are_told_apart(text: str, encoding: str) -> None:
+    """Not UTF-8: the most plausible of the common code pages, Western first on a tie (French
+    in cp1252 also decodes as cp1250: "crčme brűlée ... ŕ bientôt")."""
+    assert decode(text.encode(encoding)) == text
+
+
+def test_utf8_cut_mid_character_by_the_size_limit_stays_utf8() -> None:
+    data = "żółw".encode()[:-2]  # "żó" and the first byte of "ł": MAX_BYTES cut there
+    assert decode(data) == "żó"
 
 
 def test_binary_data_is_not_text() -> None:
@@ -79,3 +111,32 @@ def test_render_keeps_the_code_block_closed() -> None:
     shown = render([FileText("a.md", "```py\nx = 1\n```")])
     assert shown.startswith("[file a.md]\n```\n") and shown.endswith("\n```")
     assert shown.count("```") == 2
+
+
+def test_attach_budgets_the_headers_and_fences_too() -> None:
+    """Ten files with 80-character names: every part of the message (headers, fences, joins)
+    fits the budget, each file cut to its share (the names used to be left out of it)."""
+
+    def count(text: str) -> int:
+        return len(text.split()) + text.count("\n")
+
+    names = [display_name(f"{i}" + "n" * 100 + ".txt") for i in range(10)]
+    files = [FileText(name, "word " * 500) for name in names]
+    content, cut, dropped = attach("please compare these", files, 400, count)
+    assert count(content) <= 400 and dropped == []
+    assert cut == names and all(f"[file {name}]" in content for name in names)
+    assert content.startswith("please compare these\n\n[file ")
+    small, none_cut, _ = attach("hi", [FileText("a.txt", "```x```")], 400, count)
+    assert none_cut == [] and small == "hi\n\n[file a.txt]\n```\nʼʼʼxʼʼʼ\n```"
+
+
+def test_attach_leaves_out_the_files_whose_headers_do_not_fit() -> None:
+    def count(text: str) -> int:  # a character a token: long names cost much
+        return len(text)
+
+    files = [FileText(f"{i}" + "n" * 79, "some text " * 50) for i in range(10)]
+    content, cut, dropped = attach("look", files, 300, count)
+    assert len(content) <= 300 and content.count("[file ") == 2
+    assert cut == [f.name for f in files[:2]] and dropped == [f.name for f in files[2:]]
+    alone, _, everything = attach("look", files, 50, count)
+    assert alone == "look" and everything == [f.name for f in files]

@@ -16,6 +16,7 @@ from typing import TextIO
 import pytest
 
 from bot.console import CANCELLED, CONSOLE_CHANNEL_ID, Console, history_place
+from bot.errors import LENGTH_NOTE
 from bot.service import ChatService
 from bot.storage.models import Status
 from tests.bot_core.fakes import FakeEngine
@@ -237,3 +238,12 @@ def test_ctrl_c_at_the_prompt_of_the_real_console_says_goodbye_and_exits_0(
     finally:
         killer.cancel()
     assert proc.returncode == 0 and out == "" and err == "", err
+
+
+async def test_a_reply_cut_by_max_tokens_says_so(db, settings):
+    """As on Discord, where a reply cut off by its length says so (and offers Continue)."""
+    service = ChatService(db, FakeEngine(cut_after=2, cut_reason="length"), settings)
+    out = await run_console(service, "hi\n")
+    assert f"Hi there,\n[{LENGTH_NOTE}]\n" in out
+    whole = await run_console(ChatService(db, FakeEngine(), settings), "hi\n")
+    assert "cut off" not in whole

@@ -29,6 +29,7 @@ TABLES = {
     "guild_settings",
     "access_rules",
     "user_privacy",
+    "jobs",
 }
 
 

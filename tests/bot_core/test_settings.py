@@ -8,6 +8,7 @@ import math
 import pytest
 
 from bot.engine.cli import add_generate_arguments, sampling_from_args
+from bot.errors import QUOTE_CHARS, fitted, quoted
 from bot.generation import (
     SETTINGS,
     SettingsError,
@@ -146,3 +147,19 @@ async def test_the_cli_and_discord_sample_a_version_the_same_way(db, settings):
     assert (chosen.top_p, chosen.top_k, chosen.max_new_tokens) == (1.0, 1, 7)  # as a channel's
     with pytest.raises(SettingsError, match="top_k must be between 0 and 1000"):
         sampling_from_args(parser.parse_args(["--prompt", "hi", "--top-k", "5000"]), engine.model)
+
+
+def test_a_huge_value_or_setting_name_is_quoted_cut_to_fit():
+    """5,000 digits pass no int() (Python's parsing limit), 5,000 letters name no setting: the
+    error quotes a little of each, so the reply fits a Discord message."""
+    for key, value in (("temperature", "9" * 5000), ("max_tokens", "x" * 5000), ("t" * 5000, 1)):
+        with pytest.raises(SettingsError) as caught:
+            validate_setting(key, value)
+        assert len(str(caught.value)) < 400, str(caught.value)[:100]
+
+
+def test_quoted_and_fitted_cut_what_users_typed():
+    assert quoted("short") == "'short'"
+    long = quoted("y" * 5000)
+    assert len(long) == QUOTE_CHARS and long.endswith("...'")
+    assert fitted("z" * 5000) == "z" * 1999 + "…" and fitted("ok") == "ok"

@@ -307,6 +307,47 @@ async def test_a_long_attachment_is_cut_to_the_budget_with_a_note(
     assert "book.md is longer than I can read at once" in shown
 
 
+async def test_ten_files_with_long_names_fit_and_a_refused_message_is_not_stored(
+    fake: FakeDiscord, start_bot: Start
+) -> None:
+    """The `[file NAME]` headers count in the budget: ten files (Discord's most) with 80-char
+    names are cut to their share, or left out with a note where not even their headers fit
+    (the tiny model's context is 256 tokens), and the message is answered, not refused as too
+    long. A message that is refused as too long does not stay as a turn."""
+    bot = await start_bot()
+    alice = fake.add_user("alice")
+    channel = fake.text_channel_ids[12]
+    await bot.chat.update_settings(channel, 1, max_tokens=8)
+    body = "".join(f"row {i}: a few words of a table\n" for i in range(300)).encode()
+    files = [
+        fake.attachment(f"{i:02d}-" + "long-name-" * 8 + ".txt", body, "text/plain")
+        for i in range(10)
+    ]
+    await fake.dispatch_message(
+        channel, alice, mention(fake, "compare these"), [fake.bot_user], attachments=files
+    )
+    await reply_done(fake, bot, channel)
+    rows = await stored(bot, channel)
+    assert [r.role for r in rows] == ["user", "assistant"]
+    model = bot.backend.model
+    read = rows[0].content.count("[file ")
+    assert 0 < read < 10
+    assert len(model.encode_text(rows[0].content)) <= (model.max_context - 8) // 2
+    shown = "".join(fake.messages[i]["content"] for i in rows[1].discord_message_ids)
+    assert "too long" not in shown and "is longer than I can read at once" in shown
+    assert shown.count("I had no room left to read") == 10 - read
+
+    words = "word"
+    while len(model.encode_text(words)) < model.max_context:
+        words += " word"
+    n_before = len(bot_messages(fake, channel))
+    await fake.dispatch_message(channel, alice, mention(fake, words), [fake.bot_user])
+    await reply_done(fake, bot, channel, n_before=n_before)
+    refusal = bot_messages(fake, channel)[-1]["content"]
+    assert "too long for me to read" in refusal
+    assert [r.id for r in await stored(bot, channel)] == [r.id for r in rows]
+
+
 # ---- history cut ----------------------------------------------------------------------------
 
 

@@ -562,3 +562,21 @@ async def test_model_info_shows_the_quality_gate(fake: FakeDiscord, start_bot: S
     # the tiny fp32 model is its own reference, and knows no capital
     assert f"{gate.prompts}/{gate.prompts} greedy answers equal fp32's" in gate.summary()
     assert "example WRONG" in gate.summary()
+
+
+async def test_admin_model_use_with_bad_references_gets_a_short_answer(
+    fake: FakeDiscord, start_bot: Start
+) -> None:
+    """Superscript digits (isdigit() is true), a number past Python's int-parsing limit, a name
+    of 5,000 letters: each a one-line refusal that fits a Discord message, never the apology."""
+    bot = await start_bot()
+    admin = fake.add_user("admin", admin=True)
+    channel = fake.text_channel_ids[5]
+    running = bot.backend.model.ref
+    for ref in ("tiny@²", "tiny@" + "9" * 5000, "a" * 5000):
+        sub = {"type": 1, "name": "use", "options": [option("version", ref, 3)]}
+        _, callback = await command(fake, channel, admin, "model", [sub])
+        content = callback.json["data"]["content"]
+        assert "give NAME or NAME@N" in content and "Sorry" not in content
+        assert len(content) < 400
+        assert bot.backend.model.ref == running

@@ -267,7 +267,7 @@ def test_bad_checkpoints_exit_2(capsys, seeded, tiny_checkpoints, tmp_path, case
         (["CKPT"], "required: --name"),
         (["show", "chat@9"], "no version 9"),
         (["show", "ghost"], "no model named 'ghost'"),
-        (["use", "chat@x"], "invalid version"),
+        (["use", "chat@x"], "is not a version: give NAME or NAME@N"),
         (["use", "../chat"], "not a model version folder"),
         (["delete", "chat@2"], "active version"),
         (["delete", "chat"], "explicit version"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from export.manifest import Manifest
-from export.registry import Registry, RegistryError
+from export.registry import Registry, RegistryError, parse_ref
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -282,3 +282,40 @@ def test_checked_refuses_a_version_whose_files_changed(registry, copy_build):
     data.write_bytes(bytes(blob))
     with pytest.raises(RegistryError, match=r"refusing chat@1: .*model\.onnx\.data"):
         registry.checked("chat@1")
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "chat@²",
+        "chat@" + "9" * 5000,
+        "chat@-1",
+        "chat@0",
+        "chat@1.0",
+        "chat@ 1",
+        "chat\n",
+        "chat@1\n",
+        "chat@１",
+        "a" * 5000,
+        "chat@v",
+        "chat@@1",
+        "",
+        "ch..at",
+    ],
+)
+def test_references_are_parsed_with_one_strict_pattern(registry, copy_build, ref):
+    """Superscript or full-width digits (isdigit() is true for them), a number past Python's
+    int-parsing limit, a trailing newline: a one-line RegistryError quoting at most a little."""
+    registry.publish(copy_build, "chat")
+    with pytest.raises(RegistryError, match="is not a version: give NAME or NAME@N") as caught:
+        registry.resolve_name(ref)
+    assert len(str(caught.value)) < 300 and "\n" not in str(caught.value)
+
+
+def test_strict_references_still_take_name_and_name_at_n(registry, copy_build):
+    info = registry.publish(copy_build, "chat")
+    assert parse_ref("chat") == ("chat", None) and parse_ref("chat@v12") == ("chat", 12)
+    assert registry.resolve_name("chat").path == info.path
+    assert registry.resolve_name("chat@1").path == registry.resolve_name("chat@v1").path
+    with pytest.raises(RegistryError, match="has no version 7"):
+        registry.resolve_name("chat@7")

@@ -12,7 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from bot.backends import LocalBackend, RestartPiece
 from bot.backends.protocol import Keys
@@ -191,3 +194,44 @@ async def test_a_redis_restart_fails_replies_in_flight_and_new_ones_work(
                 result = await stream.collect()
                 assert (result.text, result.finish_reason) == ("fine", "stop")
                 await backend.close()
+
+
+def _read_until(proc: subprocess.Popen, needle: str, timeout_s: float = 120.0) -> str:
+    """The process's output up to the line holding `needle` (select on its pipe, bounded)."""
+    import selectors
+
+    out, deadline = "", time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while needle not in out:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {needle!r} in the output:\n{out[-3000:]}")
+            if selector.select(left):
+                line = proc.stdout.readline()
+                if not line:  # the process ended
+                    raise AssertionError(f"no {needle!r} in the output:\n{out[-3000:]}")
+                out += line.decode(errors="replace")
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_that_cannot_reach_redis_says_so_and_stops_on_a_signal(prefix, two_versions, sig):
+    """It names what it cannot reach while it retries, and a signal stops it at once (it used
+    to retry forever: only SIGKILL ended it)."""
+    port = free_port()  # nothing listens there
+    env = worker_env(two_versions, prefix, f"redis://:secret@127.0.0.1:{port}/3")
+    args = [sys.executable, "-m", "bot", "worker", "--id", "lonely"]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        out = _read_until(proc, f"cannot reach Redis at 127.0.0.1:{port}/3")
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)  # bounded: a worker that ignores it fails here
+    finally:
+        stop_process(proc)
+    out += rest.decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    assert f"stopped before Redis at 127.0.0.1:{port}/3 answered" in out
+    assert "secret" not in out

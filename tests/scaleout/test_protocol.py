@@ -177,3 +177,27 @@ async def test_a_lost_pin_is_set_again_by_the_next_check(backend, fake):
     await fake.delete("t:model")  # Redis restarted empty
     assert (await backend.refresh()).ref == "tiny@1"
     assert await fake.get("t:model") == "tiny@1"
+
+
+def test_a_worker_that_cannot_go_on_exits_non_zero_with_one_line(monkeypatch, capsys):
+    import argparse
+
+    from bot import worker as cli
+    from bot.backends.worker import WorkerError
+    from bot.config import get_settings
+
+    async def failing(settings, worker_id, worker_cls=None):
+        raise WorkerError("the read loop failed: UnicodeDecodeError: ...")
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("BOT_CONFIG", "")
+    monkeypatch.setattr(cli, "serve", failing)
+    get_settings.cache_clear()
+    try:
+        assert cli.main(argparse.Namespace(id="w1")) == 1
+        assert cli.main(argparse.Namespace(id="bad id/../x")) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: worker w1 stopped: the read loop failed: UnicodeDecodeError: ..."
+    assert err[1].startswith("error: invalid worker id 'bad id/../x'")

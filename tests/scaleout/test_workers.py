@@ -3,10 +3,18 @@ every step (take, stream, cancel, claim, pin) is observed, not raced."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import json
+import logging
+import time
+import uuid
 
-from bot.backends.protocol import GROUP, Keys
-from bot.backends.redis_backend import RedisBackend
+import pytest
+import redis.asyncio as aioredis
+
+from bot.backends.protocol import GROUP, GenerationRequest, Keys
+from bot.backends.redis_backend import RedisBackend, RedisStream, connect
+from bot.backends.worker import InferenceWorker, WorkerError
 from bot.engine import SamplingParams
 from tests.scaleout.conftest import REDIS_URL, eventually, needs_redis, running_worker
 from tests.scaleout.scripted import ScriptedEngine
@@ -140,3 +148,131 @@ async def test_a_malformed_request_is_dropped_and_the_worker_goes_on(backend, re
         (await engine.stream(0)).end()
         assert (await stream.wait()).finish_reason == "stop"
         await eventually(lambda: _empty(redis_client, keys.requests), what="both acked")
+
+
+async def _poison(client, keys: Keys, request: GenerationRequest, **changes) -> None:
+    """Enqueue `request` with `changes` made to its JSON (json.dumps writes inf as Infinity)."""
+    raw = json.loads(request.encode()) | changes
+    await client.set(keys.marker(request.id), "1", ex=600)
+    await client.xadd(keys.requests, {"d": json.dumps(raw)})
+
+
+def _request() -> GenerationRequest:
+    return GenerationRequest(uuid.uuid4().hex, [1, 2], SHORT, "tiny@1", 30.0, time.time())
+
+
+async def test_poison_entries_are_refused_answered_and_acked_and_the_worker_goes_on(
+    backend, redis_client, prefix, caplog
+):
+    """A token id of 2**70, an Infinity or NaN timeout, wrong types, bytes that are not UTF-8:
+    each entry is acked (never claimed again), its sender gets an error at once, it is logged
+    once, and the worker (its loops, its heartbeat) goes on serving."""
+    keys = Keys(prefix)
+    changes = {
+        "huge token": {"prompt": [2**70]},
+        "infinite timeout": {"timeout_s": float("inf")},
+        "nan timeout": {"timeout_s": float("nan")},
+        "prompt as text": {"prompt": "1,2"},
+        "top_k as text": {"params": {"top_k": "3"}},
+        "bool as int": {"params": {"max_new_tokens": True}},
+        "path as model": {"model": "../../elsewhere@1"},
+    }
+    streams = {}
+    for name, change in changes.items():
+        request = _request()
+        await _poison(redis_client, keys, request, **change)
+        streams[name] = RedisStream(backend, request, None)
+    raw = aioredis.from_url(REDIS_URL)  # bytes as they are, as any Redis client could write
+    try:
+        request = _request()
+        data = request.encode().replace('"stop":[]', '"stop":["STOP"]').encode()
+        await redis_client.set(keys.marker(request.id), "1", ex=600)
+        await raw.xadd(keys.requests, {"d": data.replace(b"STOP", b"\xff\xfe")})
+        streams["not UTF-8"] = RedisStream(backend, request, None)
+        await raw.xadd(keys.requests, {"d": b"\xff\x00 no id at all"})
+    finally:
+        await raw.aclose()
+    engine = ScriptedEngine()
+    with caplog.at_level(logging.WARNING, logger="bot.backends.worker"):
+        async with running_worker(engine, prefix, "w1"):
+            for name, stream in streams.items():
+                result = await asyncio.wait_for(stream.collect(), 60)
+                assert result.finish_reason == "error", name
+                assert result.error.startswith("bad request: malformed generation request"), name
+            good = await backend.submit([3], SHORT)
+            (await asyncio.wait_for(engine.stream(0), 60)).end()
+            assert (await asyncio.wait_for(good.wait(), 60)).finish_reason == "stop"
+            await eventually(lambda: _empty(redis_client, keys.requests), what="all acked")
+            assert (await redis_client.xpending(keys.requests, GROUP))["pending"] == 0
+            assert [w.id for w in await backend.workers()] == ["w1"]  # its heartbeat goes on
+    assert len(engine.streams) == 1  # no poison reached the engine
+    refused = [r for r in caplog.records if "refusing entry" in r.getMessage()]
+    assert len(refused) == len(streams) + 1  # each logged once
+
+
+async def test_a_loop_that_fails_stops_the_worker_with_one_line(prefix):
+    """No exception ends a worker's loop silently: the worker stops in order and says why."""
+
+    class Broken(InferenceWorker):
+        async def _heartbeat(self) -> None:
+            raise RuntimeError("boom\nsecond line")
+
+    client = connect(REDIS_URL)
+    try:
+        worker = Broken(client, ScriptedEngine(), worker_id="w1", prefix=prefix, heartbeat_s=0.2)
+        worker.claim_idle_s = 2.0
+        with pytest.raises(WorkerError, match="the maintenance loop failed: RuntimeError: boom"):
+            await asyncio.wait_for(worker.run(asyncio.Event()), 60)
+    finally:
+        await client.aclose()
+
+
+async def test_malformed_heartbeats_are_skipped_and_stats_still_work(backend, prefix):
+    keys = Keys(prefix)
+    good = {"id": "w1", "model": "tiny@1", "provider": "cpu", "slots": 2, "busy": 0}
+    good |= {"tokens_per_s": 1.5, "time": time.time()}
+    beats = {
+        "w1": json.dumps(good).encode(),
+        "garbage": b"{not json",
+        "infinite": json.dumps(good | {"id": "infinite", "tokens_per_s": float("inf")}).encode(),
+        "text-slots": json.dumps(good | {"id": "text-slots", "slots": "2"}).encode(),
+        "list": b"[1, 2]",
+        "bytes": b'{"id": "\xff"}',
+    }
+    raw = aioredis.from_url(REDIS_URL)
+    try:
+        for worker_id, beat in beats.items():
+            await raw.set(keys.worker(worker_id), beat, ex=600)
+        await raw.sadd(keys.workers, *beats)
+    finally:
+        await raw.aclose()
+    assert [w.id for w in await backend.workers()] == ["w1"]
+    stats = await backend.stats()
+    assert stats.slots == 2 and stats.provider == "cpu"
+
+
+async def test_a_malformed_version_pin_is_never_loaded(backend, redis_client, prefix, tmp_path):
+    """A pin is NAME@N; anything else (a path above all) is dropped and set again."""
+    await redis_client.set(Keys(prefix).model, str(tmp_path / "elsewhere"))
+    assert (await backend.refresh()).ref == "tiny@1"
+    assert await redis_client.get(Keys(prefix).model) == "tiny@1"
+
+
+async def test_a_request_the_worker_fails_on_is_answered_and_never_retried(
+    backend, redis_client, prefix
+):
+    """An unexpected error while serving a request (here the engine's submit) ends that reply
+    with an error and acks it: it used to stay pending and be claimed again, forever."""
+
+    class Failing(ScriptedEngine):
+        def submit(self, prompt, params, timeout_s=None):
+            raise OverflowError("Python int too large to convert to C long")
+
+    async with running_worker(Failing(), prefix, "w1") as worker:
+        result = await asyncio.wait_for((await backend.submit([1], SHORT)).collect(), 60)
+        assert result.finish_reason == "error"
+        assert result.error.startswith("the worker failed on this request (OverflowError")
+        await eventually(lambda: not worker.jobs, what="the job to end")
+        keys = Keys(prefix)
+        assert await redis_client.xlen(keys.requests) == 0
+        assert (await redis_client.xpending(keys.requests, GROUP))["pending"] == 0

@@ -198,3 +198,63 @@ def test_early_stopping_keeps_the_best_weights(tiny_checkpoints, chat_file, tmp_
     assert result["val_loss_after"] == pytest.approx(result["val_loss_before"])
     tuned, base = load_checkpoint(out).tensors, load_checkpoint(tiny_checkpoints["llama"]).tensors
     assert all(torch.equal(tuned[name], base[name]) for name in base)
+
+
+def test_train_defaults_run_many_steps_into_the_data_folder(tmp_path, capsys, monkeypatch):
+    """Without --max-steps, --epochs or --out: TRAIN_STEPS steps (one epoch of a short text was
+    a single step), saved under DATA_DIR/runs, never in the working directory."""
+    from models import train
+
+    monkeypatch.setattr(train, "TRAIN_STEPS", 6)  # the real default, made quick
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    text = tmp_path / "short.txt"
+    text.write_text(
+        "".join(f"A short text, line {i}, as examples/corpus.txt is.\n" for i in range(300))
+    )
+    size = ("--layers", "1", "--width", "32", "--heads", "2", "--vocab-size", "300")
+    argv = ["train", "--data", str(text), "--no-progress", "--json", "--max-length", "64", *size]
+    result = run_cli(argv, capsys)
+    assert result["steps"] == 6
+    out = Path(result["out"])
+    assert out.parent == tmp_path / "data" / "runs" and out.name.startswith("train-")
+    assert load_checkpoint(out).config.num_layers == 1
+
+
+def test_the_step_and_output_defaults_of_each_command():
+    import argparse
+
+    from models.train import (
+        TRAIN_STEPS,
+        _fill_defaults,
+        add_finetune_arguments,
+        add_train_arguments,
+    )
+
+    def parsed(adder, argv: list[str], command: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        adder(parser)
+        args = parser.parse_args(argv)
+        _fill_defaults(args, command)
+        return args
+
+    train = parsed(add_train_arguments, ["--data", "x.txt"], "train")
+    assert (train.max_steps, train.epochs) == (TRAIN_STEPS, 1.0) and TRAIN_STEPS >= 100
+    assert Path(train.out).parts[-3:-1] == ("data", "runs") or "runs" in Path(train.out).parts
+    by_epochs = parsed(add_train_arguments, ["--data", "x.txt", "--epochs", "3"], "train")
+    assert (by_epochs.max_steps, by_epochs.epochs) == (None, 3.0)
+    tune = parsed(add_finetune_arguments, ["base", "--data", "x", "--out", "o"], "finetune")
+    assert (tune.max_steps, tune.epochs, tune.out) == (None, 1.0, "o")
+
+
+def test_progress_json_and_a_held_out_file(tiny_checkpoints, chat_file, tmp_path, capsys):
+    """--progress-json: one JSON line per step on stdout (bot/finetune reads them);
+    --val-data: validation on that file, training on every conversation of --data."""
+    held = write_jsonl(tmp_path / "held.jsonl", greeting_conversations(3))
+    out = tmp_path / "tuned"
+    args = loop_args(chat_file, out, "--max-steps", "3", "--progress-json", "--val-data", str(held))
+    assert main(["finetune", str(tiny_checkpoints["llama"]), *args]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    steps = [x for x in lines if x.get("event") == "step"]
+    assert [(x["step"], x["total"]) for x in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert all(isinstance(x["loss"], float) and x["loss"] > 0 for x in steps)
+    assert lines[-1]["val_examples"] == 3 and lines[-1]["train_conversations"] == 48
