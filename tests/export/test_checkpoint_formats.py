@@ -240,3 +240,20 @@ def test_progress_bars_count_the_tensors_read(tiny_checkpoints, tmp_path, capsys
     err = capsys.readouterr().err
     assert re.search(rf"weights: 100%.*{count}/{count}", err)
     assert re.search(rf"verify: 100%.*{count}/{count}", err)
+
+
+def test_reference_logits_of_every_family_stream_and_equal_the_whole_model(
+    family_checkpoints, monkeypatch
+):
+    def whole(*args):
+        raise AssertionError("fell back to the whole model")
+
+    for kind, folder in family_checkpoints.items():
+        src = load_export_source(folder)
+        ids = np.random.default_rng(1).integers(0, src.config.vocab_size, (2, 40))
+        with torch.no_grad():
+            want = reference_model(src)(torch.from_numpy(ids))[0].numpy()
+        with monkeypatch.context() as patch:
+            patch.setattr(weights, "_whole_model_logits", whole)
+            got = reference_logits(src, ids)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=kind)
