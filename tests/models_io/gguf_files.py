@@ -69,6 +69,9 @@ def write_tiny_llama(
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if config.get("head_dim"):  # as llama.cpp's converter writes a head_dim apart from hidden/heads
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
 
     vocab = tok["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)

@@ -263,3 +263,18 @@ def test_tiny_qwen2_gguf_matches_transformers_gguf_loader(tiny_checkpoints, tmp_
         np.testing.assert_allclose(value.numpy(), ref[key].numpy(), rtol=0, atol=1e-6, err_msg=key)
         if quant == Q.F32:
             np.testing.assert_array_equal(value.numpy(), original[key], err_msg=key)
+
+
+def test_tiny_qwen3_gguf_gives_the_original_tensors(family_checkpoints, tmp_path):
+    """Qwen3: q/k norms and a head_dim apart from hidden/heads, named through TensorNameMap."""
+    from models.checkpoint import load_checkpoint
+
+    source = family_checkpoints["qwen3"]
+    path = write_tiny_llama(source, tmp_path / "qwen3.gguf", arch="qwen3")
+    ckpt = load_checkpoint(path)
+    config = json.loads((source / "config.json").read_text())
+    assert ckpt.config.model_type == "qwen3" and ckpt.config.head_dim == config["head_dim"]
+    original = load_file(source / "model.safetensors")
+    assert set(ckpt.tensors) == set(original)
+    for key, value in ckpt.tensors.items():
+        np.testing.assert_array_equal(value.numpy(), original[key], err_msg=key)
