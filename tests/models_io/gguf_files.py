@@ -98,6 +98,8 @@ def write_tiny_llama(
             w = llama_cpp_permute(w, heads)
         elif arch == "llama" and ".k_proj." in name:
             w = llama_cpp_permute(w, kv_heads)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            w = w + 1  # llama.cpp stores Gemma's (1 + w) norm weights as 1 + w
         qtype = quant if w.ndim == 2 else GGMLQuantizationType.F32
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         writer.add_tensor(gguf_name, encode(w, qtype), raw_dtype=qtype)
