@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +74,10 @@ class ExportRequest:
     force: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     require_gate: bool = False  # publish only if the quality gate passes (export.gate)
+    # the build without torch: a .gguf read with numpy (export.gguf_source), verified against the
+    # reference graph of the same weights (ORT) instead of the PyTorch model
+    torch_free: bool = False
+    generation: Mapping[str, Any] | None = None  # merged over the checkpoint's generation config
 
 
 def check_request(req: ExportRequest) -> None:
@@ -93,6 +97,8 @@ def check_request(req: ExportRequest) -> None:
         raise ExportError(f"--max-context must be positive, got {req.max_context}")
     if not Path(req.checkpoint).expanduser().exists():
         raise ExportError(f"{req.checkpoint}: no such checkpoint folder or file")
+    if req.torch_free and Path(req.checkpoint).suffix.lower() != ".gguf":
+        raise ExportError(f"{req.checkpoint}: the build without torch reads .gguf files only")
 
 
 class _Stages:
@@ -123,14 +129,12 @@ class _Stages:
 
 def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionInfo, Manifest]:
     """Export req.checkpoint and publish it as the next version of req.name."""
-    from export.weights import load_export_source
-
     check_request(req)
     stages = _Stages(req.progress)
     stage = stages.stage
     try:
         with stage("load"):
-            src = load_export_source(req.checkpoint)
+            src = _load(req)
         max_context = _max_context(req, src.config)
 
         def build(folder: Path) -> None:
@@ -168,6 +172,21 @@ def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionIn
     return info, info.manifest()
 
 
+def _load(req: ExportRequest) -> Any:
+    """The ExportSource: torch-free from a GGUF file, else through models.checkpoint (torch)."""
+    if req.torch_free:
+        from export.gguf_source import load_gguf_source
+
+        return load_gguf_source(req.checkpoint, req.generation)
+    from export.weights import load_export_source
+    from models.errors import require_torch
+
+    require_torch("exporting a checkpoint and verifying it against PyTorch")
+    src = load_export_source(req.checkpoint)
+    src.generation_config |= dict(req.generation or {})
+    return src
+
+
 def _max_context(req: ExportRequest, cfg: Any) -> int:
     limit = cfg.max_position_embeddings
     if req.max_context is None:
@@ -194,7 +213,10 @@ def _verify(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any]:
     from export.onnx_graph import GRAPH_FILE
     from export.verify import verify
 
-    return verify(folder / GRAPH_FILE, src, flavour=req.flavour, precision=req.precision)
+    against = "reference" if req.torch_free else "torch"
+    return verify(
+        folder / GRAPH_FILE, src, flavour=req.flavour, precision=req.precision, against=against
+    )
 
 
 def _gate(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any] | None:
