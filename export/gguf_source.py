@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,13 +69,29 @@ def _check_shapes(config: Any, tensors: dict[str, np.ndarray], path: Path) -> No
 def load_gguf_source(path: str | Path, generation: Mapping[str, Any] | None = None) -> ExportSource:
     """A Llama GGUF file as an ExportSource (float32 numpy tensors in HF names), torch-free;
     `generation` is merged over the file's generation settings. ModelError on bad input."""
-    from models.config import ModelConfig
     from models.errors import ModelError
-    from models.gguf import read_gguf
 
     path = Path(path).expanduser()
     if path.suffix.lower() != ".gguf":
         raise ModelError(f"{path}: the build without torch reads .gguf files only")
+    if not path.is_file():
+        raise ModelError(f"{path}: no such GGUF file")
+    stat = path.stat()
+    src = _read(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return dataclasses.replace(
+        src,
+        tensors=dict(src.tensors),
+        generation_config={**src.generation_config, **(generation or {})},
+        source=path,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _read(path: Path, size: int, mtime_ns: int) -> ExportSource:
+    """One read per file version: ensure-default builds up to three precisions from it."""
+    from models.config import ModelConfig
+    from models.gguf import read_gguf
+
     contents = read_gguf(path)
     config = ModelConfig.from_hf(contents.hf_config)
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in contents.tensors.items()}
@@ -84,7 +102,7 @@ def load_gguf_source(path: str | Path, generation: Mapping[str, Any] | None = No
         config=config,
         tensors=tensors,
         tokenizer=contents.tokenizer,
-        generation_config={**contents.generation_config, **(generation or {})},
+        generation_config=contents.generation_config,
         source=path,
-        source_files=[SourceFile(path, path.stat().st_size, sha256_file(path))],
+        source_files=[SourceFile(path, size, sha256_file(path))],
     )

@@ -231,20 +231,35 @@ def torch_logits(model: Any, tokens: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(tokens))[0].numpy()
 
 
+_REFERENCE_LOGITS: dict[tuple, np.ndarray] = {}
+
+
 def reference_graph_logits(src: Any, tokens: np.ndarray) -> np.ndarray:
     """The reference graph's logits [B, T, vocab] of every position, in one pass with an empty
-    cache: the graph is built from src's weights in a temporary folder (torch-free)."""
+    cache: the graph is built from src's weights in a temporary folder (torch-free). Kept per
+    source files and tokens: ensure-default verifies up to three precisions of one source."""
     import tempfile
 
     from export.graph_reference import build_reference_graph
     from export.onnx_graph import GRAPH_FILE, save_model
     from export.runner import cpu_session
 
+    key = (
+        tuple((str(f.path), f.sha256) for f in src.source_files),
+        tokens.shape,
+        tokens.tobytes(),
+    )
+    if src.source_files and key in _REFERENCE_LOGITS:
+        return _REFERENCE_LOGITS[key]
     with tempfile.TemporaryDirectory(prefix="verify-reference-") as tmp:
         path = save_model(build_reference_graph(src), Path(tmp) / GRAPH_FILE)
         runner = _ReferenceRunner(cpu_session(path), src.config)
         runner.start(tokens.shape[0])
-        return runner.step(tokens)
+        logits = runner.step(tokens)
+    _REFERENCE_LOGITS.clear()
+    if src.source_files:
+        _REFERENCE_LOGITS[key] = logits
+    return logits
 
 
 def describe_failure(figures: dict[str, Any]) -> str:

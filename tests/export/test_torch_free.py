@@ -124,3 +124,18 @@ def test_the_build_without_torch_reads_gguf_files_only(tiny_checkpoints, tmp_pat
     with pytest.raises(ExportError, match=r"without torch reads \.gguf files only"):
         export_checkpoint(req, Registry(tmp_path))
     assert not (tmp_path / "tiny").exists()
+
+
+def test_a_gguf_is_read_once_per_file_version(tiny_checkpoints, tmp_path):
+    from gguf import GGMLQuantizationType
+
+    path = write_tiny_llama(tiny_checkpoints["llama"], tmp_path / "m.gguf")
+    first, again = load_gguf_source(path), load_gguf_source(path, {"temperature": 0.2})
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert again.tensors[name] is first.tensors[name] and again.tensors is not first.tensors
+    assert again.generation_config["temperature"] == 0.2
+    assert "temperature" not in first.generation_config
+    write_tiny_llama(tiny_checkpoints["llama"], path, quant=GGMLQuantizationType.Q8_0)
+    changed = load_gguf_source(path)
+    assert changed.source_files[0].sha256 != first.source_files[0].sha256
+    assert not np.array_equal(changed.tensors[name], first.tensors[name])
