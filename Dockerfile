@@ -1,8 +1,11 @@
-# The bot alone, on a CPU, without torch: it serves model versions that `make model` or
-# `python -m export` published into the registry under data/ (mounted at /app/data).
+# The runtime install of `make run` (pip install -e ., no torch, no transformers), on a CPU: it
+# serves model versions that `make model` or `python -m export` published into the registry under
+# data/ (mounted at /app/data), and builds the default model itself without torch:
+#   docker run ... discord-llm python -m export ensure-default --name smollm2-135m-instruct
 #   docker build -t discord-llm .
 #   docker run --env-file .env -v "$PWD/data:/app/data" --stop-timeout 30 discord-llm
-# /model export needs torch and is not available inside this image (export on the host).
+# /model export of an HF folder needs torch and is not available inside this image (export on
+# the host).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

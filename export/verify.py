@@ -1,4 +1,5 @@
-"""Parity of an exported graph against the PyTorch model: a prefill, then cached single steps."""
+"""Parity of an exported graph against the PyTorch model (or, without torch, the reference
+graph of the same weights): a prefill, then cached single steps."""
 
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ def verify(
     precision: str = "fp32",
     settings: VerifyOptions = VerifyOptions(),
     model: Any = None,
+    against: str = "torch",
 ) -> dict[str, Any]:
     """Run the graph (ORT, CPU) and the source's CausalLM on the same natural-text prompts.
 
@@ -163,23 +165,29 @@ def verify(
     computes the logits of all those positions in one causal pass, so the graph's cache
     handling is checked against a cache-free computation. Returns the parity figures
     (export.manifest.Parity fields); `passed` applies THRESHOLDS.
-    """
-    import torch
 
+    `against="reference"` computes the expected logits with the reference graph built from the
+    same weights (standard ONNX ops, fp32, through ORT) in place of the PyTorch model: the check
+    of the build without torch (the reference graph is checked against torch by the tests).
+    """
     from export.runner import cpu_session
     from export.weights import reference_logits
 
     started = time.perf_counter()
     if precision not in THRESHOLDS:
         raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(THRESHOLDS)})")
+    if against not in ("torch", "reference"):
+        raise ValueError(f"unknown verification {against!r} (choose from torch, reference)")
     cfg = src.config
     length, steps = settings.prompt_length, settings.steps
     tokens = _prompt_tokens(src, settings.prompts, length + steps, settings.seed)
     # one causal pass gives the logits of every position the graph sees; computed before the
-    # graph is loaded, one module's weights at a time, so the two never share the memory
-    if model is not None:
-        with torch.no_grad():
-            want = model(torch.from_numpy(tokens))[0].numpy()
+    # graph is loaded (from PyTorch, one module's weights at a time, or the reference graph of
+    # the same weights for the build without torch), so the two never share the memory
+    if against == "reference":
+        want = reference_graph_logits(src, tokens)
+    elif model is not None:
+        want = torch_logits(model, tokens)
     else:
         want = reference_logits(src, tokens)
     session = cpu_session(Path(graph))
@@ -212,6 +220,45 @@ def verify(
         "per_step": per_step,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def torch_logits(model: Any, tokens: np.ndarray) -> np.ndarray:
+    """The PyTorch model's logits [B, T, vocab] of every position, in one causal pass."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens))[0].numpy()
+
+
+_REFERENCE_LOGITS: dict[tuple, np.ndarray] = {}
+
+
+def reference_graph_logits(src: Any, tokens: np.ndarray) -> np.ndarray:
+    """The reference graph's logits [B, T, vocab] of every position, in one pass with an empty
+    cache: the graph is built from src's weights in a temporary folder (torch-free). Kept per
+    source files and tokens: ensure-default verifies up to three precisions of one source."""
+    import tempfile
+
+    from export.graph_reference import build_reference_graph
+    from export.onnx_graph import GRAPH_FILE, save_model
+    from export.runner import cpu_session
+
+    key = (
+        tuple((str(f.path), f.sha256) for f in src.source_files),
+        tokens.shape,
+        tokens.tobytes(),
+    )
+    if src.source_files and key in _REFERENCE_LOGITS:
+        return _REFERENCE_LOGITS[key]
+    with tempfile.TemporaryDirectory(prefix="verify-reference-") as tmp:
+        path = save_model(build_reference_graph(src), Path(tmp) / GRAPH_FILE)
+        runner = _ReferenceRunner(cpu_session(path), src.config)
+        runner.start(tokens.shape[0])
+        logits = runner.step(tokens)
+    _REFERENCE_LOGITS.clear()
+    if src.source_files:
+        _REFERENCE_LOGITS[key] = logits
+    return logits
 
 
 def describe_failure(figures: dict[str, Any]) -> str:

@@ -36,11 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
         return 2
     name = argv[0]
+    from models.errors import ModelError, require_torch
+
+    try:  # every command here is a build command: the runtime install has no torch
+        require_torch(f"python -m models {name}")
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"python -m models {name}", description=COMMANDS[name][1])
     _hook(module, name, "add")(parser)
     args = parser.parse_args(argv[1:])
-    from models.errors import ModelError
 
     try:
         return int(_hook(module, name, "main")(args) or 0)

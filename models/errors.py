@@ -14,3 +14,18 @@ def listing(names: list[str], limit: int = 5) -> str:
     """A few names for an error message: "a, b, c (+4 more)"."""
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+BUILD_EXTRAS = "install the build extras: pip install -e '.[train]'"
+
+
+def require_torch(what: str) -> None:
+    """A one-line ModelError when PyTorch is not installed (the runtime install has none)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a blocked or half-imported torch
+        found = False
+    if not found:
+        raise ModelError(f"{what} needs PyTorch, which is not installed: {BUILD_EXTRAS}")
