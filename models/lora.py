@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from models.config import ModelConfig
 from models.errors import ModelError, first_line, listing
 from models.lazy_tensors import LazyTensors
-from models.model import ModelConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

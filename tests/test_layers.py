@@ -218,6 +218,8 @@ RUNTIME = (
     "models.errors",
     "models.fetch",
     "models.gguf",
+    "models.lazy_tensors",
+    "models.rope",
     "models.tokenizer",
 )
 BUILD = (
@@ -225,6 +227,7 @@ BUILD = (
     "models.checkpoint",
     "models.data",
     "models.evaluate",
+    "models.lora",
     "models.model",
     "models.random_checkpoint",
     "models.train",
