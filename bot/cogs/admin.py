@@ -9,7 +9,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 from discord import app_commands
@@ -17,11 +17,13 @@ from discord.ext import commands
 
 from bot.cogs.checks import admin_only
 from bot.errors import quoted
+from bot.finetune.start import DEFAULT_STEPS, MAX_STEPS
 from export.manifest import Precision
 from export.registry import Registry, RegistryError
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
+    from bot.cogs.finetune import Finetune
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,36 @@ class Admin(commands.Cog):
                 await asyncio.to_thread(self.registry.use, previous.ref)
             raise
         await interaction.edit_original_response(content=text)
+
+    @model_group.command(
+        name="finetune", description="Fine-tune the running model on this server's conversations"
+    )
+    @app_commands.describe(
+        steps=f"optimizer steps (1-{MAX_STEPS})",
+        channels="only these channels' conversations (#mentions), default: the whole server",
+        method="auto: LoRA for large models, full fine-tuning for small ones",
+    )
+    @admin_only()
+    async def model_finetune(
+        self,
+        interaction: discord.Interaction,
+        steps: app_commands.Range[int, 1, MAX_STEPS] = DEFAULT_STEPS,
+        channels: str | None = None,
+        method: Literal["auto", "lora", "full"] = "auto",
+    ) -> None:
+        await self._finetune().finetune(interaction, steps, channels, method)
+
+    @model_group.command(name="jobs", description="Fine-tuning jobs")
+    @admin_only()
+    async def model_jobs(self, interaction: discord.Interaction) -> None:
+        await self._finetune().list_jobs(interaction)
+
+    def _finetune(self) -> Finetune:
+        # the loaded extension's cog (discord.py loads each extension as a module of its own)
+        cog = self.bot.get_cog("Finetune")
+        if cog is None:
+            raise app_commands.AppCommandError("Fine-tuning is not loaded.")
+        return cog  # type: ignore[return-value]
 
     @model_group.command(name="export", description="Export a checkpoint as a new model version")
     @app_commands.describe(
