@@ -1,5 +1,5 @@
-"""/model finetune and /model jobs, the job's progress message and its buttons (Cancel; Use it,
-Discard): a thin adapter over bot/finetune. The training runs in child processes (runner.py)."""
+"""/model finetune and /model jobs (declared in admin.py's /model group), the job's progress
+message and its buttons (Cancel; Use it, Discard): a thin adapter over bot/finetune."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from bot.finetune import jobs
 from bot.finetune.errors import FinetuneError
 from bot.finetune.progress import describe, summary_line
 from bot.finetune.runner import JobRunner
-from bot.finetune.start import DEFAULT_STEPS, MAX_STEPS, new_job
+from bot.finetune.start import DEFAULT_STEPS, new_job
 from bot.storage.models import FinetuneJob, JobStatus
 from export.registry import Registry, RegistryError
 
@@ -317,33 +317,3 @@ async def setup(bot: ChatBot) -> None:
     cog = Finetune(bot)
     await bot.add_cog(cog)
     bot.add_dynamic_items(JobButton)
-    group = bot.tree.get_command("model")
-    if not isinstance(group, app_commands.Group):
-        raise RuntimeError("bot.cogs.finetune needs the /model group (load bot.cogs.admin first)")
-
-    @app_commands.describe(
-        steps=f"optimizer steps (1-{MAX_STEPS})",
-        channels="only these channels' conversations (#mentions), default: the whole server",
-        method="auto: LoRA for large models, full fine-tuning for small ones",
-    )
-    async def finetune(
-        interaction: discord.Interaction,
-        steps: app_commands.Range[int, 1, MAX_STEPS] = DEFAULT_STEPS,
-        channels: str | None = None,
-        method: Literal["auto", "lora", "full"] = "auto",
-    ) -> None:
-        await cog.finetune(interaction, steps, channels, method)
-
-    async def list_jobs(interaction: discord.Interaction) -> None:
-        await cog.list_jobs(interaction)
-
-    group.add_command(
-        app_commands.Command(
-            name="finetune",
-            description="Fine-tune the running model on this server's conversations",
-            callback=finetune,
-        )
-    )
-    group.add_command(
-        app_commands.Command(name="jobs", description="Fine-tuning jobs", callback=list_jobs)
-    )
