@@ -1,5 +1,5 @@
-"""/model finetune and /model jobs, the job's progress message and its buttons (Cancel; Use it,
-Discard): a thin adapter over bot/finetune. The training runs in child processes (runner.py)."""
+"""/model finetune and /model jobs (declared in admin.py's /model group), the job's progress
+message and its buttons (Cancel; Use it, Discard): a thin adapter over bot/finetune."""
 
 from __future__ import annotations
 

@@ -30,9 +30,11 @@ async def store(db: Database, n: int = 6) -> None:
 
 async def updates(client, keys: FinetuneKeys, db: Database, job_id: int, last: str = "0"):
     """The job's row after each update the trainer announces (blocking reads, no sleeps)."""
+    quiet = 0
     while True:
-        reply = await client.xread({keys.events: last}, block=60_000)
-        assert reply, "no update from the trainer in 60 s"
+        reply = await client.xread({keys.events: last}, block=2000)  # under the socket timeout
+        quiet = 0 if reply else quiet + 1
+        assert quiet < 150, "no update from the trainer in 300 s"
         for _, entries in reply:
             for entry_id, fields in entries:
                 last = entry_id
