@@ -284,35 +284,6 @@ class Admin(commands.Cog):
             lines.append(pending)
         return await proc.wait(), lines
 
-    @model_group.command(
-        name="finetune", description="Fine-tune the running model on this server's conversations"
-    )
-    @app_commands.describe(
-        steps="optimizer steps (1-10000)",
-        channels="only these channels' conversations (#mentions), default: the whole server",
-        method="auto: LoRA for large models, full fine-tuning for small ones",
-    )
-    @admin_only()
-    async def model_finetune(
-        self,
-        interaction: discord.Interaction,
-        steps: app_commands.Range[int, 1, 10_000] = 200,
-        channels: str | None = None,
-        method: Literal["auto", "lora", "full"] = "auto",
-    ) -> None:
-        await self._finetune().finetune(interaction, steps, channels, method)  # bot/cogs/finetune
-
-    @model_group.command(name="jobs", description="Fine-tuning jobs")
-    @admin_only()
-    async def model_jobs(self, interaction: discord.Interaction) -> None:
-        await self._finetune().list_jobs(interaction)
-
-    def _finetune(self) -> Any:
-        cog = self.bot.get_cog("Finetune")
-        if cog is None:
-            raise app_commands.AppCommandError("Fine-tuning is not loaded.")
-        return cog
-
     # -- /channel autoreply --
     @channel_group.command(name="autoreply", description="Answer every message in this channel")
     @app_commands.describe(
