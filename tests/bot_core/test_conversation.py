@@ -226,7 +226,7 @@ async def test_a_crash_mid_reply_is_marked_interrupted_at_the_next_start(
     ]
     assert rows[1].content == "Hi"  # stored by the flush after the first piece
     assert rows[1].finish_reason == "restart"  # why it ended is recorded
-    assert db2.interrupted == [(10, rows[1].discord_message_ids)]
+    assert db2.interrupted == [(10, rows[1].discord_message_ids, rows[1].id)]
 
 
 async def test_a_reply_stores_its_discord_message_as_soon_as_it_is_posted(
@@ -247,7 +247,7 @@ async def test_a_reply_stores_its_discord_message_as_soon_as_it_is_posted(
 
     db2 = await Database.open(db_url)
     await db2.close()
-    assert db2.interrupted == [(10, [222])]
+    assert [(c, ids) for c, ids, _ in db2.interrupted] == [(10, [222])]
 
 
 async def test_a_placeholder_is_stored_where_a_restart_finds_it(db_url, settings):
@@ -272,7 +272,7 @@ async def test_a_placeholder_is_stored_where_a_restart_finds_it(db_url, settings
 
     db2 = await Database.open(db_url)
     await db2.close()
-    assert db2.interrupted == [(10, [888])]
+    assert [(c, ids) for c, ids, _ in db2.interrupted] == [(10, [888])]
 
 
 async def first_answering_second_waiting(service: ChatService, engine: FakeEngine) -> None:

@@ -254,3 +254,27 @@ async def test_the_retention_task_deletes_expired_turns(
         row.created_at = old
     await fake.wait_until(lambda: bot.chat.privacy.purged >= 1, 30)
     assert [r.content for r in await stored(bot, general) if r.role == "user"] == ["recent"]
+
+
+async def test_manage_messages_in_one_channel_gives_no_server_wide_control(
+    fake: FakeDiscord, start_bot: Start
+):
+    """Discord resolves an interaction's permissions in its channel: an overwrite there must not
+    open the server-wide commands (access lists, editors, server defaults)."""
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    random = fake.text_channel_ids[12]
+    fake.allow_in_channel(bob, random, MANAGE_MESSAGES)  # Manage Messages in #random only
+    bot = await start_bot()
+    deny = sub("deny", option("user", alice["id"], USER))
+    editors = sub("editors", option("persona", "everyone", 3))
+    server = sub("set", option("scope", "server", 3), option("top_k", 3, 4))
+    for name, options in (("access", [deny]), ("access", [editors]), ("settings", [server])):
+        _, refused = await command(fake, random, bob, name, options)
+        assert "across the server" in refused.json["data"]["content"], name
+    alice_id = int(alice["id"])
+    assert await bot.chat.access.allows(fake.guild_id, channel_ids=[random], user_id=alice_id)
+    assert (await bot.chat.access.editing(fake.guild_id)).persona == "managers"
+    assert (await bot.chat.get_server_settings(fake.guild_id)).top_k != 3
+    # what belongs to #random itself he may do there: its memory
+    _, forgot = await command(fake, random, bob, "forget")
+    assert forgot.json["data"]["content"].startswith("Forgot")
