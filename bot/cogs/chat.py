@@ -342,9 +342,9 @@ class Chat(commands.Cog):
             await placeholder  # a placeholder being posted now is deleted below, not left
             with contextlib.suppress(discord.HTTPException):
                 await out.drop_unused()  # a placeholder no text replaced (an error, a refusal)
-        if problem is not None:
+        if problem:
             await note(message, problem)
-        elif not out.messages:
+        elif problem is None and not out.messages:  # "": withdrawn, nothing to say
             await note(message, EMPTY_REPLY)
 
     async def _hold_place(self, out: StreamedReply, reply: Any, done: asyncio.Event) -> None:
