@@ -102,21 +102,16 @@ class Editing:
 
 
 class AccessService:
-    """Access lists and editors per server, read once and cached until changed here."""
+    """Access lists and editors per server, read from the database on every use: a change made
+    through any process (another shard) applies at once everywhere."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._rules: dict[int, AccessRules] = {}
-        self._editing: dict[int, Editing] = {}
 
     async def rules(self, guild_id: int) -> AccessRules:
-        rules = self._rules.get(guild_id)
-        if rules is None:
-            async with self.db.session() as s:
-                rows = await repo.access_rules(s, guild_id)
-            rules = AccessRules.from_entries((r.kind, r.target_id, r.effect) for r in rows)
-            self._rules[guild_id] = rules
-        return rules
+        async with self.db.session() as s:
+            rows = await repo.access_rules(s, guild_id)
+        return AccessRules.from_entries((r.kind, r.target_id, r.effect) for r in rows)
 
     async def allows(
         self,
@@ -140,7 +135,6 @@ class AccessService:
             await repo.add_audit(
                 s, actor_id, f"access.{effect.value}", f"guild {guild_id}: {kind.value} {target_id}"
             )
-        self._rules.pop(guild_id, None)
 
     async def remove_rule(self, guild_id: int, kind: Kind, target_id: int, actor_id: int) -> bool:
         async with self.db.session() as s, s.begin():
@@ -149,29 +143,21 @@ class AccessService:
                 await repo.add_audit(
                     s, actor_id, "access.remove", f"guild {guild_id}: {kind.value} {target_id}"
                 )
-        self._rules.pop(guild_id, None)
         return removed
 
     async def clear(self, guild_id: int, actor_id: int) -> int:
         async with self.db.session() as s, s.begin():
             count = await repo.clear_access_rules(s, guild_id)
             await repo.add_audit(s, actor_id, "access.clear", f"guild {guild_id}: {count} entries")
-        self._rules.pop(guild_id, None)
         return count
 
     # -- who may change settings and personas --
     async def editing(self, guild_id: int) -> Editing:
-        editing = self._editing.get(guild_id)
-        if editing is None:
-            async with self.db.session() as s:
-                row = await repo.guild_settings(s, guild_id)
-            editing = (
-                Editing(Editors(row.settings_editors), Editors(row.persona_editors))
-                if row is not None
-                else Editing()
-            )
-            self._editing[guild_id] = editing
-        return editing
+        async with self.db.session() as s:
+            row = await repo.guild_settings(s, guild_id)
+        if row is None:
+            return Editing()
+        return Editing(Editors(row.settings_editors), Editors(row.persona_editors))
 
     async def set_editing(
         self,
@@ -190,5 +176,4 @@ class AccessService:
                 "access.editors",
                 f"guild {guild_id}: settings {editing.settings}, persona {editing.persona}",
             )
-        self._editing[guild_id] = editing
         return editing

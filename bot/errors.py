@@ -50,6 +50,13 @@ class RestartingError(ReplyError):
     user_message = "I'm restarting; please ask again in a moment."
 
 
+class WithdrawnError(ReplyError):
+    """The message left the inbox before its turn (its author's forget-me deleted it): it is
+    neither stored nor answered, and nothing is said (`user_message` is empty)."""
+
+    user_message = ""
+
+
 class NotLatestReplyError(ReplyError):
     """A button under a reply that can no longer be regenerated or continued."""
 

@@ -45,6 +45,9 @@ class Forgotten:
     turns: int  # the user's own turns
     replies: int  # the bot's replies to them (and the rest of their DM conversations)
     pending: int  # inbox rows not yet answered
+    # (channel id, message id) of the "in line" placeholders shown for those rows: deleted from
+    # Discord at once, since no later answer (nor a restart, which reads the inbox) replaces them
+    placeholders: tuple[tuple[int, int], ...] = ()
 
 
 def replies_to(outline: list[tuple[int, int, str, int | None]], user_id: int) -> set[int]:
@@ -64,31 +67,26 @@ def replies_to(outline: list[tuple[int, int, str, int | None]], user_id: int) ->
 
 
 class PrivacyService:
-    """Opt-outs (cached: the chat path asks for every message), forget-me, export, retention."""
+    """Opt-outs, forget-me, export, retention. Nothing is cached: an opt-out made through any
+    process (another shard) applies to the next message everywhere."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._opted_out: set[int] | None = None
         self.purged = 0  # turns the retention task deleted since the start
 
     async def opted_out(self, user_id: int) -> bool:
-        if self._opted_out is None:
-            async with self.db.session() as s:
-                self._opted_out = await repo.opted_out_users(s)
-        return user_id in self._opted_out
+        async with self.db.session() as s:
+            return await repo.is_opted_out(s, user_id)
 
     async def opted_out_users(self) -> set[int]:
-        await self.opted_out(0)
-        assert self._opted_out is not None
-        return set(self._opted_out)
+        async with self.db.session() as s:
+            return await repo.opted_out_users(s)
 
     async def set_opted_out(self, user_id: int, opted_out: bool) -> None:
         async with self.db.session() as s, s.begin():
             await repo.set_opted_out(s, user_id, opted_out)
             action = "privacy.opt-out" if opted_out else "privacy.opt-in"
             await repo.add_audit(s, user_id, action, f"user {user_id}")
-        if self._opted_out is not None:
-            (self._opted_out.add if opted_out else self._opted_out.discard)(user_id)
 
     async def forget_me(self, user_id: int, guild_id: int | None) -> Forgotten:
         """Delete the user's stored data in a server's channels and in their DMs (see the
@@ -110,7 +108,10 @@ class PrivacyService:
             await repo.delete_messages(s, sorted(turns | replies))
             pending = await repo.user_pending(s, user_id, guild_id)
             await repo.delete_pending(s, [p.id for p in pending])
-            result = Forgotten(len(turns), len(replies), len(pending))
+            held = tuple(
+                (p.channel_id, p.held_message_id) for p in pending if p.held_message_id is not None
+            )
+            result = Forgotten(len(turns), len(replies), len(pending), held)
             where = f"guild {guild_id}" if guild_id is not None else "DMs"
             await repo.add_audit(
                 s,

@@ -16,6 +16,7 @@ from bot.errors import (
     NotLatestReplyError,
     ReplyError,
     RestartingError,
+    WithdrawnError,
 )
 from bot.generation import (
     SETTINGS,
@@ -75,11 +76,8 @@ class ChatService:
         self._queues = ChannelQueues()
         # channel -> first stored message of its last prompt (where the next prompt starts too)
         self._window: dict[int, int | None] = {}
-        # auto-reply channels, read once: the chat cog asks for every message in every guild
-        self._autoreply: set[int] | None = None
         self.access = AccessService(db)  # who may talk where, who may change settings
         self.privacy = PrivacyService(db)  # opt-outs, forget-me, export, retention
-        self._threaded: set[int] | None = None  # channels whose answers go into threads
         self._live: dict[int, Reply] = {}  # assistant row id -> its reply, while it streams
 
     # -- replies --
@@ -90,12 +88,15 @@ class ChatService:
         An opted-out author's message is stored nowhere: it is answered from itself alone."""
         accepted: list[int] = [] if pending_id is None else [pending_id]
         unstored: list[bool] = []
+        held: list[int] = []  # the "in line" placeholder, which may come before the inbox row
 
         async def accept() -> None:
             if await self.privacy.opted_out(msg.author.id):
                 unstored.append(True)
                 return
             accepted.append(await self.accept(msg))
+            if held:  # shown while the row was being written: a restart must find it
+                await remember(held[-1])
 
         async def start() -> Started:
             if unstored or await self.privacy.opted_out(msg.author.id):
@@ -109,9 +110,13 @@ class ChatService:
                 await self.decline(accepted[0])
 
         async def hold(message_id: int) -> None:
+            held.append(message_id)
             if accepted:
-                async with self.db.session() as s, s.begin():
-                    await repo.hold_pending(s, accepted[0], message_id)
+                await remember(message_id)
+
+        async def remember(message_id: int) -> None:
+            async with self.db.session() as s, s.begin():
+                await repo.hold_pending(s, accepted[0], message_id)
 
         return Reply(
             self.db,
@@ -195,8 +200,10 @@ class ChatService:
         model = await self._pinned()  # one version for the whole request, even in a swap
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, msg.channel_id, msg.guild_id)
-            if pending_id is not None:
-                await repo.take_pending(s, pending_id)  # moves from the inbox into the history
+            # moves from the inbox into the history; gone from it (forget-me deleted it while it
+            # waited): withdrawn, neither stored nor answered
+            if pending_id is not None and not await repo.take_pending(s, pending_id):
+                raise WithdrawnError(f"inbox row {pending_id} was deleted before its turn")
             await repo.add_message(
                 s,
                 channel_id=msg.channel_id,
@@ -515,31 +522,26 @@ class ChatService:
             await repo.set_autoreply(s, channel_id, bool(enabled), threads=threads)
             state = ("threads" if threads else "on") if enabled else "off"
             await repo.add_audit(s, actor_id, f"autoreply.{state}", f"channel {channel_id}")
-        if self._autoreply is not None:
-            (self._autoreply.add if enabled else self._autoreply.discard)(channel_id)
-        if self._threaded is not None:
-            (self._threaded.add if threads else self._threaded.discard)(channel_id)
 
     async def replies_in_threads(self, channel_id: int) -> bool:
-        """Whether answers to this channel's messages go into a new thread each."""
-        if self._threaded is None:
-            async with self.db.session() as s:
-                self._threaded = await repo.thread_reply_channels(s)
-        return channel_id in self._threaded
+        """Whether answers to this channel's messages go into a new thread each (read from the
+        database: a change made through another shard process applies at once)."""
+        async with self.db.session() as s:
+            channel = await repo.get_channel(s, channel_id)
+        return bool(channel is not None and channel.thread_replies)
 
     async def adopt_thread(self, thread_id: int, guild_id: int | None) -> None:
         """A thread the bot started for a conversation: it answers every message there."""
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, thread_id, guild_id)
             await repo.set_autoreply(s, thread_id, True)
-        if self._autoreply is not None:
-            self._autoreply.add(thread_id)
 
     async def is_autoreply(self, channel_id: int) -> bool:
-        if self._autoreply is None:
-            async with self.db.session() as s:
-                self._autoreply = await repo.autoreply_channels(s)
-        return channel_id in self._autoreply
+        """Whether the bot answers every message of the channel (read from the database, as
+        `replies_in_threads`)."""
+        async with self.db.session() as s:
+            channel = await repo.get_channel(s, channel_id)
+        return bool(channel is not None and channel.autoreply)
 
     async def audit(self, actor_id: int, action: str, detail: str) -> None:
         async with self.db.session() as s, s.begin():

@@ -85,7 +85,7 @@ class AccessCommands(commands.Cog):
         role="only allowed roles/users get answers once one is allowed",
         user="only allowed users/roles get answers once one is allowed",
     )
-    @managers_only()
+    @managers_only(server_wide=True)
     async def allow(
         self,
         interaction: discord.Interaction,
@@ -99,7 +99,7 @@ class AccessCommands(commands.Cog):
     @app_commands.describe(
         channel="never answer here", role="never answer this role", user="never answer this user"
     )
-    @managers_only()
+    @managers_only(server_wide=True)
     async def deny(
         self,
         interaction: discord.Interaction,
@@ -110,7 +110,7 @@ class AccessCommands(commands.Cog):
         await self._change(interaction, Effect.DENY, channel, role, user)
 
     @group.command(name="remove", description="Take a channel, role or user off the lists")
-    @managers_only()
+    @managers_only(server_wide=True)
     async def remove(
         self,
         interaction: discord.Interaction,
@@ -121,7 +121,7 @@ class AccessCommands(commands.Cog):
         await self._change(interaction, None, channel, role, user)
 
     @group.command(name="show", description="The server's allow and deny lists and editors")
-    @managers_only()
+    @managers_only(server_wide=True)
     async def show(self, interaction: discord.Interaction) -> None:
         guild_id = _guild(interaction)
         access = self.bot.chat.access
@@ -136,7 +136,7 @@ class AccessCommands(commands.Cog):
         )
 
     @group.command(name="clear", description="Empty the allow and deny lists")
-    @managers_only()
+    @managers_only(server_wide=True)
     async def clear(self, interaction: discord.Interaction) -> None:
         count = await self.bot.chat.access.clear(_guild(interaction), interaction.user.id)
         await interaction.response.send_message(
@@ -150,7 +150,7 @@ class AccessCommands(commands.Cog):
         settings="who may use /settings set and reset (default: everyone)",
         persona="who may use /persona set and clear (default: managers)",
     )
-    @managers_only()
+    @managers_only(server_wide=True)
     async def editors(
         self,
         interaction: discord.Interaction,

@@ -46,7 +46,7 @@ NoRepeatNgram = _option("no_repeat_ngram_size")
 
 
 Scope = Literal["channel", "server"]
-SERVER_SCOPE_REFUSAL = "Server-wide settings need the Manage Messages permission."
+SERVER_SCOPE_REFUSAL = "Server-wide settings need the Manage Messages permission across the server."
 
 
 def _guild(interaction: discord.Interaction) -> int:
@@ -123,7 +123,7 @@ class ChannelCommands(commands.Cog):
         chat, actor = self.bot.chat, interaction.user.id
         if scope == "server":
             guild_id = _guild(interaction)
-            require_manager(interaction, SERVER_SCOPE_REFUSAL)
+            require_manager(interaction, SERVER_SCOPE_REFUSAL, server_wide=True)
             updated = await chat.update_server_settings(guild_id, actor, **changes)
             title = "Server defaults updated (channels' own values still win):\n"
         else:
@@ -144,7 +144,7 @@ class ChannelCommands(commands.Cog):
         chat, actor = self.bot.chat, interaction.user.id
         if scope == "server":
             guild_id = _guild(interaction)
-            require_manager(interaction, SERVER_SCOPE_REFUSAL)
+            require_manager(interaction, SERVER_SCOPE_REFUSAL, server_wide=True)
             updated = await chat.reset_server_settings(guild_id, actor)
         else:
             updated = await chat.reset_settings(

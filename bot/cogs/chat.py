@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -16,7 +15,8 @@ import discord
 from discord.ext import commands
 
 from bot import attachments
-from bot.cogs.controls import ReplyButton, closed_thread, deliver
+from bot.cogs.checks import refusal
+from bot.cogs.controls import ReplyButton, closed_thread, deliver, done_view
 from bot.cogs.triggers import ChatLimits, answer_reason, strip_mention
 from bot.errors import RestartingError
 from bot.replies import StreamedReply
@@ -175,20 +175,6 @@ class Chat(commands.Cog):
         )
         return answer_reason(**common, replying_to_bot=replying, autoreply=autoreply)
 
-    async def allowed(self, message: discord.Message) -> bool:
-        """The server's access lists (bot.access) let this author talk here; DMs always."""
-        if message.guild is None:
-            return True
-        channel = message.channel
-        channel_ids = [channel.id]
-        parent_id = getattr(channel, "parent_id", None)
-        if parent_id is not None:  # a thread: its parent channel's entries count too
-            channel_ids.append(parent_id)
-        roles = [role.id for role in getattr(message.author, "roles", [])]
-        return await self.bot.chat.access.allows(
-            message.guild.id, channel_ids=channel_ids, user_id=message.author.id, role_ids=roles
-        )
-
     async def _closed(self, message: discord.Message) -> bool:
         """The message is in an archived or locked thread (one discord.py no longer caches
         is looked up: its archived threads leave the cache)."""
@@ -213,12 +199,21 @@ class Chat(commands.Cog):
             why = await self.reason(message)
             if why is not None and await self._closed(message):
                 return
-            if why is not None and not await self.allowed(message):
-                why = None  # refused by the access lists: ignored, nothing stored
+            refused = None
+            if why is not None:  # the same gate as buttons and /ask: access, rate limits
+                refused = await refusal(
+                    self.bot,
+                    guild_id=message.guild.id if message.guild else None,
+                    channel=message.channel,
+                    user=message.author,
+                )
         except Exception:
             log.exception("cannot decide whether to answer message %s", message.id)
             return
-        if why is None:
+        if why is None or (refused is not None and refused.by_access):
+            return  # refused by the access lists: ignored, nothing stored
+        if refused is not None:
+            await note(message, refused.text)
             return
         if not self.bot.accepting:  # shutting down: say so rather than stay silent
             await note(message, RestartingError.user_message)
@@ -228,12 +223,6 @@ class Chat(commands.Cog):
         files = list(getattr(message, "attachments", None) or [])
         if not content and not files:
             await note(message, EMPTY_PROMPT)
-            return
-        refused = self.limits.check(message.author.id, message.channel.id)
-        if inspect.isawaitable(refused):  # the limits in Redis
-            refused = await refused
-        if refused:
-            await note(message, refused)
             return
         with self.bot.in_flight():
             notes: list[str] = []
@@ -351,9 +340,9 @@ class Chat(commands.Cog):
             await placeholder  # a placeholder being posted now is deleted below, not left
             with contextlib.suppress(discord.HTTPException):
                 await out.drop_unused()  # a placeholder no text replaced (an error, a refusal)
-        if problem is not None:
+        if problem:
             await note(message, problem)
-        elif not out.messages:
+        elif problem is None and not out.messages:  # "": withdrawn, nothing to say
             await note(message, EMPTY_REPLY)
 
     async def _hold_place(self, out: StreamedReply, reply: Any, done: asyncio.Event) -> None:
@@ -382,9 +371,9 @@ class Chat(commands.Cog):
         if self._recovered:
             return
         self._recovered = True
-        for channel_id, message_ids in self.bot.db.interrupted:
+        for channel_id, message_ids, row_id in self.bot.db.interrupted:
             if message_ids:
-                await self._mark_interrupted(channel_id, message_ids[-1])
+                await self._mark_interrupted(channel_id, message_ids, row_id)
         now = datetime.now(UTC)
         left, self._left = self._left, []
         for pending in left:
@@ -406,12 +395,18 @@ class Chat(commands.Cog):
         if channel is not None and pending.held_message_id is not None:
             with contextlib.suppress(discord.HTTPException):
                 held = await channel.fetch_message(pending.held_message_id)
-        if message is None or now - pending.received_at > RECOVER_WITHIN:
+        refused = None
+        if message is not None:  # the access lists may have changed since (counted already)
+            guild_id = message.guild.id if message.guild else None
+            refused = await refusal(
+                self.bot, guild_id=guild_id, channel=channel, user=message.author, count=False
+            )
+        if message is None or refused or now - pending.received_at > RECOVER_WITHIN:
             await self.bot.chat.decline(pending.id)
             if held is not None:
                 with contextlib.suppress(discord.HTTPException):
                     await held.delete()
-            if message is not None:
+            if message is not None and not refused:
                 await note(message, MISSED)
             return
         log.info("answering message %s, accepted before the restart", message.id)
@@ -444,20 +439,28 @@ class Chat(commands.Cog):
                 return None
         return channel if isinstance(channel, discord.abc.Messageable) else None
 
-    async def _mark_interrupted(self, channel_id: int, message_id: int) -> None:
-        """Append the interrupted note to the last Discord message of a cut reply."""
+    async def _mark_interrupted(self, channel_id: int, message_ids: list[int], row_id: int) -> None:
+        """Append the interrupted note to the last Discord message of a cut reply, and set its
+        buttons to what an interrupted reply allows: its Stop (on the first message, shown
+        while it streamed) goes, Regenerate goes on the last message, as under any finished
+        reply (an interrupted one cannot be continued)."""
         channel = await self._channel(channel_id)
         if channel is None:
             return
+        view = done_view(row_id, can_continue=False)
         try:
-            message = await channel.fetch_message(message_id)
+            message = await channel.fetch_message(message_ids[-1])
             text = f"{message.content}\n\n{INTERRUPTED}"
             if len(text) <= 2000:
-                await message.edit(content=text, allowed_mentions=NONE)
+                await message.edit(content=text, view=view, allowed_mentions=NONE)
             else:
+                await message.edit(view=view, allowed_mentions=NONE)
                 await message.reply(INTERRUPTED, allowed_mentions=NONE, mention_author=False)
+            if len(message_ids) > 1:  # the first message held the Stop button
+                first = channel.get_partial_message(message_ids[0])  # type: ignore[attr-defined]
+                await first.edit(view=None, allowed_mentions=NONE)
         except discord.HTTPException as exc:
-            log.info("cannot mark reply message %s as interrupted: %s", message_id, exc)
+            log.info("cannot mark reply message %s as interrupted: %s", message_ids[-1], exc)
 
 
 async def setup(bot: ChatBot) -> None:

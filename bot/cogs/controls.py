@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.cogs.checks import can_manage
+from bot.cogs.checks import can_manage, refusal
 from bot.errors import ReplyError
 from bot.replies import StreamedReply
 from bot.thinking import thinking_notes
@@ -231,6 +231,14 @@ async def press(interaction: discord.Interaction, action: str, row_id: int) -> N
         return
     if not bot.accepting or bot.user is None:
         await _tell(interaction, RESTARTING)
+        return
+    # a press that generates is a request like a message: the same gate (access lists, the
+    # presser's opt-out, rate limits), and it counts
+    refused = await refusal(
+        bot, guild_id=interaction.guild_id, channel=channel, user=interaction.user, stores=True
+    )
+    if refused is not None:
+        await _tell(interaction, refused.text)
         return
     await interaction.response.defer()  # the reply's messages change as the new text streams
     me = Speaker(bot.user.id, bot.user.display_name, is_bot=True)

@@ -59,6 +59,10 @@ class ConfirmForget(discord.ui.View):
             ),
             view=None,
         )
+        for channel_id, message_id in done.placeholders:  # "in line" for a message now gone
+            shown = self.bot.get_partial_messageable(channel_id).get_partial_message(message_id)
+            with contextlib.suppress(discord.HTTPException):
+                await shown.delete()
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
     async def cancel(self, interaction: discord.Interaction, _: discord.ui.Button) -> None:

@@ -94,8 +94,8 @@ class Database:
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        # replies an earlier run left in progress: (channel id, Discord message ids), see open()
-        self.interrupted: list[tuple[int, list[int]]] = []
+        # replies an earlier run left in progress: (channel id, Discord message ids, row id)
+        self.interrupted: list[tuple[int, list[int], int]] = []
 
     def __repr__(self) -> str:
         return f"Database({make_url(self.url)!r})"  # URL repr hides the password
@@ -143,9 +143,10 @@ class Database:
 
     async def mark_interrupted(self, shards: Shards | None = None) -> int:
         """Replies still in progress from an earlier run become `interrupted` (finish reason
-        "restart"); returns how many. `self.interrupted` keeps (channel id, Discord message ids)
-        of each, so the bot can tell the channel the reply was cut. With `shards`, only those in
-        channels of guilds these shards serve (DMs: shard 0): other processes own the rest."""
+        "restart"); returns how many. `self.interrupted` keeps (channel id, Discord message
+        ids, row id) of each, so the bot can tell the channel the reply was cut (and set its
+        buttons). With `shards`, only those in channels of guilds these shards serve (DMs:
+        shard 0): other processes own the rest."""
         query = select(Message.id, Message.channel_id, Message.discord_message_ids).where(
             Message.status == Status.IN_PROGRESS
         )
@@ -163,7 +164,9 @@ class Database:
                 .where(Message.id.in_([row.id for row in rows]))
                 .values(status=Status.INTERRUPTED, finish_reason="restart")
             )
-        self.interrupted = [(row.channel_id, list(row.discord_message_ids or [])) for row in rows]
+        self.interrupted = [
+            (row.channel_id, list(row.discord_message_ids or []), row.id) for row in rows
+        ]
         count = len(rows)
         if count:
             log.warning(

@@ -51,16 +51,6 @@ async def get_channel(s: AsyncSession, channel_id: int) -> Channel | None:
     return await s.get(Channel, channel_id)
 
 
-async def autoreply_channels(s: AsyncSession) -> set[int]:
-    """Ids of the channels where the bot answers every message."""
-    return set(await s.scalars(select(Channel.id).where(Channel.autoreply.is_(True))))
-
-
-async def thread_reply_channels(s: AsyncSession) -> set[int]:
-    """Ids of the channels whose answers go into a new thread each."""
-    return set(await s.scalars(select(Channel.id).where(Channel.thread_replies.is_(True))))
-
-
 async def get_message(s: AsyncSession, message_id: int) -> Message | None:
     return await s.get(Message, message_id)
 
@@ -345,6 +335,11 @@ async def clear_access_rules(s: AsyncSession, guild_id: int) -> int:
 async def opted_out_users(s: AsyncSession) -> set[int]:
     query = select(UserPrivacy.user_id).where(UserPrivacy.opted_out.is_(True))
     return set(await s.scalars(query))
+
+
+async def is_opted_out(s: AsyncSession, user_id: int) -> bool:
+    row = await s.get(UserPrivacy, user_id)
+    return bool(row is not None and row.opted_out)
 
 
 async def set_opted_out(s: AsyncSession, user_id: int, opted_out: bool) -> None:

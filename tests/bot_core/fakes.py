@@ -187,3 +187,13 @@ class FakeEngine:
 
     def prompt_text(self, index: int) -> str:
         return bytes(self.submitted[index][0]).decode("utf-8")
+
+
+async def first_answering_second_waiting(service: Any, engine: FakeEngine) -> None:
+    """Until the first message of a channel is being answered and the second one waits in the
+    inbox (ChatService `service` on `engine`)."""
+    for _ in range(6000):  # a minute at most; a loaded machine needs more than a second
+        if engine.submitted and len(await service.pending()) == 1:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the first reply never started with the second message waiting")

@@ -250,9 +250,13 @@ class FakeBot:
             placeholder_after_s=placeholder_after_s,
         )
         self.speeds: list[float] = []
+        self.cogs: dict[str, Any] = {}  # as commands.Bot's: the Chat cog holds the rate limits
 
     def record_speed(self, tps: float) -> None:
         self.speeds.append(tps)
+
+    def get_cog(self, name: str) -> Any:
+        return self.cogs.get(name)
 
 
 def _incoming() -> tuple[FakeChannel, FakeMessage]:
@@ -397,7 +401,7 @@ async def test_chat_cog_loads_with_zero_rate_limits_and_never_refuses() -> None:
     )
     bot.accepting = True  # type: ignore[attr-defined]
     bot.in_flight = contextlib.nullcontext  # type: ignore[attr-defined]
-    cog = Chat(bot)  # type: ignore[arg-type]
+    cog = bot.cogs["Chat"] = Chat(bot)  # type: ignore[arg-type]
     channel, message = _incoming()
     message.mentions = [bot.user]  # type: ignore[attr-defined]
     for _ in range(30):

@@ -21,7 +21,7 @@ from bot.service import ChatService
 from bot.storage.db import Database
 from bot.storage.models import AuditEntry, Message
 from bot.turns import IncomingMessage, Speaker
-from tests.bot_core.fakes import FakeEngine
+from tests.bot_core.fakes import FakeEngine, first_answering_second_waiting
 
 BOT = Speaker(900, "Bot", is_bot=True)
 ALICE = Speaker(1, "alice")
@@ -226,7 +226,7 @@ async def test_a_crash_mid_reply_is_marked_interrupted_at_the_next_start(
     ]
     assert rows[1].content == "Hi"  # stored by the flush after the first piece
     assert rows[1].finish_reason == "restart"  # why it ended is recorded
-    assert db2.interrupted == [(10, rows[1].discord_message_ids)]
+    assert db2.interrupted == [(10, rows[1].discord_message_ids, rows[1].id)]
 
 
 async def test_a_reply_stores_its_discord_message_as_soon_as_it_is_posted(
@@ -247,7 +247,28 @@ async def test_a_reply_stores_its_discord_message_as_soon_as_it_is_posted(
 
     db2 = await Database.open(db_url)
     await db2.close()
-    assert db2.interrupted == [(10, [222])]
+    assert [(c, ids) for c, ids, _ in db2.interrupted] == [(10, [222])]
+
+
+async def test_a_placeholder_shown_before_the_inbox_row_is_written_is_stored_with_it(
+    db_url, settings
+):
+    """The cog shows the "in line" placeholder on a timer beside storing the message: when it
+    comes first, the inbox row written after still gets its id (else a crash leaves it shown
+    forever: no restart knows of it)."""
+    db = await Database.open(db_url)
+    engine = FakeEngine(gate=asyncio.Event())
+    service = ChatService(db, engine, settings)
+    first = service.reply(message("one", message_id=501), bot=BOT)
+    await first.__aenter__()
+    waiting = service.reply(message("two", message_id=502), bot=BOT)
+    await waiting.hold(777)  # before the message is even accepted
+    entering = asyncio.create_task(waiting.__aenter__())
+    await first_answering_second_waiting(service, engine)
+    [pending] = await service.pending()
+    assert (pending.discord_message_id, pending.held_message_id) == (502, 777)
+    await db.close()  # the process dies
+    entering.cancel()
 
 
 async def test_a_placeholder_is_stored_where_a_restart_finds_it(db_url, settings):
@@ -272,16 +293,7 @@ async def test_a_placeholder_is_stored_where_a_restart_finds_it(db_url, settings
 
     db2 = await Database.open(db_url)
     await db2.close()
-    assert db2.interrupted == [(10, [888])]
-
-
-async def first_answering_second_waiting(service: ChatService, engine: FakeEngine) -> None:
-    """Until the first message is being answered and the second one waits in the inbox."""
-    for _ in range(6000):  # a minute at most; a loaded machine needs more than a second
-        if engine.submitted and len(await service.pending()) == 1:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the first reply never started with the second message waiting")
+    assert [(c, ids) for c, ids, _ in db2.interrupted] == [(10, [888])]
 
 
 async def test_a_message_waiting_behind_a_reply_is_stored_at_once_and_survives_a_crash(
@@ -419,7 +431,7 @@ async def test_autoreply_and_audit(service: ChatService):
     assert not await service.is_autoreply(10)
 
 
-async def test_autoreply_channels_are_read_from_the_database_once(db: Database, settings):
+async def test_autoreply_channels_are_read_from_the_database(db: Database, settings):
     first = ChatService(db, FakeEngine(), settings)
     await first.set_autoreply(10, True, actor_id=4)
     restarted = ChatService(db, FakeEngine(), settings)  # a new process: reads what is stored

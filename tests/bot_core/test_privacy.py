@@ -3,6 +3,7 @@ the training export that `models finetune` reads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,15 +11,19 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select, update
 
+from bot.access import Effect, Kind
 from bot.dialogues import guild_dialogues, write_jsonl
+from bot.errors import WithdrawnError
 from bot.privacy import PrivacyService, replies_to
 from bot.service import ChatService
 from bot.storage import repo
 from bot.storage.db import Database
-from bot.storage.models import AuditEntry, Message, PendingMessage, Role
+from bot.storage.models import AuditEntry, Editors, Message, PendingMessage, Role
 from bot.turns import IncomingMessage, Speaker
+from tests.bot_core.fakes import FakeEngine, first_answering_second_waiting
 
 ROOT = Path(__file__).resolve().parents[2]
 BOT = Speaker(900, "Bot", is_bot=True)
@@ -269,3 +274,66 @@ def test_write_jsonl_is_atomic(tmp_path: Path, monkeypatch):
         raise AssertionError("expected a TypeError")
     assert json.loads(out.read_text())["messages"][0]["content"] == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["d.jsonl"]
+
+
+async def test_two_processes_on_one_database_see_each_others_changes_at_once(
+    db: Database, settings
+):
+    """Two shard processes share one database: an opt-out, an access list entry, the editors,
+    server defaults and auto-reply changed through one apply to the next message in the other
+    (no per-process cache to wait out until a restart)."""
+    one, two = ChatService(db, FakeEngine(), settings), ChatService(db, FakeEngine(), settings)
+    # each reads once first: a cache, if there were one, would now hold the old state
+    assert not await two.privacy.opted_out(ALICE.id)
+    assert await two.access.allows(GUILD, channel_ids=[GENERAL], user_id=BOB.id)
+    assert (await two.access.editing(GUILD)).settings == Editors.EVERYONE
+    assert not await two.is_autoreply(GENERAL) and not await two.replies_in_threads(RANDOM)
+    assert (await two.get_settings(GENERAL, GUILD)).top_k != 3
+
+    await one.privacy.set_opted_out(ALICE.id, True)
+    await one.access.set_rule(GUILD, Kind.USER, BOB.id, Effect.DENY, actor_id=ALICE.id)
+    await one.access.set_editing(GUILD, ALICE.id, settings=Editors.MANAGERS)
+    await one.set_autoreply(GENERAL, True, ALICE.id)
+    await one.set_autoreply(RANDOM, True, ALICE.id, threads=True)
+    await one.update_server_settings(GUILD, ALICE.id, top_k=3)
+
+    assert await two.privacy.opted_out(ALICE.id)
+    assert not await two.access.allows(GUILD, channel_ids=[GENERAL], user_id=BOB.id)
+    assert (await two.access.editing(GUILD)).settings == Editors.MANAGERS
+    assert await two.is_autoreply(GENERAL) and await two.replies_in_threads(RANDOM)
+    assert (await two.get_settings(GENERAL, GUILD)).top_k == 3
+    await converse(two, message("not to be kept"))  # alice opted out through the other one
+    assert await rows(db) == []
+
+    await one.privacy.set_opted_out(ALICE.id, False)
+    await one.access.clear(GUILD, ALICE.id)
+    await one.set_autoreply(GENERAL, False, ALICE.id)
+    assert not await two.privacy.opted_out(ALICE.id)
+    assert await two.access.allows(GUILD, channel_ids=[GENERAL], user_id=BOB.id)
+    assert not await two.is_autoreply(GENERAL)
+
+
+async def test_a_message_forgotten_while_it_waits_is_neither_answered_nor_stored(
+    db: Database, settings
+):
+    """Forget-me deletes the inbox row of a message waiting behind another reply: when its turn
+    comes it is withdrawn (WithdrawnError, nothing generated or stored), and forget-me hands
+    back its "in line" placeholder, which no answer or restart would replace."""
+    engine = FakeEngine(gate=asyncio.Event())
+    service = ChatService(db, engine, settings)
+    first = asyncio.create_task(converse(service, message("you first", author=BOB)))
+    waiting = service.reply(message("my secret"), bot=BOT)
+    entering = asyncio.create_task(waiting.__aenter__())
+    await first_answering_second_waiting(service, engine)
+    await waiting.hold(777)  # the placeholder shown for it
+    done = await service.privacy.forget_me(ALICE.id, GUILD)
+    assert done.pending == 1 and done.placeholders == ((GENERAL, 777),)
+    assert engine.gate is not None
+    engine.gate.set()
+    await first
+    with pytest.raises(WithdrawnError):
+        await entering
+    assert len(engine.submitted) == 1  # bob's reply only
+    assert all("secret" not in r.content for r in await rows(db))
+    assert await service.pending() == []
+    assert (await service.privacy.export(ALICE.id, GUILD))["messages"] == []

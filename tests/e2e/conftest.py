@@ -11,9 +11,11 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
+from bot.backends import LocalBackend
 from bot.client import create_bot
 from bot.config import BotConfig
 from tests.e2e.helpers import Start
+from tests.engine.fakes import Runners
 from tests.fakediscord import FakeDiscord
 
 
@@ -54,11 +56,21 @@ def bot_config(fake: FakeDiscord, tiny_registry, tmp_path: Path) -> Callable[...
 async def start_bot(
     fake: FakeDiscord, bot_config: Callable[..., BotConfig]
 ) -> AsyncIterator[Start]:
-    """start_bot(**settings) -> a connected ChatBot on the tiny model; all are closed at the end."""
+    """start_bot(**settings) -> a connected ChatBot on the tiny model; all are closed at the end.
+    `runners=Runners(hook)` (tests/engine/fakes.py) wraps its engine's graph runners, so a test
+    can hold the engine mid-reply (a Gate) instead of racing it."""
     running: list[tuple[Any, asyncio.Task]] = []
 
-    async def start(**overrides: Any) -> Any:
-        bot = await create_bot(bot_config(**overrides))
+    async def start(runners: Runners | None = None, **overrides: Any) -> Any:
+        settings = bot_config(**overrides)
+        bot = await create_bot(settings)
+        if runners is not None:
+            options = settings.engine_options() | {"wrap_runner": runners}
+
+            async def backend() -> LocalBackend:
+                return await LocalBackend.start(settings.model, **options)
+
+            bot._start_backend = backend
         task = asyncio.create_task(bot.start("fake-token"))
         ready = asyncio.create_task(bot.wait_until_ready())
         await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,6 +12,7 @@ import aiohttp
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.storage import repo
+from tests.engine.fakes import Gate
 from tests.fakediscord import FakeDiscord, Recorded
 
 Start = Callable[..., Awaitable[Any]]  # the start_bot fixture: start_bot(**settings) -> ChatBot
@@ -21,6 +24,30 @@ async def reply_done(fake: FakeDiscord, bot: Any, channel_id: int, n_before: int
         lambda: len(fake.find("POST", f"/channels/{channel_id}/messages")) > n_before, 60
     )
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Wait until `check()` (awaited when it is a coroutine) is truthy: state the fake cannot
+    see, such as the database; `timeout` is a safety net only."""
+
+    async def poll() -> Any:
+        while True:
+            result = check()
+            result = (await result) if inspect.isawaitable(result) else result
+            if result:
+                return result
+            await asyncio.sleep(0.02)
+
+    return await asyncio.wait_for(poll(), timeout)
+
+
+async def stop_while_held(start: Start, bot: Any, gate: Gate) -> None:
+    """Shut `bot` down while `gate` holds its engine mid-reply: the gate opens once the shutdown
+    has begun (the engine is closing), so the held reply is cut, never finished first."""
+    stopping = asyncio.create_task(start.stop(bot))  # type: ignore[attr-defined]
+    await eventually(lambda: bot.backend.closed or stopping.done())
+    gate.open()
+    await stopping
 
 
 def same_text(shown: str, stored: str) -> bool:

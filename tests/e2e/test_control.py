@@ -9,7 +9,8 @@ from sqlalchemy import select
 
 from bot.storage import repo
 from bot.storage.models import Message, PendingMessage, Role
-from tests.e2e.helpers import Start, command, option, reply_done, stored
+from tests.e2e.helpers import Start, command, eventually, option, reply_done, stored
+from tests.engine.fakes import Gate, Runners
 from tests.fakediscord import FakeDiscord
 from tests.fakediscord.server import button_ids
 
@@ -254,3 +255,74 @@ async def test_the_retention_task_deletes_expired_turns(
         row.created_at = old
     await fake.wait_until(lambda: bot.chat.privacy.purged >= 1, 30)
     assert [r.content for r in await stored(bot, general) if r.role == "user"] == ["recent"]
+
+
+async def test_manage_messages_in_one_channel_gives_no_server_wide_control(
+    fake: FakeDiscord, start_bot: Start
+):
+    """Discord resolves an interaction's permissions in its channel: an overwrite there must not
+    open the server-wide commands (access lists, editors, server defaults)."""
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    random = fake.text_channel_ids[12]
+    fake.allow_in_channel(bob, random, MANAGE_MESSAGES)  # Manage Messages in #random only
+    bot = await start_bot()
+    deny = sub("deny", option("user", alice["id"], USER))
+    editors = sub("editors", option("persona", "everyone", 3))
+    server = sub("set", option("scope", "server", 3), option("top_k", 3, 4))
+    for name, options in (("access", [deny]), ("access", [editors]), ("settings", [server])):
+        _, refused = await command(fake, random, bob, name, options)
+        assert "across the server" in refused.json["data"]["content"], name
+    alice_id = int(alice["id"])
+    assert await bot.chat.access.allows(fake.guild_id, channel_ids=[random], user_id=alice_id)
+    assert (await bot.chat.access.editing(fake.guild_id)).persona == "managers"
+    assert (await bot.chat.get_server_settings(fake.guild_id)).top_k != 3
+    # what belongs to #random itself he may do there: its memory
+    _, forgot = await command(fake, random, bob, "forget")
+    assert forgot.json["data"]["content"].startswith("Forgot")
+
+
+async def test_forget_me_withdraws_a_message_waiting_in_line(fake: FakeDiscord, start_bot: Start):
+    """Forget-me deletes a message still waiting behind another reply: when its turn comes it is
+    neither answered nor stored (nor exported), and its "in line" placeholder goes at once."""
+    from bot.cogs.chat import IN_LINE
+
+    gate = Gate(after=2)  # bob's reply is held mid-way: alice's message waits behind it
+    bot = await start_bot(runners=Runners(gate), placeholder_after_s=0.01)
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    general = fake.text_channel_ids[16]
+    await bot.chat.update_settings(general, 1, max_tokens=16, temperature=1.0, seed=7)
+    await mention(fake, general, bob, "you first")
+    await gate.wait()
+    waiting = await mention(fake, general, alice, "my secret")
+
+    def answers() -> list[dict]:
+        """What the bot posted in answer to alice's waiting message."""
+        return [
+            m
+            for m in fake.channel_messages(general)
+            if str((m.get("message_reference") or {}).get("message_id")) == waiting["id"]
+        ]
+
+    held = await fake.wait_until(lambda: [m for m in answers() if m["content"] == IN_LINE], 60)
+    held_id = int(held[0]["id"])
+    await eventually(lambda: _held(bot, held_id))  # remembered in alice's inbox row
+
+    await command(fake, general, alice, "privacy", [sub("forget-me")])
+    message = [m for m in fake.channel_messages(general) if CONFIRM in m["content"]][-1]
+    interaction = await fake.dispatch_component(message, alice, button_ids(message)[0])
+    await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{interaction['id']}/"))
+    assert "and 1 message(s) waiting" in fake.messages[int(message["id"])]["content"]
+    await fake.wait_for(lambda r: r.method == "DELETE" and r.path.endswith(f"/{held_id}"))
+
+    gate.open()  # bob's reply ends; alice's turn comes
+    await fake.wait_until(lambda: bot.active_replies == 0, 60)
+    assert answers() == []  # not answered, no note either, and the placeholder is gone
+    assert all("my secret" not in content for _, content in await everything_stored(bot))
+    _, exported = await command(fake, general, alice, "privacy", [sub("export")])
+    assert exported.json["data"]["content"] == "Your stored data: 0 message(s)."
+
+
+async def _held(bot, held_id: int) -> bool:
+    async with bot.db.session() as s:
+        waiting = (await s.scalars(select(PendingMessage))).all()
+    return any(p.held_message_id == held_id for p in waiting)

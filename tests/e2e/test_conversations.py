@@ -7,7 +7,9 @@ from typing import Any
 
 from bot.attachments import MAX_BYTES
 from bot.cogs.controls import HISTORY_CUT, NOT_YOURS, STOPPED
+from bot.cogs.triggers import ChatLimits
 from tests.e2e.helpers import Start, command, option, reply_done, stored
+from tests.engine.fakes import FakeClock, Gate, Runners
 from tests.fakediscord import FakeDiscord
 
 
@@ -198,18 +200,22 @@ async def test_continue_extends_a_reply_cut_by_max_tokens(
 async def test_stop_ends_a_streaming_reply_for_the_asker(
     fake: FakeDiscord, start_bot: Start
 ) -> None:
-    bot = await start_bot(edit_interval_s=0.05)
+    gate = Gate(after=4)  # the engine waits mid-reply until stop was pressed
+    bot = await start_bot(runners=Runners(gate))
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[6]
     # seeded as in the shutdown scenario: this reply has no end-of-turn token, it runs long
     await bot.chat.update_settings(channel, 1, max_tokens=200, temperature=1.0, seed=7)
     await fake.dispatch_message(channel, alice, mention(fake, "long one"), [fake.bot_user])
+    await gate.wait()
     created = await fake.wait_for(
         lambda r: r.method == "POST" and r.path == f"/channels/{channel}/messages"
     )
     (stop,) = buttons(created.json)
     first = bot_messages(fake, channel)[0]
-    await fake.dispatch_component(first, alice, stop)
+    pressed = await fake.dispatch_component(first, alice, stop)
+    await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{pressed['id']}/"))
+    gate.open()
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
     row = (await stored(bot, channel))[1]
     assert (row.status, row.finish_reason) == ("interrupted", "stopped")
@@ -384,16 +390,79 @@ async def test_history_cut_is_said_once_per_conversation(
 async def test_a_thread_archived_mid_reply_ends_it_quietly(
     fake: FakeDiscord, start_bot: Start
 ) -> None:
-    bot = await start_bot(edit_interval_s=0.05)
+    # the engine is held after its first steps until the thread is archived: the reply cannot
+    # finish before the archive lands, however fast the machine (it did, 9 runs in 10)
+    gate = Gate(after=4)
+    bot = await start_bot(runners=Runners(gate))
     alice = fake.add_user("alice")
     thread = await fake.add_thread(fake.text_channel_ids[11], "soon archived", owner=alice)
     await fake.wait_until(lambda: bot.get_channel(thread))
     await bot.chat.update_settings(thread, 1, max_tokens=200, temperature=1.0, seed=7)
     await fake.dispatch_message(thread, alice, mention(fake, "long one"), [fake.bot_user])
+    await gate.wait()
     await fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{thread}/messages")
     await fake.set_thread_state(thread, archived=True)
+    gate.open()  # the next text the bot shows is refused: the thread is archived
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
     posted = [m["content"] for m in bot_messages(fake, thread)]
     assert len(posted) == 1 and "Sorry" not in posted[0]  # no apology, no error note
     row = (await stored(bot, thread))[1]
     assert row.status == "interrupted" and row.content.strip()  # what was shown is kept
+
+
+async def press_and_answer(fake: FakeDiscord, message: dict, user: dict, custom_id: str) -> dict:
+    """Press a button; the bot's first callback to that press (its JSON)."""
+    pressed = await fake.dispatch_component(message, user, custom_id)
+    callback = await fake.wait_for(lambda r: r.path.startswith(f"/interactions/{pressed['id']}/"))
+    return callback.json
+
+
+async def test_reply_buttons_pass_the_same_gate_as_messages(
+    fake: FakeDiscord, start_bot: Start
+) -> None:
+    """A press that generates is a request: it counts against the rate limits and is refused
+    with the same note, and the access lists and the presser's opt-out apply to it."""
+    bot = await start_bot()
+    clock = FakeClock()  # the rate windows move only when the test moves them
+    bot.get_cog("Chat").limits = ChatLimits.per_minute(2, 1000, clock=clock)
+    admin = fake.add_user("admin", admin=True)
+    alice, bob, carol = fake.add_user("alice"), fake.add_user("bob"), fake.add_user("carol")
+    here, there, third = fake.text_channel_ids[13:16]
+    for channel in (here, there, third):
+        await bot.chat.update_settings(channel, 1, max_tokens=8, temperature=1.0)
+
+    # rate limits: alice's message and one press are her 2 requests a minute; the next is refused
+    await fake.dispatch_message(here, alice, mention(fake, "hi"), [fake.bot_user])
+    await reply_done(fake, bot, here)
+    row = (await stored(bot, here))[1]
+    message = fake.messages[row.discord_message_ids[-1]]
+    n_requests = len(fake.requests)
+    assert (await press_and_answer(fake, message, alice, f"reply:regen:{row.id}"))["type"] == 6
+    await settled(fake, bot, row.discord_message_ids[-1], n_requests)
+    regenerated = (await stored(bot, here))[1].content
+    refused = await press_and_answer(fake, message, alice, f"reply:regen:{row.id}")
+    assert refused["data"]["content"].startswith("You're sending messages quickly")
+    assert refused["data"]["flags"] & 64
+    assert (await stored(bot, here))[1].content == regenerated  # nothing generated
+    clock.advance(61)  # a minute later she may again
+
+    # access lists: bob, denied after his reply, cannot have it regenerated by pressing
+    await fake.dispatch_message(there, bob, mention(fake, "hello"), [fake.bot_user])
+    await reply_done(fake, bot, there)
+    row = (await stored(bot, there))[1]
+    deny = {"type": 1, "name": "deny", "options": [option("user", bob["id"], 6)]}
+    await command(fake, there, admin, "access", [deny])
+    message = fake.messages[row.discord_message_ids[-1]]
+    refused = await press_and_answer(fake, message, bob, f"reply:regen:{row.id}")
+    assert "access lists" in refused["data"]["content"] and refused["data"]["flags"] & 64
+    assert (await stored(bot, there))[1].content == row.content
+
+    # opt-out: what carol's press would generate is stored in her conversation: refused
+    await fake.dispatch_message(third, carol, mention(fake, "hey"), [fake.bot_user])
+    await reply_done(fake, bot, third)
+    row = (await stored(bot, third))[1]
+    await bot.chat.privacy.set_opted_out(int(carol["id"]), True)
+    message = fake.messages[row.discord_message_ids[-1]]
+    refused = await press_and_answer(fake, message, carol, f"reply:regen:{row.id}")
+    assert "opted out" in refused["data"]["content"]
+    assert (await stored(bot, third))[1].content == row.content

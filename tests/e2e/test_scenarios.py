@@ -16,14 +16,17 @@ from bot.storage.models import AuditEntry
 from tests.e2e.helpers import (
     Start,
     command,
+    eventually,
     leave_in_inbox,
     option,
     pings_nobody,
     post_as_bot,
     reply_done,
     same_text,
+    stop_while_held,
     stored,
 )
+from tests.engine.fakes import Gate, Runners
 from tests.fakediscord import FakeDiscord
 
 
@@ -232,7 +235,8 @@ async def test_history_survives_a_restart(fake: FakeDiscord, start_bot: Start) -
 async def test_shutdown_cuts_a_long_reply_and_says_so(
     fake: FakeDiscord, start_bot: Start, tmp_path: Path
 ) -> None:
-    bot = await start_bot(shutdown_grace_s=0.0, edit_interval_s=0.05)
+    gate = Gate(after=4)  # the engine waits mid-reply until the shutdown has begun
+    bot = await start_bot(runners=Runners(gate), shutdown_grace_s=0.0)
     alice = fake.add_user("alice")
     channel = fake.text_channel_ids[7]
     # seeded: the sampled reply to this prompt holds no end-of-turn token, so it can only end by
@@ -241,10 +245,11 @@ async def test_shutdown_cuts_a_long_reply_and_says_so(
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> long one", [fake.bot_user]
     )
+    await gate.wait()
     await fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{channel}/messages")
     assert bot.active_replies == 1, "the reply should still be streaming"
 
-    await start_bot.stop(bot)  # type: ignore[attr-defined]  # no grace: the reply is cut
+    await stop_while_held(start_bot, bot, gate)  # no grace: the reply is cut
     shown = fake.channel_messages(channel)[-1]["content"]
     assert shown.endswith("*(cut off: the bot is restarting)*")
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
@@ -274,15 +279,17 @@ def two_versions(tiny_registry, tmp_path: Path) -> Path:
 async def test_admin_switches_version_while_a_reply_streams(
     fake: FakeDiscord, start_bot: Start, two_versions: Path
 ) -> None:
-    bot = await start_bot(model_registry=two_versions, edit_interval_s=0.05)
+    gate = Gate(after=4)  # the engine waits mid-reply until the new version is in
+    bot = await start_bot(runners=Runners(gate), model_registry=two_versions)
     first = bot.backend.model.ref
     name = first.split("@")[0]
     alice, admin = fake.add_user("alice"), fake.add_user("admin", admin=True)
     channel = fake.text_channel_ids[6]
-    await bot.chat.update_settings(channel, 1, max_tokens=200, temperature=1.0)
+    await bot.chat.update_settings(channel, 1, max_tokens=200, temperature=1.0, seed=7)
     await fake.dispatch_message(
         channel, alice, f"<@{fake.bot_user['id']}> long one", [fake.bot_user]
     )
+    await gate.wait()
     await fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{channel}/messages")
     assert bot.active_replies == 1, "the reply should still be streaming"
 
@@ -292,6 +299,8 @@ async def test_admin_switches_version_while_a_reply_streams(
     done = await fake.wait_for(lambda r: r.method == "PATCH" and r.path == hook, 60)
     assert f"{name}@2" in done.json["content"]
     assert bot.backend.model.ref == f"{name}@2"
+    assert bot.active_replies == 1  # swapped while the old version's reply was mid-way
+    gate.open()
 
     await fake.wait_until(lambda: bot.active_replies == 0, 60)
     n_before = len(fake.find("POST", f"/channels/{channel}/messages"))
@@ -371,6 +380,8 @@ async def test_after_a_crash_the_bot_finishes_what_it_had_accepted(
         await leave_in_inbox(s, alice, old, age=timedelta(hours=2))
     await db.close()
     cut_message = cut.discord_message_ids[-1]
+    stop = {"type": 2, "style": 4, "label": "Stop", "custom_id": f"reply:stop:{cut.id}"}
+    fake.messages[cut_message]["components"] = [{"type": 1, "components": [stop]}]  # mid-stream
     n_before = len(fake.find("POST", f"/channels/{channel}/messages"))
     n_requests = len(fake.requests)
 
@@ -387,6 +398,9 @@ async def test_after_a_crash_the_bot_finishes_what_it_had_accepted(
         60,
     )
     assert "interrupted: the bot restarted" in edited.json["content"]
+    # its Stop is gone (the reply no longer streams): Regenerate, as under a finished reply
+    shown = [c["custom_id"] for row in edited.json["components"] for c in row["components"]]
+    assert shown == [f"reply:regen:{cut.id}"]
     await fake.wait_until(
         lambda: len(fake.find("POST", f"/channels/{channel}/messages")) >= n_before + 2, 60
     )
@@ -491,19 +505,17 @@ async def test_shutdown_tells_waiting_and_late_mentions_to_ask_again(
     """A mention waiting behind a streaming reply when the bot shuts down, and one that arrives
     during the grace period, both get the short restarting note; nothing is logged at ERROR and
     nothing is left in the inbox."""
-    bot = await start_bot(shutdown_grace_s=0.0, edit_interval_s=0.05)
+    gate = Gate(after=4)  # alice's reply streams until the shutdown has begun
+    bot = await start_bot(runners=Runners(gate), shutdown_grace_s=0.0)
     alice, bob, carol = fake.add_user("alice"), fake.add_user("bob"), fake.add_user("carol")
     channel, other = fake.text_channel_ids[9], fake.text_channel_ids[10]
     await bot.chat.update_settings(channel, 1, max_tokens=200, temperature=1.0, seed=7)
     mention = f"<@{fake.bot_user['id']}>"
     await fake.dispatch_message(channel, alice, f"{mention} long one", [fake.bot_user])
+    await gate.wait()
     await fake.wait_for(lambda r: r.method == "POST" and r.path == f"/channels/{channel}/messages")
     waiting = await fake.dispatch_message(channel, bob, f"{mention} me next", [fake.bot_user])
-    for _ in range(500):
-        if await bot.chat.pending():
-            break
-        await asyncio.sleep(0.01)
-    assert [p.content for p in await bot.chat.pending()] == ["me next"]
+    assert [p.content for p in await eventually(bot.chat.pending)] == ["me next"]
 
     bot.accepting = False  # the grace period has begun
     late = await fake.dispatch_message(other, carol, f"{mention} hello?", [fake.bot_user])
@@ -519,7 +531,7 @@ async def test_shutdown_tells_waiting_and_late_mentions_to_ask_again(
     bot.accepting = True
 
     caplog.clear()
-    await start_bot.stop(bot)  # type: ignore[attr-defined]
+    await stop_while_held(start_bot, bot, gate)
     replies = [
         r.json
         for r in fake.find("POST", f"/channels/{channel}/messages")

@@ -76,19 +76,24 @@ class Runners:
 
 class Gate:
     """A hook that holds the engine thread before the first step of `kind` (with these `args`,
-    when given) until `open()`.
+    when given) after `after` such steps have run, until `open()`.
 
     Until then nothing else runs in the engine (one thread steps every request), so a test can
     queue, cancel, swap or move the clock while a request is known to be mid-generation.
     """
 
-    def __init__(self, kind: str = "decode", args: tuple[int, ...] | None = None) -> None:
-        self.kind, self.args = kind, args
+    def __init__(
+        self, kind: str = "decode", args: tuple[int, ...] | None = None, *, after: int = 0
+    ) -> None:
+        self.kind, self.args, self.after = kind, args, after
         self.reached = threading.Event()
         self._open = threading.Event()
 
     def __call__(self, kind: str, args: tuple[int, ...]) -> None:
         if self._open.is_set() or kind != self.kind or self.args not in (None, args):
+            return
+        if self.after > 0:  # the steps before it run (their pieces reach the event loop)
+            self.after -= 1
             return
         self.reached.set()
         self._open.wait(WAIT_S)

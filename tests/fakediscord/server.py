@@ -61,6 +61,7 @@ class FakeDiscord:
             self.add_channel(f"general-{i}")
         self.users: dict[int, dict[str, Any]] = {}
         self.members: dict[int, dict[str, Any]] = {}
+        self.channel_permissions: dict[tuple[int, int], int] = {}  # (channel, user): overwrite
         self.add_member(self.bot_user)
         self.add_member(self.owner)
         self.messages: dict[int, dict[str, Any]] = {}
@@ -591,7 +592,8 @@ class FakeDiscord:
         self._interaction_channels[interaction["token"]] = int(channel["id"])
         if channel["type"] in GUILD_TYPES:
             member = dict(self.members[int(user["id"])])
-            member["permissions"] = str(self.permissions(user))
+            overwrite = self.channel_permissions.get((int(channel["id"]), int(user["id"])), 0)
+            member["permissions"] = str(self.permissions(user) | overwrite)
             interaction["guild_id"] = channel.get("guild_id") or str(self.guild_id)
             interaction["guild_locale"] = "en-US"
             interaction["member"] = member
@@ -814,6 +816,11 @@ class FakeDiscord:
             "flags": 0,
         }
         return role_id
+
+    def allow_in_channel(self, user: dict[str, Any], channel_id: int, permissions: int) -> None:
+        """A member overwrite of one channel: `permissions` there only (Discord resolves them
+        into the member's permissions of interactions in that channel, not into their roles)."""
+        self.channel_permissions[(channel_id, int(user["id"]))] = permissions
 
     def give_role(self, user: dict[str, Any], role_id: int) -> None:
         """Give a member a role (seen in the member data of their next messages)."""
