@@ -204,6 +204,7 @@ class FakeReply:
         self.result = SimpleNamespace(tokens_per_s=12.5)
         self.row_id = None  # nothing stored: no buttons
         self.stopped = self.history_cut = False
+        self.stream = None  # the engine's stream (a thinking model's carries its thoughts)
 
     async def __aenter__(self) -> FakeReply:
         return self
@@ -248,6 +249,7 @@ class FakeBot:
             edit_interval_s=0,
             redis_url="",
             placeholder_after_s=placeholder_after_s,
+            show_thinking="hidden",
         )
         self.speeds: list[float] = []
         self.cogs: dict[str, Any] = {}  # as commands.Bot's: the Chat cog holds the rate limits
@@ -398,6 +400,7 @@ async def test_chat_cog_loads_with_zero_rate_limits_and_never_refuses() -> None:
         reply_in_dms=True,
         redis_url="",
         placeholder_after_s=0.0,
+        show_thinking="hidden",
     )
     bot.accepting = True  # type: ignore[attr-defined]
     bot.in_flight = contextlib.nullcontext  # type: ignore[attr-defined]
