@@ -223,9 +223,7 @@ class ChatService:
         settings = generation_settings(model, overrides)
         turns = [_turn(row, bot) for row in rows if row.content or row.role == Role.USER]
         system = persona or default_system(model)
-        start = self._window.get(msg.channel_id)
-        ids = [t.row_id for t in turns]
-        keep = len(turns) - ids.index(start) if start in ids else None
+        keep = self._window_turns(msg.channel_id, turns)
         try:
             # tokenizing up to HISTORY_LIMIT turns takes long: off the event loop
             built = await asyncio.to_thread(
@@ -318,9 +316,7 @@ class ChatService:
         if not extend:
             turns = turns[:-1]
         system = persona or default_system(model)
-        start = self._window.get(row.channel_id)
-        ids = [t.row_id for t in turns]
-        keep = len(turns) - ids.index(start) if start in ids else None
+        keep = self._window_turns(row.channel_id, turns)
         try:
             built = await asyncio.to_thread(
                 self._build,
@@ -386,6 +382,13 @@ class ChatService:
         except Exception as exc:  # a template that refuses the conversation, no template, ...
             log.exception("cannot build a prompt for %s", model.ref)
             raise GenerationFailedError(str(exc)) from exc
+
+    def _window_turns(self, channel_id: int, turns: list[Turn]) -> int | None:
+        """How many of the newest turns the channel's previous prompt started with (None: its
+        first turn is gone), so consecutive prompts begin alike and the engine's KV is reused."""
+        start = self._window.get(channel_id)
+        ids = [t.row_id for t in turns]
+        return len(turns) - ids.index(start) if start in ids else None
 
     async def _pinned(self) -> LoadedModel:
         """The version new requests are pinned to now: with Redis another shard may have moved

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from models.config import ARCHITECTURES as HF_CLASSES
 from models.errors import ModelError
 from models.lazy_tensors import LazyTensors
 from models.tokenizer import TokenizerBundle
@@ -209,7 +210,7 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict[
     rope_theta = float(key("rope.freq_base", 10000.0))
     model_type = ARCHITECTURES[arch]
     config: dict[str, Any] = {
-        "architectures": [_ARCH_CLASSES.get(model_type, "LlamaForCausalLM")],
+        "architectures": [HF_CLASSES.get(model_type, "LlamaForCausalLM")],
         "model_type": model_type,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
@@ -244,17 +245,6 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict[
     if arch == "phi3" and (dims := key("rope.dimension_count")) is not None:
         config["partial_rotary_factor"] = int(dims) / head_dim
     return config
-
-
-_ARCH_CLASSES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-}
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
