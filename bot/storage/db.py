@@ -31,6 +31,7 @@ class DatabaseError(Exception):
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """Each new SQLite connection: WAL journal, foreign keys, waiting instead of 'locked'."""
+    dbapi_connection.isolation_level = None  # BEGIN is ours (_sqlite_begin_immediate)
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -39,6 +40,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
         cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    """Every SQLite transaction takes the write lock at BEGIN (one writer at a time, the others
+    wait busy_timeout). A deferred one that reads first cannot upgrade its snapshot once another
+    connection has committed: SQLite then says "database is locked" at once, without waiting, and
+    concurrent mentions lost their messages so. (The driver's own BEGIN is off: see pragmas.)"""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _check_writable(path: Path) -> None:
@@ -93,6 +102,7 @@ class Database:
             raise DatabaseError(f"cannot use database {parsed!r}: {exc}") from None
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin_immediate)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # replies an earlier run left in progress: (channel id, Discord message ids, row id)
         self.interrupted: list[tuple[int, list[int], int]] = []

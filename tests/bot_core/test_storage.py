@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -177,3 +178,30 @@ def test_schema_compiles_for_postgresql():
     assert "autoreply BOOLEAN DEFAULT false NOT NULL" in ddl
     assert "CONSTRAINT fk_messages_channel_id_channels FOREIGN KEY" in ddl
     assert any("ix_messages_channel_history" in i for i in indexes)
+
+
+async def test_a_sqlite_transaction_takes_the_write_lock_at_begin(db: Database):
+    """A transaction that reads and then writes must hold SQLite's write lock from BEGIN.
+    Deferred, its read snapshot cannot be upgraded once another connection has committed, and
+    SQLite says "database is locked" at once, whatever busy_timeout says: twenty mentions at once
+    lost messages so. Checked from a second connection that may not wait for the lock."""
+    path = db.engine.url.database
+    async with db.session() as s, s.begin():
+        await s.execute(select(func.count()).select_from(Channel))  # a read first
+        other = sqlite3.connect(path, timeout=0)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        finally:
+            other.close()
+        await repo.ensure_channel(s, 100, 5)
+
+    async def accept(channel: int) -> None:  # reads, then writes, all at once
+        async with db.session() as s, s.begin():
+            await s.execute(select(func.count()).select_from(Channel))
+            await asyncio.sleep(0)
+            await repo.ensure_channel(s, channel, 5)
+
+    await asyncio.gather(*(accept(200 + i) for i in range(20)))
+    async with db.session() as s:
+        assert await s.scalar(select(func.count()).select_from(Channel)) == 21
