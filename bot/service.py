@@ -94,8 +94,9 @@ class ChatService:
             if await self.privacy.opted_out(msg.author.id):
                 unstored.append(True)
                 return
-            accepted.append(await self.accept(msg))
-            if held:  # shown while the row was being written: a restart must find it
+            shown = held[-1] if held else None  # a placeholder shown first goes in with the row
+            accepted.append(await self.accept(msg, held=shown))
+            if held and held[-1] != shown:  # shown while the row was being written
                 await remember(held[-1])
 
         async def start() -> Started:
@@ -130,8 +131,9 @@ class ChatService:
             live=self._live,
         )
 
-    async def accept(self, msg: IncomingMessage) -> int:
-        """Store an accepted message in the inbox before anything else can fail; its id."""
+    async def accept(self, msg: IncomingMessage, held: int | None = None) -> int:
+        """Store an accepted message in the inbox before anything else can fail (with the id of
+        the placeholder `held` already shown for it); its id."""
         async with self.db.session() as s, s.begin():
             await repo.ensure_channel(s, msg.channel_id, msg.guild_id)
             pending = await repo.add_pending(
@@ -141,6 +143,7 @@ class ChatService:
                 author_name=msg.author.name,
                 content=msg.content,
                 discord_message_id=msg.message_id,
+                held_message_id=held,
             )
         return pending.id
 

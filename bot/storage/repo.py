@@ -119,14 +119,17 @@ async def add_pending(
     author_name: str,
     content: str,
     discord_message_id: int | None,
+    held_message_id: int | None = None,
 ) -> PendingMessage:
-    """An accepted message into the inbox; flushed so that its id is known."""
+    """An accepted message into the inbox (with the "in line" placeholder already shown for
+    it, if any); flushed so that its id is known."""
     pending = PendingMessage(
         channel_id=channel_id,
         author_id=author_id,
         author_name=author_name,
         content=content,
         discord_message_id=discord_message_id,
+        held_message_id=held_message_id,
     )
     s.add(pending)
     await s.flush()
