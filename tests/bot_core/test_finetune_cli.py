@@ -33,7 +33,16 @@ def bot_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-async def store(db: Database, channels: int) -> None:
+async def store(url: str, channels: int) -> None:
+    """`channels` channels of two exchanges each and one of an opted-out user, in a new database."""
+    db = await Database.open(url)
+    try:
+        await _store(db, channels)
+    finally:
+        await db.close()
+
+
+async def _store(db: Database, channels: int) -> None:
     async with db.session() as s, s.begin():
         s.add(UserPrivacy(user_id=9, opted_out=True))
         for cid in range(100, 100 + channels):
@@ -58,11 +67,7 @@ def layout(tiny_registry, tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 async def test_an_operator_tunes_a_server_from_the_command_line(layout):
     env, registry = layout
-    db = await Database.open(env["DATABASE_URL"])
-    try:
-        await store(db, channels=6)
-    finally:
-        await db.close()
+    await store(env["DATABASE_URL"], channels=6)
     active = Registry(registry).active()
     assert active is not None
     done = bot_cli("finetune", "--guild", str(GUILD), "--steps", "2", env=env)
@@ -78,11 +83,7 @@ async def test_an_operator_tunes_a_server_from_the_command_line(layout):
 
 async def test_too_little_data_and_bad_steps_are_one_line(layout):
     env, _ = layout
-    db = await Database.open(env["DATABASE_URL"])
-    try:
-        await store(db, channels=1)
-    finally:
-        await db.close()
+    await store(env["DATABASE_URL"], channels=1)
     few = bot_cli("finetune", "--guild", str(GUILD), env=env)
     assert few.returncode == 2 and few.stderr.count("\n") == 1
     assert few.stderr.startswith("error: not enough stored conversations")
